@@ -1,0 +1,370 @@
+"""Job configuration: one dataclass per YAML section, defaults in exactly one place.
+
+Merge order (later wins)::
+
+    OmegaConf.structured(JobConfig)  <-  job file  <-  jobs/presets/<preset>.yaml  <-  CLI k=v
+
+then ``OmegaConf.to_object`` builds the dataclasses, whose ``__post_init__`` check ranges and
+enums. Every error is a ``ConfigError`` whose message starts with the dotted key and says what
+is allowed, e.g. ``model.retention: must be in (0, 1], got 1.5``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+class ConfigError(ValueError):
+    """An invalid job configuration; the message names the dotted key and what is allowed."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _require_choice(value: Any, key: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"must be one of {' | '.join(allowed)}, got {value!r}")
+
+
+@dataclass
+class InputConfig:
+    uri: str = "../shared/videos"  # folder, glob, s3://bucket/prefix, or manifest (.csv/.jsonl/.parquet)
+    extensions: list[str] = field(default_factory=lambda: ["mp4", "mkv", "mov", "webm", "avi", "m4v"])
+    limit: Optional[int] = None  # at most this many videos (sorted by uri); None = all
+
+    def __post_init__(self) -> None:
+        _require(bool(self.uri), "input.uri", "must name a folder, glob, s3:// prefix or manifest")
+        _require(self.limit is None or self.limit >= 1, "input.limit", f"must be >= 1 or null, got {self.limit}")
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
+@dataclass
+class OutputConfig:
+    uri: str = "outputs"  # local folder or s3://bucket/prefix
+
+    def __post_init__(self) -> None:
+        _require(bool(self.uri), "output.uri", "must name a local folder or s3://bucket/prefix")
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: Optional[str] = None  # e.g. http://127.0.0.1:9000 for MinIO/moto
+    region: Optional[str] = None
+    addressing_style: str = "auto"  # auto | path | virtual
+    max_attempts: int = 8  # retries with backoff on throttling/transient errors
+
+    def __post_init__(self) -> None:
+        _require_choice(self.addressing_style, "storage.addressing_style", ("auto", "path", "virtual"))
+        _require(self.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {self.max_attempts}")
+
+
+@dataclass
+class ClipsConfig:
+    clip_len_s: float = 10.0
+    stride_s: float = 10.0  # < clip_len_s means overlap
+    min_clip_len_s: float = 2.0  # a shorter tail is dropped; a shorter video gets one 'skipped' row
+    max_clips_per_video: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.clip_len_s > 0, "clips.clip_len_s", f"must be > 0, got {self.clip_len_s}")
+        _require(self.stride_s > 0, "clips.stride_s", f"must be > 0, got {self.stride_s}")
+        _require(
+            0 < self.min_clip_len_s <= self.clip_len_s,
+            "clips.min_clip_len_s",
+            f"must be in (0, clips.clip_len_s={self.clip_len_s}], got {self.min_clip_len_s}",
+        )
+        _require(
+            self.max_clips_per_video is None or self.max_clips_per_video >= 1,
+            "clips.max_clips_per_video",
+            f"must be >= 1 or null, got {self.max_clips_per_video}",
+        )
+
+
+@dataclass
+class DecodeConfig:
+    num_frames: int = 16  # frames sampled evenly per clip (used when fps is null)
+    fps: Optional[float] = None  # sample at this rate instead
+    max_pixels: int = 200704  # per-frame pixel bound (448*448) applied before the processor
+    timeout_s: float = 120.0  # a decode that takes longer is killed and recorded as an error
+    num_cpus: float = 1.0  # CPUs per decode task
+
+    def __post_init__(self) -> None:
+        _require(self.num_frames >= 1, "decode.num_frames", f"must be >= 1, got {self.num_frames}")
+        _require(self.fps is None or self.fps > 0, "decode.fps", f"must be > 0 or null, got {self.fps}")
+        _require(self.max_pixels >= 28 * 28, "decode.max_pixels", f"must be >= 784, got {self.max_pixels}")
+        _require(self.timeout_s > 0, "decode.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _require(self.num_cpus > 0, "decode.num_cpus", f"must be > 0, got {self.num_cpus}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id, local path, s3:// prefix, or tiny:<family>
+    revision: Optional[str] = None
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    attn_implementation: str = "flash_attention_2"  # flash_attention_2 | sdpa | eager
+    retention: float = 0.25  # V²Drop layer-averaged visual-token retention; 1.0 = off
+    cache_dir: Optional[str] = None  # node-local cache; None = ~/.cache/v2drop-batch
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source), "model.source", "must be a hub id, local path, s3:// prefix or tiny:<family>")
+        _require_choice(self.dtype, "model.dtype", ("bfloat16", "float16", "float32"))
+        _require_choice(self.attn_implementation, "model.attn_implementation", ("flash_attention_2", "sdpa", "eager"))
+        _require(0 < self.retention <= 1, "model.retention", f"must be in (0, 1] (1.0 = no dropping), got {self.retention}")
+
+
+@dataclass
+class ActorsConfig:
+    num_gpus: float = 1.0  # per actor; fractional allowed; 0 on CPU
+    min_size: int = 1
+    max_size: int = 8
+    batch_size: int = 8  # clips per model call
+
+    def __post_init__(self) -> None:
+        _require(self.num_gpus >= 0, "actors.num_gpus", f"must be >= 0, got {self.num_gpus}")
+        _require(self.min_size >= 1, "actors.min_size", f"must be >= 1, got {self.min_size}")
+        _require(
+            self.min_size <= self.max_size,
+            "actors.max_size",
+            f"must be >= actors.min_size={self.min_size}, got {self.max_size}",
+        )
+        _require(self.batch_size >= 1, "actors.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PromptConfig:
+    task: str = "caption"  # caption | qa
+    caption: str = "Describe this video in detail."
+    questions: list[str] = field(default_factory=list)  # qa: several per clip; a manifest row may bring its own
+    system: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require_choice(self.task, "prompt.task", ("caption", "qa"))
+        _require(self.task != "caption" or bool(self.caption), "prompt.caption", "must not be empty for task caption")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(self.temperature >= 0, "generation.temperature", f"must be >= 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class RunConfig:
+    resume: bool = True
+    ray_address: Optional[str] = None  # None: the cluster `ray job submit` runs in, else a new local Ray
+    gpu_hourly_usd: float = 3.0  # for cost per video-hour in the summary
+
+    def __post_init__(self) -> None:
+        _require(self.gpu_hourly_usd >= 0, "run.gpu_hourly_usd", f"must be >= 0, got {self.gpu_hourly_usd}")
+
+
+@dataclass
+class JobConfig:
+    job: str = "caption"  # job name; Hive partition `job=` of the output
+    preset: Optional[str] = None  # jobs/presets/<name>.yaml merged over the job file before CLI overrides
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    clips: ClipsConfig = field(default_factory=ClipsConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # The job name becomes a Hive partition value and a path segment.
+        _require(
+            re.fullmatch(r"[A-Za-z0-9_.-]+", self.job or "") is not None,
+            "job",
+            f"must be letters, digits, '_', '-' or '.', got {self.job!r}",
+        )
+        # A manifest may bring per-video questions, so only a folder/glob/prefix input needs them here.
+        _require(
+            self.prompt.task != "qa" or bool(self.prompt.questions) or self.input.is_manifest,
+            "prompt.questions",
+            "task qa needs at least one question (set prompt.questions or give a manifest with a questions column)",
+        )
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_job(job_path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig:
+    """Build the validated JobConfig from a job file, its preset and CLI ``k=v`` overrides."""
+    job_path = Path(job_path)
+    job_file = _load_yaml(job_path, "job file")
+    cli = _parse_overrides(overrides)
+    preset = cli.get("preset", job_file.get("preset"))
+    layers = [job_file]
+    if preset:
+        layers.append(_load_yaml(preset_path(job_path, str(preset)), f"preset {preset!r}"))
+    layers.append(cli)
+    return resolve(layers)
+
+
+def resolve(layers: list[Any]) -> JobConfig:
+    """Merge dict/DictConfig layers over the structured defaults and build the dataclasses."""
+    merged = OmegaConf.structured(JobConfig)
+    try:
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    assert isinstance(cfg, JobConfig)
+    return cfg
+
+
+def preset_path(job_path: Path, preset: str) -> Path:
+    """A preset name resolves to ``<job file's folder>/presets/<name>.yaml``; a path is used as is."""
+    if preset.endswith((".yaml", ".yml")) or os.sep in preset:
+        return Path(preset)
+    return job_path.parent / "presets" / f"{preset}.yaml"
+
+
+def _load_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        hint = ""
+        if what.startswith("preset"):
+            names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            hint = f"; available presets in {path.parent}: {', '.join(names) or 'none'}"
+        raise ConfigError(f"{'preset' if what.startswith('preset') else 'job'}: {what} {path} not found{hint}")
+    loaded = OmegaConf.load(path)
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"job: {what} {path} must hold a YAML mapping of sections")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: command-line overrides are dotted key=value, e.g. model.retention=0.5")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    """Turn an OmegaConf error into '<dotted key>: <what is allowed>'."""
+    key = getattr(e, "full_key", None) or "config"
+    if isinstance(e, ConfigKeyError):
+        return f"{key}: unknown key; valid keys here are: {', '.join(_valid_keys(key))}"
+    reason = str(e).splitlines()[0]
+    expected = _expected_type(key)
+    return f"{key}: {reason}" + (f" (expected {expected})" if expected else "")
+
+
+def _section_of(dotted_key: str) -> Any:
+    node: Any = JobConfig
+    for part in dotted_key.split(".")[:-1]:
+        node = {f.name: f for f in node.__dataclass_fields__.values()}[part].default_factory
+    return node
+
+
+def _valid_keys(dotted_key: str) -> list[str]:
+    try:
+        return list(_section_of(dotted_key).__dataclass_fields__)
+    except (KeyError, AttributeError, TypeError):
+        return list(JobConfig.__dataclass_fields__)
+
+
+def _expected_type(dotted_key: str) -> str | None:
+    try:
+        return str(_section_of(dotted_key).__dataclass_fields__[dotted_key.split(".")[-1]].type)
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+# --- paths and the resolved config ----------------------------------------------------------
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def absolute_uri(uri: str, base_dir: str | None = None) -> str:
+    """Local relative paths resolve against ``base_dir`` (the launch directory where known).
+
+    Ray workers may run in another directory (under ``ray job submit --working-dir`` the
+    driver runs in Ray's temporary copy of the repo), so every local path is made absolute in
+    the driver before it reaches a task or actor.
+    """
+    if is_remote(uri):
+        return uri
+    base = base_dir or os.environ.get("V2DROP_LAUNCH_DIR") or os.getcwd()
+    return os.path.normpath(os.path.join(base, os.path.expanduser(uri)))
+
+
+def with_absolute_paths(cfg: JobConfig, base_dir: str | None = None) -> JobConfig:
+    """Return ``cfg`` with input/output/cache paths absolute (see ``absolute_uri``)."""
+    cfg.input.uri = absolute_uri(cfg.input.uri, base_dir)
+    cfg.output.uri = absolute_uri(cfg.output.uri, base_dir)
+    if cfg.model.cache_dir:
+        cfg.model.cache_dir = absolute_uri(cfg.model.cache_dir, base_dir)
+    return cfg
+
+
+def check_local_input(cfg: JobConfig) -> None:
+    """Fail fast, before any cluster work, when a local input (or a glob's folder) is absent."""
+    uri = cfg.input.uri
+    if is_remote(uri):
+        return  # checked in preflight through Storage
+    path = _glob_folder(uri)
+    _require(
+        os.path.exists(path),
+        "input.uri",
+        f"{path} does not exist; give an existing folder, glob, manifest or s3:// prefix "
+        "(under `ray job submit --working-dir` use an absolute path or s3://)",
+    )
+
+
+def _glob_folder(uri: str) -> str:
+    """'/data/*/a.mp4' -> '/data'; a path without wildcards is returned unchanged."""
+    wildcard = re.search(r"[*?\[]", uri)
+    return os.path.dirname(uri[: wildcard.start()]) or "." if wildcard else uri
+
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|credential|key_id|access_key|(^|_)token($|_)|api_key)", re.I)
+_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def scrub_secrets(value: Any) -> Any:
+    """Copy of a plain config tree with secret-looking keys and URI user:pass@ removed."""
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and v is not None else scrub_secrets(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URI_USERINFO.sub("***@", value)
+    return value
+
+
+def to_dict(cfg: JobConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    """The resolved config as YAML, secrets removed: what is printed and stored with a run."""
+    return OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(to_dict(cfg))))
