@@ -1,0 +1,46 @@
+"""What the generic decoder loop needs to know about one model family.
+
+An adapter is data plus two small functions; the loop in `v2drop.loop` does the rest. Adding
+a family (Qwen2-VL, Qwen3-VL, ...) is one small file that builds a `FamilyAdapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    name: str
+    model_types: tuple[str, ...]  # config.model_type values this adapter accepts
+    # transformers versions the patched text-model forward was written against and tested with
+    tested_transformers: tuple[str, ...]
+    # (text_model, inputs_embeds, position_ids, past_key_values) -> (rope position ids, [B, L] layer position ids)
+    positions: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+    def multimodal_model(self, model: nn.Module) -> nn.Module:
+        """The module whose forward receives input_ids (a hook there records them)."""
+        return model.model
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack whose forward v2drop replaces."""
+        return model.model.language_model
+
+    def visual_token_ids(self, model: nn.Module) -> tuple[int, ...]:
+        """Token ids whose positions hold visual features (image and video placeholders)."""
+        config = model.config
+        return tuple(int(getattr(config, key)) for key in ("image_token_id", "video_token_id"))
+
+
+def default_positions(text_model, inputs_embeds, position_ids, past_key_values):
+    """1-D RoPE (Qwen2, Llama): positions continue from the cache when not given."""
+    if position_ids is None:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
+        position_ids = position_ids.unsqueeze(0)
+    position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
+    return position_ids, position_ids

@@ -1,0 +1,213 @@
+"""enable / disable / last_stats: patch a loaded Hugging Face VLM in place.
+
+`enable` replaces the forward of the model's text decoder (an instance attribute, so the class
+and other instances are untouched) and adds a pre-hook on the multimodal model that records the
+token ids of each call: the text decoder only receives embeddings, and visual spans are found
+from the ids, never from hard-coded offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from v2drop import loop
+from v2drop.adapters import adapter_for
+from v2drop.adapters.base import FamilyAdapter
+from v2drop.flops import TextShape
+from v2drop.schedule import Schedule
+
+logger = logging.getLogger("v2drop")
+
+_STATE_ATTR = "_v2drop_state"
+
+
+@dataclass
+class DropState:
+    """Everything v2drop keeps on a patched model (no module-level mutable state)."""
+
+    schedule: Schedule
+    adapter: FamilyAdapter
+    visual_ids: torch.Tensor
+    shape: TextShape
+    hook: Any  # the pre-hook handle on the multimodal model
+    pending_input_ids: torch.Tensor | None = None
+    # The cache filled by the last dropping prefill, and its per-stage key masks.
+    cache_ref: Any = None
+    stage_masks: loop.StageMasks | None = None
+    last_stats: list[dict] = field(default_factory=list)
+
+    def owns(self, cache) -> bool:
+        return cache is not None and self.cache_ref is not None and self.cache_ref() is cache
+
+
+def enable(model: nn.Module, schedule: Schedule) -> nn.Module:
+    """Patch `model` to drop visual tokens per `schedule`; returns the model. Idempotent:
+    enabling again replaces the schedule."""
+    adapter = adapter_for(model)
+    text_model = adapter.text_model(model)
+    _check_text_model(text_model, adapter)
+    schedule.check_depth(text_model.config.num_hidden_layers)
+    if (state := getattr(model, _STATE_ATTR, None)) is not None:
+        state.schedule = schedule
+        return model
+    state = DropState(
+        schedule=schedule,
+        adapter=adapter,
+        visual_ids=torch.tensor(adapter.visual_token_ids(model)),
+        shape=TextShape.from_config(text_model.config),
+        hook=adapter.multimodal_model(model).register_forward_pre_hook(
+            _record_input_ids(model), with_kwargs=True
+        ),
+    )
+    setattr(model, _STATE_ATTR, state)
+    text_model.forward = types.MethodType(_patched_text_forward(model), text_model)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Restore the stock model. Harmless on a model that was never enabled."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    state.hook.remove()
+    text_model = state.adapter.text_model(model)
+    del text_model.forward  # the class's forward shows through again
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def last_stats(model: nn.Module) -> list[dict]:
+    """Per-sample stats of the last forward that held visual tokens ([] if none yet)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("v2drop is not enabled on this model; call v2drop.enable(model, schedule) first")
+    return state.last_stats
+
+
+# -- internals ---------------------------------------------------------------------------
+
+
+def _check_text_model(text_model: nn.Module, adapter: FamilyAdapter) -> None:
+    for attribute in ("layers", "rotary_emb", "norm", "embed_tokens"):
+        if not hasattr(text_model, attribute):
+            raise ValueError(
+                f"{type(text_model).__name__} has no `{attribute}`: this transformers "
+                f"{transformers.__version__} does not match the {adapter.name} adapter "
+                f"(tested with {', '.join(adapter.tested_transformers)})"
+            )
+    layer_types = set(getattr(text_model.config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"v2drop supports full-attention decoders only; layer types: {sorted(layer_types)}")
+    if not transformers.__version__.startswith(adapter.tested_transformers):
+        logger.warning(
+            "v2drop's %s adapter was tested with transformers %s; installed %s",
+            adapter.name,
+            ", ".join(adapter.tested_transformers),
+            transformers.__version__,
+        )
+
+
+def _record_input_ids(model: nn.Module):
+    model_ref = weakref.ref(model)
+
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        getattr(model_ref(), _STATE_ATTR).pending_input_ids = input_ids
+
+    return hook
+
+
+def _patched_text_forward(model: nn.Module):
+    model_ref = weakref.ref(model)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        state: DropState = getattr(model_ref(), _STATE_ATTR)
+        token_ids = state.pending_input_ids if input_ids is None else input_ids
+        state.pending_input_ids = None
+        stock = type(self).forward.__get__(self)
+        call = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if past_length == 0:
+            visual = _visual_mask(state, token_ids, inputs_embeds)
+            if visual is None or not visual.any() or not state.schedule.layers:
+                state.cache_ref, state.stage_masks = None, None
+                return stock(inputs_embeds=inputs_embeds, **call)
+            return _dropping_prefill(self, state, inputs_embeds, visual, attention_mask, position_ids,
+                                     past_key_values, use_cache, kwargs)
+        if state.owns(past_key_values):
+            return _continuation(self, state, inputs_embeds, attention_mask, position_ids,
+                                 past_key_values, use_cache, kwargs)
+        return stock(inputs_embeds=inputs_embeds, **call)
+
+    return forward
+
+
+def _visual_mask(state: DropState, token_ids, inputs_embeds) -> torch.Tensor | None:
+    if token_ids is None or tuple(token_ids.shape) != tuple(inputs_embeds.shape[:2]):
+        logger.warning("v2drop: no token ids matching this forward's embeddings; visual tokens NOT dropped")
+        return None
+    return torch.isin(token_ids, state.visual_ids.to(token_ids.device)).to(inputs_embeds.device)
+
+
+def _dropping_prefill(text_model, state, inputs_embeds, visual, attention_mask, position_ids,
+                      cache, use_cache, kwargs):
+    if isinstance(attention_mask, dict):
+        raise ValueError("v2drop needs a 2-D attention mask (prepared 4-D masks / static caches are not supported)")
+    if use_cache and cache is None:
+        cache = loop.DynamicCache(config=text_model.config)
+    loop.check_cache(cache)
+    tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, attention_mask,
+                                      position_ids, visual)
+    result = loop.prefill_with_drops(text_model, state.schedule, tokens, cache, use_cache,
+                                     loop.layer_kwargs(kwargs))
+    state.last_stats = loop.per_sample_stats(result, state.schedule, state.shape)
+    logger.debug("v2drop visual tokens per layer: %s", [s["visual_tokens_per_layer"] for s in state.last_stats])
+    state.cache_ref = weakref.ref(cache) if use_cache else None
+    state.stage_masks = result.stage_masks if use_cache else None
+    return loop.output(result.hidden, cache, use_cache)
+
+
+def _continuation(text_model, state, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    num_new = inputs_embeds.shape[1]
+    if attention_mask is None or isinstance(attention_mask, dict):
+        new_valid = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+    else:
+        new_valid = attention_mask[:, -num_new:].to(device=inputs_embeds.device, dtype=torch.bool)
+    rope_positions, layer_positions = state.adapter.positions(text_model, inputs_embeds, position_ids, cache)
+    cos, sin = loop.rotary(text_model, inputs_embeds, rope_positions)
+    hidden = loop.continue_on_dropped_cache(
+        text_model, state.stage_masks, inputs_embeds, cos, sin, layer_positions, new_valid, cache,
+        use_cache, loop.layer_kwargs(kwargs),
+    )
+    return loop.output(hidden, cache, use_cache)

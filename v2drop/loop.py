@@ -1,0 +1,234 @@
+"""The generic decoder loop with progressive visual-token dropping.
+
+Written against the text-model forward of transformers 5.23 (Qwen2_5_VLTextModel, Qwen2Model):
+one visible loop over `text_model.layers`, rotary cos/sin computed once, masks built per layer
+type. What changes here:
+
+* Prefill that holds visual tokens: before each drop layer i, score the visual tokens by
+  ||H[i] - H[i-1]||, keep each sample's top-k, and gather every per-token tensor
+  (`TokenState`). Each layer writes only the tokens it processed into its own KV-cache layer,
+  so layers of later stages have shorter caches.
+* Later forwards on that cache (decode, or a continuation chunk): one 2-D key mask per stage,
+  grown by the new tokens, sized against that stage's own cache length. Positions come from
+  the caller and continue from the unpruned length.
+
+A "stage" is a run of layers between drops: stage 0 is layers [0, d1), stage 1 [d1, d2), ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from v2drop.adapters.base import FamilyAdapter
+from v2drop.flops import TextShape, prefill_flops
+from v2drop.schedule import Schedule
+from v2drop.select import compact, keep_counts, select_visual, variation_scores
+from v2drop.tokens import TokenState
+
+# Arguments the stock forward's output-capturing decorators consume; layers must not get them.
+_NOT_FOR_LAYERS = ("output_attentions", "output_hidden_states", "return_dict")
+
+
+@dataclass
+class StageMasks:
+    """Per-stage 2-D key masks of a cache filled by a dropping prefill."""
+
+    starts: list[int]  # first layer of each stage
+    masks: list[torch.Tensor]  # [B, cached length of that stage] bool
+
+    def stage_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        ends = self.starts[1:] + [num_layers]
+        return list(zip(self.starts, ends))
+
+
+@dataclass
+class PrefillResult:
+    hidden: torch.Tensor  # [B, L', D] after the final norm
+    stage_masks: StageMasks
+    visual_per_layer: torch.Tensor  # [num_layers, B] visual tokens entering each layer
+    text_tokens: torch.Tensor  # [B] real non-visual tokens (never dropped)
+    kept_positions: list[torch.Tensor] = field(default_factory=list)  # per stage: [B, L_s] source idx
+
+
+def layer_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in _NOT_FOR_LAYERS}
+
+
+def causal_mask(text_model, hidden: torch.Tensor, valid: torch.Tensor, cache, layer_idx: int):
+    """The attention mask of `layer_idx` for queries `hidden`, keys = its cache + the queries."""
+    return create_causal_mask(
+        config=text_model.config,
+        inputs_embeds=hidden,
+        attention_mask=valid,
+        past_key_values=cache,
+        layer_idx=layer_idx,
+    )
+
+
+def rotary(text_model, hidden: torch.Tensor, rope_positions: torch.Tensor):
+    """cos/sin as [B, L, head_dim], expanded over the batch so they can be gathered per row."""
+    cos, sin = text_model.rotary_emb(hidden, rope_positions)
+    return cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+
+
+def check_cache(cache) -> None:
+    if cache is None:
+        return
+    if not isinstance(cache, DynamicCache) or not all(type(l) is DynamicLayer for l in cache.layers):
+        raise ValueError(
+            "v2drop needs a DynamicCache of full-attention layers (per-layer lengths differ after "
+            f"a drop); got {type(cache).__name__}. Use the default cache of generate()."
+        )
+
+
+def drop_token_state(state: TokenState, prev_hidden: torch.Tensor, keep: float) -> TokenState:
+    """One drop: score visual tokens, keep each sample's top-k, gather everything per token."""
+    scores = variation_scores(state.hidden, prev_hidden)
+    kept_visual = select_visual(scores, state.visual, keep_counts(state.num_visual(), keep))
+    keep_mask = (state.valid & ~state.visual) | kept_visual
+    index, index_valid = compact(keep_mask)
+    return state.gather(index, index_valid)
+
+
+def prefill_with_drops(
+    text_model,
+    schedule: Schedule,
+    state: TokenState,
+    cache,
+    use_cache: bool,
+    kwargs: dict,
+) -> PrefillResult:
+    """Run all layers over a prefill, dropping visual tokens at the schedule's layers."""
+    drops = dict(zip(schedule.layers, schedule.keep))
+    layers = text_model.layers
+    starts, masks, kept_positions, visual_counts = [0], [state.valid], [state.source_index], []
+    text_tokens = (state.valid & ~state.visual).sum(dim=1)
+    mask = causal_mask(text_model, state.hidden, state.valid, cache, 0)
+    prev_hidden = None
+    for i, layer in enumerate(layers):
+        if i in drops:
+            state = drop_token_state(state, prev_hidden, drops[i])
+            mask = causal_mask(text_model, state.hidden, state.valid, cache, i)
+            starts.append(i)
+            masks.append(state.valid)
+            kept_positions.append(state.source_index.masked_fill(~state.visual, -1))
+        visual_counts.append(state.num_visual())
+        # H[i-1] is only needed when the next layer scores.
+        prev_hidden = state.hidden if (i + 1) in drops else None
+        state.hidden = layer(
+            state.hidden,
+            attention_mask=mask,
+            position_embeddings=(state.cos, state.sin),
+            position_ids=state.layer_position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    return PrefillResult(
+        hidden=text_model.norm(state.hidden),
+        stage_masks=StageMasks(starts=starts, masks=masks),
+        visual_per_layer=torch.stack(visual_counts),
+        text_tokens=text_tokens,
+        kept_positions=kept_positions,
+    )
+
+
+def continue_on_dropped_cache(
+    text_model,
+    stage_masks: StageMasks,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layer_positions: torch.Tensor | None,
+    new_valid: torch.Tensor,
+    cache,
+    use_cache: bool,
+    kwargs: dict,
+) -> torch.Tensor:
+    """Decode steps (or a text continuation) on a cache whose stages hold different lengths."""
+    num_new = hidden.shape[1]
+    for s, (start, end) in enumerate(stage_masks.stage_ranges(len(text_model.layers))):
+        valid = torch.cat([stage_masks.masks[s], new_valid], dim=1)
+        cached = cache.get_seq_length(start)
+        if valid.shape[1] != cached + num_new:
+            raise RuntimeError(
+                f"v2drop: stage starting at layer {start} has a {cached}-token cache but a "
+                f"{valid.shape[1] - num_new}-token key mask; the cache was changed outside generate()"
+            )
+        mask = causal_mask(text_model, hidden, valid, cache, start)
+        for layer in text_model.layers[start:end]:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=(cos, sin),
+                position_ids=layer_positions,
+                past_key_values=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        if use_cache:
+            stage_masks.masks[s] = valid
+    return text_model.norm(hidden)
+
+
+def per_sample_stats(result: PrefillResult, schedule: Schedule, shape: TextShape) -> list[dict]:
+    """One dict per sample: per-layer and per-stage visual counts, retention, FLOPs."""
+    visual = result.visual_per_layer.T.tolist()  # [B][num_layers]
+    stage_layers = [0, *schedule.layers]
+    stats = []
+    for b, (counts, text) in enumerate(zip(visual, result.text_tokens.tolist())):
+        initial = counts[0]
+        kept = [
+            sorted(int(p) for p in positions[b].tolist() if p >= 0)
+            for positions in result.kept_positions[1:]
+        ]
+        stats.append(
+            {
+                "visual_tokens_per_layer": counts,
+                "visual_tokens_per_stage": [counts[l] for l in stage_layers],
+                "num_visual_tokens": initial,
+                "num_text_tokens": text,
+                "retention": sum(counts) / (len(counts) * initial) if initial else 1.0,
+                "drop_layers": list(schedule.layers),
+                "keep": list(schedule.keep),
+                "kept_visual_positions_per_stage": kept,
+                "prefill_flops": prefill_flops(shape, [text + c for c in counts]),
+                "prefill_flops_full": prefill_flops(shape, [text + initial] * len(counts)),
+            }
+        )
+    return stats
+
+
+def initial_token_state(
+    text_model,
+    adapter: FamilyAdapter,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    visual: torch.Tensor,
+) -> TokenState:
+    batch, length = inputs_embeds.shape[:2]
+    rope_positions, layer_positions = adapter.positions(text_model, inputs_embeds, position_ids, None)
+    cos, sin = rotary(text_model, inputs_embeds, rope_positions)
+    if attention_mask is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+    else:
+        valid = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
+    return TokenState(
+        hidden=inputs_embeds,
+        cos=cos,
+        sin=sin,
+        layer_position_ids=layer_positions,
+        valid=valid,
+        visual=visual & valid,
+        source_index=torch.arange(length, device=inputs_embeds.device).expand(batch, -1),
+    )
+
+
+def output(hidden: torch.Tensor, cache, use_cache: bool) -> BaseModelOutputWithPast:
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None)
