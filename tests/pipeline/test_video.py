@@ -1,0 +1,307 @@
+"""Probe and clip decoding on the shared real samples and on broken files the tests make.
+
+Real samples live in ../shared/videos (see its README). Every decode runs in the helper process,
+so these tests also exercise the timeout/kill/restart path for real.
+"""
+
+import os
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import video
+from pipeline.clips import plan_clips
+from pipeline.video import DecodeTimeout, DecoderProcess, VideoError, decode_clip, probe
+
+SAMPLES = Path(__file__).parents[2].parent / "shared" / "videos"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    if not (SAMPLES / "nasa_13013.mp4").is_file():
+        pytest.fail(f"sample videos not found in {SAMPLES}: these tests need the shared folder ../shared/videos")
+    return SAMPLES
+
+
+def write_video(path: Path, frames: list[np.ndarray], *, codec: str, fps: int, rotation_ccw_deg: int = 0) -> Path:
+    """Encode RGB frames with PyAV; `rotation_ccw_deg` writes a display-matrix rotation tag."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"qp": "0"}  # lossless in YUV: pixel values stay readable
+        if rotation_ccw_deg:
+            stream.set_display_rotation(rotation_ccw_deg)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+# ------------------------------------------------------------------ probe
+
+@pytest.mark.parametrize(
+    "name, duration_s, fps, num_frames, width, height, codec, rotation_deg",
+    [
+        ("nasa_13013.mp4", 13.0, 29.97, 390, 480, 270, "h264", 0),  # the 480x270 stream, not the 320x180 one
+        ("flipping_a_pancake.mkv", 10.3, 30.0, 310, 426, 240, "h264", 0),  # MKV stores no count: counted
+        ("h265_video.mp4", 1.0, 10.0, 10, 128, 128, "hevc", 0),
+        ("video_90.mov", 0.1, 30.0, 3, 320, 568, "h264", 90),  # stored 568x320, displayed upright
+        ("corrupted.mp4", 5.0, 10.0, 50, 1280, 720, "h264", 0),  # metadata is intact; the damage is in the data
+    ],
+)
+def test_probe_reports_displayed_geometry_of_each_sample(samples, name, duration_s, fps, num_frames, width, height, codec, rotation_deg):
+    info = probe(str(samples / name))
+    assert info.duration_s == pytest.approx(duration_s, abs=0.1)
+    assert info.fps == pytest.approx(fps, abs=0.01)
+    assert (info.num_frames, info.width, info.height) == (num_frames, width, height)
+    assert (info.codec, info.rotation_deg) == (codec, rotation_deg)
+    assert info.size_bytes == (samples / name).stat().st_size
+    assert info.uri == str(samples / name)
+
+
+# ------------------------------------------------------------------ decode: clean samples, both decoders
+
+@pytest.mark.parametrize(
+    "name, start_s, end_s",
+    [("nasa_13013.mp4", 2.0, 12.0), ("flipping_a_pancake.mkv", 0.0, 10.0), ("h265_video.mp4", 0.0, 1.0)],
+)
+def test_decord_and_pyav_return_the_same_frames(samples, name, start_s, end_s):
+    path = str(samples / name)
+    by_decord = decode_clip(path, start_s, end_s, num_frames=8, decoder="decord")
+    by_pyav = decode_clip(path, start_s, end_s, num_frames=8, decoder="pyav")
+    assert (by_decord.decoder, by_pyav.decoder) == ("decord", "pyav")
+    assert by_decord.frames.dtype == np.uint8 and by_decord.frames.shape[0] == 8
+    assert by_decord.frames.shape == by_pyav.frames.shape
+    assert by_decord.timestamps_s == pytest.approx(by_pyav.timestamps_s, abs=1e-3)
+    assert all(start_s <= t < end_s for t in by_decord.timestamps_s)
+    assert mean_abs_diff(by_decord.frames, by_pyav.frames) < 2.0
+    assert not by_decord.partial and by_decord.error is None
+
+
+def test_auto_prefers_decord_and_samples_evenly(samples):
+    clip = decode_clip(str(samples / "nasa_13013.mp4"), 0.0, 10.0, num_frames=4)
+    assert clip.decoder == "decord"
+    # bin midpoints 1.25, 3.75, 6.25, 8.75 s; nearest frames of a 29.97 fps video
+    assert clip.timestamps_s == pytest.approx([1.25, 3.75, 6.25, 8.75], abs=1 / 29.97 / 2 + 1e-6)
+
+
+def test_fps_sampling_wins_over_num_frames(samples):
+    clip = decode_clip(str(samples / "flipping_a_pancake.mkv"), 1.0, 3.0, num_frames=16, fps=2.0)
+    assert clip.timestamps_s == pytest.approx([1.25, 1.75, 2.25, 2.75], abs=0.02)
+
+
+def test_rotated_phone_video_comes_out_upright_from_both_decoders(samples):
+    path = str(samples / "video_90.mov")
+    by_decord = decode_clip(path, 0.0, 0.1, num_frames=3, decoder="decord")
+    by_pyav = decode_clip(path, 0.0, 0.1, num_frames=3, decoder="pyav")
+    # decord applies the tag itself; PyAV's frames are rotated by our numpy code: same result
+    assert by_decord.frames.shape == by_pyav.frames.shape == (3, 568, 320, 3)  # H=568, W=320 as displayed
+    assert mean_abs_diff(by_decord.frames, by_pyav.frames) < 1.0
+    info = probe(path)
+    assert (info.height, info.width) == by_pyav.frames.shape[1:3]
+
+
+@pytest.mark.parametrize("rotation_ccw_deg", [90, 180, 270])
+def test_every_rotation_tag_gives_the_same_picture_from_both_decoders(tmp_path, rotation_ccw_deg):
+    picture = np.zeros((32, 64, 3), np.uint8)
+    picture[:16, :32] = 255  # a white top-left quadrant shows which way the frame turned
+    path = write_video(tmp_path / "rot.mp4", [picture] * 4, codec="libx264", fps=10, rotation_ccw_deg=rotation_ccw_deg)
+    expected = np.rot90(picture, k=rotation_ccw_deg // 90)  # what a player shows
+    for decoder in video.DECODERS:
+        clip = decode_clip(str(path), 0.0, 0.4, num_frames=2, decoder=decoder)
+        assert clip.frames.shape[1:] == expected.shape, decoder
+        assert mean_abs_diff(clip.frames[0], expected) < 3.0, decoder
+    info = probe(str(path))
+    assert info.rotation_deg == (-rotation_ccw_deg) % 360
+    assert (info.height, info.width) == expected.shape[:2]
+
+
+def test_frames_are_shrunk_to_max_pixels_keeping_the_aspect(samples):
+    clip = decode_clip(str(samples / "nasa_13013.mp4"), 0.0, 1.0, num_frames=2, max_pixels=100 * 100)
+    _, height, width, _ = clip.frames.shape
+    assert height * width <= 100 * 100
+    assert width / height == pytest.approx(480 / 270, rel=0.02)
+    small = decode_clip(str(samples / "h265_video.mp4"), 0.0, 1.0, num_frames=2)  # 128x128: never upscaled
+    assert small.frames.shape[1:3] == (128, 128)
+
+
+def test_fit_to_max_pixels():
+    assert video.fit_to_max_pixels(720, 1280, 448 * 448) == (336, 597)
+    assert video.fit_to_max_pixels(270, 480, 448 * 448) == (270, 480)
+    assert video.fit_to_max_pixels(10_000, 1, 100) == (100, 1)
+    for h, w, limit in [(1080, 1920, 200_704), (568, 320, 1000), (7, 3, 1)]:
+        fit_h, fit_w = video.fit_to_max_pixels(h, w, limit)
+        assert fit_h * fit_w <= limit and fit_h >= 1 and fit_w >= 1
+
+
+def test_sample_times_and_their_argument_checks():
+    assert video.sample_times_s(0.0, 10.0, num_frames=4, fps=None) == [1.25, 3.75, 6.25, 8.75]
+    assert video.sample_times_s(0.0, 2.0, num_frames=None, fps=2.0) == [0.25, 0.75, 1.25, 1.75]
+    with pytest.raises(ValueError, match="start_s"):
+        video.sample_times_s(5.0, 5.0, num_frames=4, fps=None)
+    with pytest.raises(ValueError, match="num_frames"):
+        video.sample_times_s(0.0, 1.0, num_frames=0, fps=None)
+    with pytest.raises(ValueError, match="fps"):
+        video.sample_times_s(0.0, 1.0, num_frames=4, fps=-1.0)
+
+
+def test_records_round_trip_through_arrow(samples):
+    import pyarrow as pa
+
+    clip = decode_clip(str(samples / "h265_video.mp4"), 0.0, 1.0, num_frames=3)
+    table = pa.Table.from_pylist([video.frames_to_record(clip)])
+    back = video.frames_from_record(table.to_pylist()[0])
+    assert np.array_equal(back.frames, clip.frames)
+    assert back.timestamps_s == clip.timestamps_s and back.decoder == clip.decoder and back.partial is False
+
+
+# ------------------------------------------------------------------ damaged and unreadable files
+
+def test_corrupted_sample_returns_the_frames_before_the_damage(samples):
+    path = str(samples / "corrupted.mp4")
+    clip = decode_clip(path, 0.0, 5.0, num_frames=16)
+    # decord gives up on the first bad packet; PyAV decodes frames 0..27 (0.0..2.7 s), then raises
+    assert clip.decoder == "pyav" and clip.partial
+    assert "Invalid data" in clip.error
+    assert clip.frames.shape == (9, 336, 597, 3)  # 1280x720 shrunk to <= 448*448 pixels
+    assert clip.timestamps_s == pytest.approx([0.2, 0.5, 0.8, 1.1, 1.4, 1.7, 2.0, 2.3, 2.7])
+
+
+def test_corrupted_sample_span_after_the_damage_is_an_error_naming_the_file(samples):
+    path = str(samples / "corrupted.mp4")
+    with pytest.raises(VideoError, match="corrupted.mp4") as caught:
+        decode_clip(path, 3.0, 5.0)
+    assert caught.value.uri == path
+    assert "decord:" in caught.value.reason and "pyav:" in caught.value.reason
+    with pytest.raises(VideoError, match="corrupted.mp4"):
+        decode_clip(path, 0.0, 5.0, decoder="decord")  # decord alone salvages nothing
+
+
+def make_broken(tmp_path: Path, samples: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.mp4"
+    if kind == "zero_bytes":
+        path.write_bytes(b"")
+    elif kind == "truncated":  # nasa keeps its index (moov) at the end: half the bytes lose it
+        data = (samples / "nasa_13013.mp4").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(50_000))
+    elif kind == "text":
+        path.write_text("this is not a video\n" * 100)
+    return path  # kind == "missing": never written
+
+
+@pytest.mark.parametrize("kind", ["zero_bytes", "truncated", "random_bytes", "text", "missing"])
+def test_unreadable_files_raise_video_error_naming_the_path(tmp_path, samples, kind):
+    path = str(make_broken(tmp_path, samples, kind))
+    with pytest.raises(VideoError) as by_probe:
+        probe(path)
+    with pytest.raises(VideoError) as by_decode:
+        decode_clip(path, 0.0, 5.0)
+    for caught in (by_probe, by_decode):
+        assert path in str(caught.value) and caught.value.uri == path
+    expected = {"zero_bytes": "empty", "missing": "no such file"}.get(kind, "Invalid data")
+    assert expected in by_probe.value.reason
+
+
+def test_a_matroska_file_cut_in_half_gives_a_partial_clip_not_padding(tmp_path, samples):
+    data = (samples / "flipping_a_pancake.mkv").read_bytes()
+    path = tmp_path / "cut.mkv"
+    path.write_bytes(data[: len(data) // 2])  # MKV streams: the first ~5 s stay readable
+    for decoder in video.DECODERS:
+        clip = decode_clip(str(path), 0.0, 10.0, num_frames=16, decoder=decoder)
+        assert clip.partial and "cut short" in clip.error, decoder
+        assert 0 < len(clip.timestamps_s) < 16 and max(clip.timestamps_s) < 5.5
+
+
+def test_av1_decodes_through_the_pyav_fallback(tmp_path):
+    frames = [np.full((64, 64, 3), 20 * i, np.uint8) for i in range(10)]
+    path = str(write_video(tmp_path / "tiny_av1.mp4", frames, codec="libsvtav1", fps=10))
+    with pytest.raises(VideoError, match="decord"):
+        decode_clip(path, 0.0, 1.0, decoder="decord")  # decord 0.6.0 has no AV1 decoder
+    clip = decode_clip(path, 0.0, 1.0, num_frames=5)
+    assert clip.decoder == "pyav" and not clip.partial
+    assert clip.frames.shape == (5, 64, 64, 3)
+    assert probe(path).codec == "av1"
+
+
+# ------------------------------------------------------------------ long video, clip by clip
+
+def test_one_clip_in_the_middle_of_a_ten_minute_video(tmp_path):
+    # frame i shows its own index: red = (i // 30) * 6, green = (i % 30) * 8
+    def picture(i: int) -> np.ndarray:
+        return np.broadcast_to(np.array([(i // 30) * 6, (i % 30) * 8, 0], np.uint8), (64, 64, 3)).copy()
+
+    path = str(write_video(tmp_path / "long.mp4", [picture(i) for i in range(1200)], codec="libx264", fps=2))
+    info = probe(path)
+    assert info.duration_s == pytest.approx(600.0) and info.num_frames == 1200
+    clips = plan_clips(path, info.duration_s, clip_len_s=10.0, stride_s=10.0, min_clip_len_s=2.0)
+    assert len(clips) == 60
+    middle = clips[30]  # [300, 310): frames 600..619
+    for decoder in video.DECODERS:
+        clip = decode_clip(path, middle.start_s, middle.end_s, num_frames=None, fps=2.0, decoder=decoder)
+        assert len(clip.timestamps_s) == 20 and all(300.0 <= t < 310.0 for t in clip.timestamps_s), decoder
+        pixels = clip.frames[:, 32, 32].astype(float)
+        shown = np.round(pixels[:, 0] / 6) * 30 + np.round(pixels[:, 1] / 8)
+        assert shown.tolist() == [round(t * 2) for t in clip.timestamps_s] == list(range(600, 620)), decoder
+
+
+# ------------------------------------------------------------------ the helper process
+
+def test_a_hung_request_is_killed_and_the_helper_replaced():
+    helper = DecoderProcess()
+    try:
+        helper.call(os.getpid, (), uri="warm-up", timeout_s=30)
+        hung_pid = helper.pid
+        started = time.monotonic()
+        with pytest.raises(DecodeTimeout, match="timed out after 0.5 s") as caught:
+            helper.call(time.sleep, (60,), uri="/videos/hangs.mp4", timeout_s=0.5)  # stands in for decord's loop
+        assert time.monotonic() - started < 5
+        assert caught.value.uri == "/videos/hangs.mp4"
+        assert helper.pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung_pid, 0)  # killed and reaped
+        assert helper.call(os.getpid, (), uri="next", timeout_s=30) not in (hung_pid, os.getpid())
+    finally:
+        helper.close()
+
+
+def test_decode_clip_timeout_is_a_video_error_and_the_next_call_works(samples):
+    helper = DecoderProcess()
+    path = str(samples / "nasa_13013.mp4")
+    try:
+        with pytest.raises(VideoError, match="timed out after 0.05 s"):
+            decode_clip(path, 0.0, 13.0, num_frames=None, fps=30.0, timeout_s=0.05, process=helper)
+        assert decode_clip(path, 0.0, 1.0, num_frames=2, process=helper).frames.shape[0] == 2
+    finally:
+        helper.close()
+
+
+def test_a_crashing_helper_becomes_a_video_error_and_is_restarted():
+    helper = DecoderProcess()
+    try:
+        with pytest.raises(VideoError, match="died \\(exit code 3\\)"):
+            helper.call(os._exit, (3,), uri="/videos/segfaults.mp4", timeout_s=30)
+        assert helper.call(abs, (-2,), uri="next", timeout_s=30) == 2
+    finally:
+        helper.close()
+
+
+def test_errors_raised_in_the_helper_keep_their_uri_and_reason():
+    helper = DecoderProcess()
+    try:
+        with pytest.raises(VideoError, match="/videos/x.mp4: ZeroDivisionError"):
+            helper.call(Fraction, (1, 0), uri="/videos/x.mp4", timeout_s=30)
+    finally:
+        helper.close()
