@@ -182,11 +182,11 @@ def _visual_mask(state: DropState, token_ids, inputs_embeds) -> torch.Tensor | N
 
 def _dropping_prefill(text_model, state, inputs_embeds, visual, attention_mask, position_ids,
                       cache, use_cache, kwargs):
+    loop.check_cache(cache)
     if isinstance(attention_mask, dict):
-        raise ValueError("v2drop needs a 2-D attention mask (prepared 4-D masks / static caches are not supported)")
+        raise ValueError("v2drop needs a 2-D attention mask; masks prepared for compiled/static caches are not supported")
     if use_cache and cache is None:
         cache = loop.DynamicCache(config=text_model.config)
-    loop.check_cache(cache)
     tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, attention_mask,
                                       position_ids, visual)
     result = loop.prefill_with_drops(text_model, state.schedule, tokens, cache, use_cache,

@@ -1,0 +1,130 @@
+"""Tiny real-architecture models and hand-built multimodal batches for the engine tests.
+
+Inputs are built the way the families' processors build them (chat template, one placeholder
+token per visual feature, left padding, `mm_token_type_ids`, `second_per_grid_ts`), with random
+pixel values: the engine never looks at pixels, only at the hidden states they produce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from v2drop import tiny
+
+PATCH_DIM_QWEN = 3 * 2 * 14 * 14  # channels * temporal_patch * patch * patch
+
+
+@dataclass(frozen=True)
+class Visual:
+    kind: str  # "video" | "image"
+    grid: tuple[int, int, int]  # Qwen: (t, h, w) in patches; LLaVA-OV video: (frames, 0, 0)
+
+
+@dataclass(frozen=True)
+class Sample:
+    question: str
+    visual: Visual | None
+
+
+@lru_cache(maxsize=None)
+def tokenizer(family: str):
+    return tiny.build_tokenizer(family)
+
+
+def model(family: str, *, num_layers: int = 8, dtype=torch.float32, attn: str = "sdpa", seed: int = 0):
+    config = tiny.build_config(family, tokenizer(family), num_layers=num_layers)
+    built = tiny.build_model(config, seed=seed).to(dtype)
+    built.config._attn_implementation = attn
+    for sub in (built.config.text_config, built.config.vision_config):
+        sub._attn_implementation = attn
+    return built
+
+
+def num_visual_tokens(family: str, visual: Visual) -> int:
+    if family == "qwen2_5_vl":
+        t, h, w = visual.grid
+        return t * h * w // 4  # spatial merge 2x2
+    frames = visual.grid[0]
+    return frames * 4 * 4 + 1  # 8x8 SigLIP patches pooled 2x2 per frame, plus one newline
+
+
+def _placeholder(family: str, kind: str) -> str:
+    if family == "qwen2_5_vl":
+        return "<|video_pad|>" if kind == "video" else "<|image_pad|>"
+    return "<video>" if kind == "video" else "<image>"
+
+
+def _prompt_text(family: str, sample: Sample) -> str:
+    content = [{"type": "text", "text": sample.question}]
+    if sample.visual is not None:
+        content.insert(0, {"type": sample.visual.kind})
+    text = tokenizer(family).apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    if sample.visual is not None:
+        marker = _placeholder(family, sample.visual.kind)
+        text = text.replace(marker, marker * num_visual_tokens(family, sample.visual), 1)
+    return text
+
+
+def batch(family: str, samples: list[Sample], *, seed: int = 0) -> dict:
+    """Left-padded inputs for `samples`, as the family's processor would return them."""
+    tok = tokenizer(family)
+    ids = [tok(_prompt_text(family, s))["input_ids"] for s in samples]
+    length = max(len(i) for i in ids)
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(i)) + i for i in ids])
+    attention_mask = torch.tensor([[0] * (length - len(i)) + [1] * len(i) for i in ids])
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    visuals = [s.visual for s in samples if s.visual is not None]
+    if family == "qwen2_5_vl":
+        inputs.update(_qwen_visual_inputs(tok, input_ids, visuals, generator))
+    elif visuals:
+        frames = visuals[0].grid[0]
+        assert all(v.kind == "video" and v.grid[0] == frames for v in visuals), "LLaVA-OV: same-length videos"
+        inputs["pixel_values_videos"] = torch.randn(len(visuals), frames, 3, 112, 112, generator=generator)
+    return inputs
+
+
+def _qwen_visual_inputs(tok, input_ids, visuals: list[Visual], generator) -> dict:
+    video_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    out = {"mm_token_type_ids": (input_ids == image_id).int() + 2 * (input_ids == video_id).int()}
+    for kind, prefix in (("video", "_videos"), ("image", "")):
+        grids = [v.grid for v in visuals if v.kind == kind]
+        if grids:
+            patches = sum(t * h * w for t, h, w in grids)
+            out[f"pixel_values{prefix}"] = torch.randn(patches, PATCH_DIM_QWEN, generator=generator)
+            out[f"{kind}_grid_thw"] = torch.tensor(grids)
+    if any(v.kind == "video" for v in visuals):
+        out["second_per_grid_ts"] = torch.tensor([1.0] * sum(v.kind == "video" for v in visuals))
+    return out
+
+
+def select(inputs: dict, family: str, samples: list[Sample], index: int) -> dict:
+    """The inputs of sample `index` alone (unpadded), rebuilt with the same pixels."""
+    single = batch(family, [samples[index]])
+    if samples[index].visual is None:
+        return single
+    # Reuse the batch's pixels for this sample so its outputs can be compared.
+    order = [i for i, s in enumerate(samples) if s.visual is not None]
+    position = order.index(index)
+    if family == "qwen2_5_vl":
+        kind = samples[index].visual.kind
+        same_kind = [i for i in order if samples[i].visual.kind == kind]
+        prefix = "_videos" if kind == "video" else ""
+        sizes = [_patches(samples[i].visual) for i in same_kind]
+        start = sum(sizes[: same_kind.index(index)])
+        single[f"pixel_values{prefix}"] = inputs[f"pixel_values{prefix}"][start : start + sizes[same_kind.index(index)]]
+    else:
+        single["pixel_values_videos"] = inputs["pixel_values_videos"][position : position + 1]
+    return single
+
+
+def _patches(visual: Visual) -> int:
+    t, h, w = visual.grid
+    return t * h * w

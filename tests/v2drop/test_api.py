@@ -1,0 +1,52 @@
+"""Bad input to the public API gets a ValueError that names the problem."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import v2drop
+from tests.v2drop import models
+
+
+def test_unsupported_family_names_the_supported_ones():
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match=r"'qwen2'.*Qwen2\.5-VL \(qwen2_5_vl\).*LLaVA-OneVision"):
+        v2drop.enable(model, v2drop.Schedule((1,), (0.5,)))
+    assert not v2drop.is_enabled(model)
+
+
+def test_drop_layer_beyond_the_model_depth_is_refused_at_enable():
+    model = models.model("qwen2_5_vl")
+    with pytest.raises(ValueError, match=r"\[9\] are out of range for a model with 8 decoder layers"):
+        v2drop.enable(model, v2drop.Schedule((2, 9), (0.5, 0.5)))
+    assert not v2drop.is_enabled(model)
+
+
+def test_last_stats_needs_enable():
+    with pytest.raises(ValueError, match="not enabled"):
+        v2drop.last_stats(models.model("qwen2_5_vl"))
+
+
+def test_static_cache_is_refused_with_a_clear_message():
+    family = "qwen2_5_vl"
+    model = models.model(family)
+    v2drop.enable(model, v2drop.Schedule((2,), (0.5,)))
+    inputs = models.batch(family, [models.Sample("Hi?", models.Visual("video", (2, 4, 4)))])
+    with pytest.raises(ValueError, match="DynamicCache"):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_enable_switches_the_schedule_in_place():
+    family = "qwen2_5_vl"
+    model = models.model(family)
+    inputs = models.batch(family, [models.Sample("Hi?", models.Visual("video", (2, 4, 4)))])
+    v2drop.enable(model, v2drop.Schedule((2,), (0.5,)))
+    with torch.no_grad():
+        model(**inputs)
+    assert v2drop.last_stats(model)[0]["visual_tokens_per_stage"] == [8, 4]
+    v2drop.enable(model, v2drop.Schedule((2,), (0.25,)))
+    with torch.no_grad():
+        model(**inputs)
+    assert v2drop.last_stats(model)[0]["visual_tokens_per_stage"] == [8, 2]
