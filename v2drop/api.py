@@ -23,6 +23,7 @@ from v2drop.adapters import adapter_for
 from v2drop.adapters.base import FamilyAdapter
 from v2drop.flops import TextShape
 from v2drop.schedule import Schedule
+from v2drop.select import random_scores, variation_scores
 
 logger = logging.getLogger("v2drop")
 
@@ -38,6 +39,7 @@ class DropState:
     visual_ids: torch.Tensor
     shape: TextShape
     hook: Any  # the pre-hook handle on the multimodal model
+    score: loop.ScoreFn = variation_scores
     pending_input_ids: torch.Tensor | None = None
     # The cache filled by the last dropping prefill, and its per-stage key masks.
     cache_ref: Any = None
@@ -48,15 +50,23 @@ class DropState:
         return cache is not None and self.cache_ref is not None and self.cache_ref() is cache
 
 
-def enable(model: nn.Module, schedule: Schedule) -> nn.Module:
+SCORERS = ("variation", "random")
+
+
+def enable(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", seed: int = 0) -> nn.Module:
     """Patch `model` to drop visual tokens per `schedule`; returns the model. Idempotent:
-    enabling again replaces the schedule."""
+    enabling again replaces the schedule and scorer.
+
+    scorer "variation" is V²Drop; "random" keeps a seeded random subset at the same schedule,
+    the control baseline for benchmarks.
+    """
     adapter = adapter_for(model)
     text_model = adapter.text_model(model)
     _check_text_model(text_model, adapter)
     schedule.check_depth(text_model.config.num_hidden_layers)
+    score = _scorer(scorer, seed, model)
     if (state := getattr(model, _STATE_ATTR, None)) is not None:
-        state.schedule = schedule
+        state.schedule, state.score = schedule, score
         return model
     state = DropState(
         schedule=schedule,
@@ -66,6 +76,7 @@ def enable(model: nn.Module, schedule: Schedule) -> nn.Module:
         hook=adapter.multimodal_model(model).register_forward_pre_hook(
             _record_input_ids(model), with_kwargs=True
         ),
+        score=score,
     )
     setattr(model, _STATE_ATTR, state)
     text_model.forward = types.MethodType(_patched_text_forward(model), text_model)
@@ -97,6 +108,16 @@ def last_stats(model: nn.Module) -> list[dict]:
 
 
 # -- internals ---------------------------------------------------------------------------
+
+
+def _scorer(name: str, seed: int, model: nn.Module) -> loop.ScoreFn:
+    if name == "variation":
+        return variation_scores
+    if name == "random":
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return lambda hidden_now, hidden_prev: random_scores(hidden_now, generator)
+    raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
 
 
 def _check_text_model(text_model: nn.Module, adapter: FamilyAdapter) -> None:
@@ -190,7 +211,7 @@ def _dropping_prefill(text_model, state, inputs_embeds, visual, attention_mask, 
     tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, attention_mask,
                                       position_ids, visual)
     result = loop.prefill_with_drops(text_model, state.schedule, tokens, cache, use_cache,
-                                     loop.layer_kwargs(kwargs))
+                                     loop.layer_kwargs(kwargs), state.score)
     state.last_stats = loop.per_sample_stats(result, state.schedule, state.shape)
     logger.debug("v2drop visual tokens per layer: %s", [s["visual_tokens_per_layer"] for s in state.last_stats])
     state.cache_ref = weakref.ref(cache) if use_cache else None

@@ -18,6 +18,7 @@ A "stage" is a run of layers between drops: stage 0 is layers [0, d1), stage 1 [
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -86,9 +87,14 @@ def check_cache(cache) -> None:
         )
 
 
-def drop_token_state(state: TokenState, prev_hidden: torch.Tensor, keep: float) -> TokenState:
+# (hidden entering layer i, hidden entering layer i-1) -> [B, L] scores; larger is kept
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def drop_token_state(state: TokenState, prev_hidden: torch.Tensor, keep: float,
+                     score: ScoreFn = variation_scores) -> TokenState:
     """One drop: score visual tokens, keep each sample's top-k, gather everything per token."""
-    scores = variation_scores(state.hidden, prev_hidden)
+    scores = score(state.hidden, prev_hidden)
     kept_visual = select_visual(scores, state.visual, keep_counts(state.num_visual(), keep))
     keep_mask = (state.valid & ~state.visual) | kept_visual
     index, index_valid = compact(keep_mask)
@@ -102,6 +108,7 @@ def prefill_with_drops(
     cache,
     use_cache: bool,
     kwargs: dict,
+    score: ScoreFn = variation_scores,
 ) -> PrefillResult:
     """Run all layers over a prefill, dropping visual tokens at the schedule's layers."""
     drops = dict(zip(schedule.layers, schedule.keep))
@@ -112,7 +119,7 @@ def prefill_with_drops(
     prev_hidden = None
     for i, layer in enumerate(layers):
         if i in drops:
-            state = drop_token_state(state, prev_hidden, drops[i])
+            state = drop_token_state(state, prev_hidden, drops[i], score)
             mask = causal_mask(text_model, state.hidden, state.valid, cache, i)
             starts.append(i)
             masks.append(state.valid)

@@ -20,6 +20,11 @@ def variation_scores(hidden_now: torch.Tensor, hidden_prev: torch.Tensor) -> tor
     return (hidden_now.float() - hidden_prev.float()).norm(dim=-1)
 
 
+def random_scores(hidden_now: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random scores [B, L]: the control every scoring method must beat."""
+    return torch.rand(hidden_now.shape[:2], generator=generator, device=generator.device)
+
+
 def keep_counts(num_visual: torch.Tensor, keep: float) -> torch.Tensor:
     """floor(n * keep) per sample. num_visual: [B] int -> [B] int64 (on the same device)."""
     counts = [keep_count(int(n), keep) for n in num_visual.tolist()]

@@ -50,3 +50,25 @@ def test_enable_switches_the_schedule_in_place():
     with torch.no_grad():
         model(**inputs)
     assert v2drop.last_stats(model)[0]["visual_tokens_per_stage"] == [8, 2]
+
+
+def test_random_scorer_keeps_the_same_counts_but_other_tokens():
+    family = "qwen2_5_vl"
+    model = models.model(family)
+    inputs = models.batch(family, [models.Sample("Hi?", models.Visual("video", (2, 8, 8)))])
+    schedule = v2drop.Schedule((2, 5), (0.25, 0.5))
+    v2drop.enable(model, schedule)
+    with torch.no_grad():
+        model(**inputs)
+    variation = v2drop.last_stats(model)[0]
+    v2drop.enable(model, schedule, scorer="random", seed=3)
+    with torch.no_grad():
+        model(**inputs)
+    random = v2drop.last_stats(model)[0]
+    assert random["visual_tokens_per_layer"] == variation["visual_tokens_per_layer"]
+    assert random["kept_visual_positions_per_stage"] != variation["kept_visual_positions_per_stage"]
+
+
+def test_unknown_scorer_is_refused():
+    with pytest.raises(ValueError, match="unknown scorer 'attention'; choose one of variation, random"):
+        v2drop.enable(models.model("qwen2_5_vl"), v2drop.Schedule((2,), (0.5,)), scorer="attention")
