@@ -1,0 +1,256 @@
+"""workers.captioner on CPU with tiny random-weight models (v2drop.tiny), called directly (no Ray).
+
+The model tests need torchvision: transformers 5.23 builds the video processors only when it is
+importable. Without it they are skipped with that reason; the pure-function tests still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from workers import captioner as captioner_module
+from workers.captioner import OUTPUT_COLUMNS, Captioner
+from workers.generation import GenResult, count_output_tokens
+from workers.inputs import build_inputs, clip_fps, decode_frames, expand_prompts
+from workers.loading import ModelSourceError, resolve_model_source
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - pytest fixtures
+
+MAX_NEW_TOKENS = 6
+CAPTION = {"task": "caption", "caption": "Describe this video.", "questions": [], "system": None}
+GREEDY = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "top_p": 1.0}
+
+
+def model_cfg(source: str = "tiny:qwen2_5_vl", retention: float = 1.0) -> dict[str, Any]:
+    return {"source": source, "revision": None, "dtype": "float32", "attn_implementation": "sdpa",
+            "retention": retention, "cache_dir": None}
+
+
+def clip_row(clip_id: str, num_frames: int, height: int, width: int, seed: int = 0) -> dict[str, Any]:
+    """A decoded clip as the decode stage writes it: raw bytes + shape + dtype + timestamps."""
+    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+    return {
+        "video_uri": f"/videos/{clip_id}.mp4",
+        "clip_id": clip_id,
+        "start_s": 0.0,
+        "end_s": 2.0,
+        "frames": frames.tobytes(),
+        "frames_shape": np.array([num_frames, height, width, 3]),
+        "frames_dtype": "uint8",
+        "timestamps_s": np.arange(num_frames) * 0.5 + 0.25,
+        "status": "ok",
+        "error": None,
+        "error_stage": None,
+    }
+
+
+def upstream_error_row(clip_id: str) -> dict[str, Any]:
+    return {**clip_row(clip_id, 1, 28, 28), "frames": None, "frames_shape": None, "timestamps_s": None,
+            "status": "error", "error": "decode: moov atom not found", "error_stage": "decode"}
+
+
+def as_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows as a Ray Data numpy batch: one object array per column."""
+    batch = {}
+    for name in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [row[name] for row in rows]
+        batch[name] = column
+    return batch
+
+
+THREE_CLIPS = [clip_row("a", 4, 112, 112, 0), clip_row("b", 6, 84, 140, 1), clip_row("c", 2, 140, 84, 2)]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("v2drop-batch-cache"))
+
+
+@pytest.fixture(scope="module")
+def qwen(cache_dir: str) -> Captioner:
+    pytest.importorskip("torchvision", reason="transformers 5.23 video processors need torchvision")
+    return Captioner(model_cfg(), GREEDY, CAPTION, cache_dir)
+
+
+# -- pure functions ----------------------------------------------------------------------------
+
+
+def test_decode_frames_names_the_column_when_bytes_do_not_fit_the_shape() -> None:
+    row = {**clip_row("a", 2, 28, 28), "frames_shape": [3, 28, 28, 3]}
+    with pytest.raises(ValueError, match=r"frames: 4704 bytes do not hold frames_shape \[3, 28, 28, 3\]"):
+        decode_frames(row)
+    assert decode_frames(clip_row("a", 2, 28, 28)).shape == (2, 28, 28, 3)
+
+
+def test_clip_fps_is_the_sampling_rate_of_the_frames() -> None:
+    assert clip_fps(clip_row("a", 5, 28, 28)) == pytest.approx(2.0)  # 0.5 s apart
+    assert clip_fps({**clip_row("a", 4, 28, 28), "timestamps_s": [1.0]}) == pytest.approx(2.0)  # 4 frames / 2 s
+
+
+def test_qa_prompts_are_configured_questions_then_the_rows_own_without_repeats() -> None:
+    cfg = {"task": "qa", "questions": ["What happens?", "Who is there?"]}
+    row = {"questions": np.array(["Who is there?", "Where is it?"], dtype=object)}
+    prompts = [prompt for _, prompt in expand_prompts([row], cfg)]
+    assert prompts == ["What happens?", "Who is there?", "Where is it?"]
+
+
+def test_output_tokens_stop_before_the_first_eos_or_pad() -> None:
+    eos, pad = 9, 8
+    new_tokens = torch.tensor([[5, 7, eos, pad], [5, 6, 4, 3], [eos, pad, pad, pad]])
+    assert count_output_tokens(new_tokens, {eos, pad}) == [2, 4, 0]
+
+
+def test_missing_local_path_error_names_it(tmp_path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelSourceError, match=f"model path {missing} does not exist"):
+        resolve_model_source(str(missing), revision=None, cache_dir=tmp_path, storage=None)
+
+
+def test_uncached_hub_id_offline_says_what_to_do(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelSourceError, match="model nobody/not-a-cached-model not found locally and the hub is "
+                       "unreachable; use preset=offline or a local path"):
+        resolve_model_source("nobody/not-a-cached-model", revision=None, cache_dir=tmp_path, storage=None)
+
+
+def test_tiny_source_resolves_to_random_weights(cache_dir: str) -> None:
+    resolved = resolve_model_source("tiny:qwen2_5_vl", revision=None, cache_dir=cache_dir, storage=None)
+    assert resolved.random_weights is True
+    assert resolved.model_id == "tiny:qwen2_5_vl"
+    assert (Path(resolved.path_or_id) / "config.json").is_file() and resolved.path_or_id.startswith(cache_dir)
+
+
+class _FakeLoaded:
+    """Stands in for LoadedModel where only the fallback logic is under test."""
+
+    model = type("M", (), {"config": type("C", (), {"model_type": "qwen2_5_vl"})()})()
+    processor = None
+
+
+def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> None:
+    calls: list[list[str]] = []
+
+    def fake_generate(model, processor, items, generation_cfg):
+        prompts = [prompt for _, prompt in items]
+        calls.append(prompts)
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if "bad" in prompts:
+            raise RuntimeError("shape mismatch")
+        return [GenResult(output_text=prompt) for prompt in prompts]
+
+    monkeypatch.setattr(captioner_module, "build_inputs", lambda processor, items, system: items)
+    monkeypatch.setattr(captioner_module, "generate_batch", fake_generate)
+    items = [({}, p) for p in ("p0", "p1", "bad", "p3")]
+    results = captioner_module.run_items(_FakeLoaded(), items, None, GREEDY, chunk=4)
+    assert [r.status for r in results] == ["ok", "ok", "error", "ok"]
+    assert [r.output_text for r in results] == ["p0", "p1", None, "p3"]
+    assert results[2].error == "RuntimeError: shape mismatch"
+    assert calls == [["p0", "p1", "bad", "p3"], ["p0", "p1"], ["bad", "p3"], ["bad"], ["p3"]]
+
+
+# -- the real tiny models ------------------------------------------------------------------------
+
+
+def test_caption_batch_of_three_clips(qwen: Captioner) -> None:
+    out = qwen(as_batch(THREE_CLIPS))
+
+    assert list(out["clip_id"]) == ["a", "b", "c"]
+    assert "frames" not in out and set(OUTPUT_COLUMNS) <= set(out)
+    assert {len(values) for values in out.values()} == {3}
+    assert out["status"] == ["ok"] * 3 and out["error"] == [None] * 3
+    assert all(text.strip() for text in out["output_text"])
+    assert all(1 <= n <= MAX_NEW_TOKENS for n in out["output_tokens"])
+    items = expand_prompts(THREE_CLIPS, CAPTION)
+    inputs = build_inputs(qwen.loaded.processor, items)
+    assert out["prompt_tokens"] == inputs["attention_mask"].sum(dim=1).tolist()
+    video_pad = qwen.loaded.model.config.video_token_id
+    assert out["visual_tokens_per_stage"] == [[int(n)] for n in (inputs["input_ids"] == video_pad).sum(dim=1)]
+    assert out["retention_achieved"] == [1.0] * 3 and out["flops_dropped"] == out["flops_full"]
+    assert out["model_id"] == ["tiny:qwen2_5_vl"] * 3 and out["model_random_weights"] == [True] * 3
+    assert all(p > 0 for p in out["prefill_ms"]) and all(g >= p for g, p in zip(out["generate_ms"], out["prefill_ms"]))
+    assert all(m > 0 for m in out["peak_memory_bytes"])
+
+
+def test_output_matches_the_parquet_schema(qwen: Captioner) -> None:
+    from pipeline.schema import conform
+
+    table = conform(qwen(as_batch(THREE_CLIPS[:1] + [upstream_error_row("x")])))
+    assert table.column("status").to_pylist() == ["ok", "error"]
+    assert table.column("started_at").type.tz == "UTC"
+
+
+def test_qa_two_questions_give_two_rows_per_clip(qwen: Captioner) -> None:
+    qa = {"task": "qa", "caption": "", "questions": ["What happens?", "What colour is it?"], "system": "Be brief."}
+    rows = captioner_module.batch_to_rows(as_batch(THREE_CLIPS[:2]))
+    out = captioner_module.rows_to_columns(captioner_module.caption_rows(qwen.loaded, rows, qa, GREEDY))
+    assert list(zip(out["clip_id"], out["prompt"])) == [
+        ("a", "What happens?"), ("a", "What colour is it?"), ("b", "What happens?"), ("b", "What colour is it?")
+    ]
+    assert out["status"] == ["ok"] * 4
+
+
+def test_error_rows_pass_through_and_corrupt_frames_fail_alone(qwen: Captioner) -> None:
+    corrupt = {**clip_row("bad", 4, 56, 56), "frames_shape": np.array([5, 56, 56, 3])}
+    out = qwen(as_batch([THREE_CLIPS[0], upstream_error_row("x"), corrupt, THREE_CLIPS[1]]))
+
+    assert out["clip_id"] == ["a", "x", "bad", "b"]
+    assert out["status"] == ["ok", "error", "error", "ok"]
+    assert out["error"][1] == "decode: moov atom not found" and out["error_stage"][1] == "decode"
+    assert out["prompt"][1] == "" and out["output_text"][1] is None
+    assert out["error"][2].startswith("frames: 37632 bytes do not hold frames_shape [5, 56, 56, 3]")
+    assert out["error_stage"][2] == "model" and out["prompt"][2] == ""
+    assert all(out["output_text"][i] for i in (0, 3))
+
+
+def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: str, qwen: Captioner) -> None:
+    dropping = Captioner(model_cfg(retention=0.25), GREEDY, CAPTION, cache_dir)
+    full, dropped = qwen(as_batch(THREE_CLIPS)), dropping(as_batch(THREE_CLIPS))
+
+    assert dropped["status"] == ["ok"] * 3 and dropped["retention_asked"] == [0.25] * 3
+    assert dropped["retention_achieved"] == pytest.approx([0.25] * 3, abs=0.03)
+    for stages_full, stages_dropped in zip(full["visual_tokens_per_stage"], dropped["visual_tokens_per_stage"]):
+        assert len(set(stages_full)) == 1  # no drop stage changes the count
+        assert stages_dropped[0] == stages_full[0]
+        assert all(later < earlier for earlier, later in zip(stages_dropped, stages_dropped[1:]))
+    assert all(d < f for d, f in zip(dropped["flops_dropped"], dropped["flops_full"]))
+    assert dropped["flops_full"] == full["flops_full"]
+
+
+def test_llava_onevision_runs_through_the_same_captioner(cache_dir: str, caplog) -> None:
+    pytest.importorskip("torchvision", reason="transformers 5.23 video processors need torchvision")
+    llava = Captioner(model_cfg("tiny:llava_onevision", retention=0.25), GREEDY, CAPTION, cache_dir)
+    clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 2, 84, 140, 1), clip_row("c", 4, 140, 84, 2)]
+    with caplog.at_level(logging.WARNING, logger="workers.captioner"):
+        out = llava(as_batch(clips))
+
+    assert out["status"] == ["ok"] * 3 and all(text.strip() for text in out["output_text"])
+    assert out["model_random_weights"] == [True] * 3
+    assert [stages[0] for stages in out["visual_tokens_per_stage"]] == [65, 33, 65]  # T * 4 * 4 + 1 newline
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]  # frame counts grouped, no fallback
+
+
+def test_s3_model_is_downloaded_once_into_the_node_cache_and_captions(cache_dir, s3_server, s3_bucket, tmp_path):
+    import boto3
+
+    local = resolve_model_source("tiny:qwen2_5_vl", cache_dir=cache_dir).path_or_id
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for file in Path(local).iterdir():
+        client.upload_file(str(file), s3_bucket, f"models/tiny/{file.name}")
+    uri = f"s3://{s3_bucket}/models/tiny"
+    storage_cfg = {"endpoint_url": s3_server}
+    node_cache = tmp_path / "node-cache"
+
+    first = resolve_model_source(uri, cache_dir=node_cache, storage=captioner_module._storage(storage_cfg))
+    again = resolve_model_source(uri + "/", cache_dir=node_cache, storage=captioner_module._storage(storage_cfg))
+    assert first.path_or_id == again.path_or_id and first.path_or_id.startswith(str(node_cache))
+    assert first.model_id == uri and first.random_weights is True  # the tiny marker travelled with the files
+    pytest.importorskip("torchvision", reason="transformers 5.23 video processors need torchvision")
+    out = Captioner(model_cfg(uri), GREEDY, CAPTION, str(node_cache), storage_cfg=storage_cfg)(as_batch(THREE_CLIPS[:1]))
+    assert out["status"] == ["ok"] and out["model_id"] == [uri]

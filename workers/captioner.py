@@ -1,0 +1,313 @@
+"""The caption / QA stage: a Ray Data actor class and the pure functions it delegates to.
+
+    ds.map_batches(Captioner, fn_constructor_args=(model_cfg, generation_cfg, prompt_cfg, cache_dir),
+                   batch_size=actors.batch_size, num_gpus=actors.num_gpus, concurrency=(min, max))
+
+Cardinality: 1:N. A clip row becomes one row per prompt (caption: 1; qa: one per question);
+a row whose incoming `status` is not 'ok' (an upstream 'error' or 'skipped') passes through as
+one row with prompt '' (pipeline.schema: '' marks a clip-level row; prompt is never null).
+
+Columns in: every column of the clip row; read are `frames`, `frames_shape`, `frames_dtype`,
+`timestamps_s` (see workers.inputs), optional `questions`, `status`.
+Columns out: every input column except `frames` (bytes stay out of the written blocks), then
+OUTPUT_COLUMNS below. `status` is 'ok' or 'error'; a failed row says why in `error` with
+`error_stage` 'model' (bad frame bytes, a processor or generate failure, an OOM at batch size 1).
+
+Failure handling: a failing batched generate is retried item by item so one bad clip costs
+only its own rows; a CUDA out-of-memory error halves the batch and retries both halves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+import v2drop
+from workers.generation import GenResult, generate_batch
+from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
+from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
+
+__all__ = ["Captioner", "caption_rows", "expand_prompts", "build_inputs", "generate_batch", "OUTPUT_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+ERROR_STAGE = "model"
+# pixel_values_videos is one [B, T, C, H, W] tensor for these: a batch needs one frame count T.
+EQUAL_FRAME_COUNT_FAMILIES = frozenset({"llava_onevision"})
+CLIP_LEVEL_PROMPT = ""  # rows about the whole clip (passthrough, unusable frames), not one prompt
+DROPPED_INPUT_COLUMNS = ("frames",)
+OUTPUT_COLUMNS = (
+    "prompt",
+    "output_text",
+    "status",
+    "error",
+    "error_stage",
+    "model_id",
+    "model_revision",
+    "model_random_weights",
+    "retention_asked",
+    "retention_achieved",
+    "visual_tokens_per_stage",
+    "prompt_tokens",
+    "output_tokens",
+    "prefill_ms",
+    "generate_ms",
+    "flops_full",
+    "flops_dropped",
+    "peak_memory_bytes",
+    "worker_host",
+    "started_at",
+    "finished_at",
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to caption, and the identity stamped on each of its output rows."""
+
+    model: Any
+    processor: Any
+    resolved: ResolvedModel
+    retention_asked: float  # model.retention; 1.0 = V²Drop off, the stock model
+
+
+class Captioner:
+    """Ray Data actor: loads the model once in __init__, then captions batches of clip rows."""
+
+    def __init__(
+        self,
+        model_cfg: Mapping[str, Any],
+        generation_cfg: Mapping[str, Any],
+        prompt_cfg: Mapping[str, Any],
+        cache_dir: str | None = None,
+        *,
+        storage_cfg: Any = None,
+        num_gpus: float | None = None,
+    ) -> None:
+        self.model_cfg, self.generation_cfg, self.prompt_cfg = map(_as_dict, (model_cfg, generation_cfg, prompt_cfg))
+        self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage_cfg, num_gpus)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
+        rows = batch_to_rows(batch)
+        out = caption_rows(self.loaded, rows, self.prompt_cfg, self.generation_cfg)
+        return rows_to_columns(out)
+
+
+def load_for_captioning(
+    model_cfg: Mapping[str, Any], cache_dir: str | None, storage_cfg: Any = None, num_gpus: float | None = None
+) -> LoadedModel:
+    """Resolve, load, and switch V²Drop on when model.retention < 1."""
+    source = str(model_cfg["source"])
+    storage = _storage(storage_cfg) if source.startswith("s3://") else None
+    resolved = resolve_model_source(
+        source, revision=model_cfg.get("revision"), cache_dir=cache_dir or model_cfg.get("cache_dir"), storage=storage
+    )
+    model, processor = load_model(
+        resolved,
+        dtype=model_cfg.get("dtype", "float32"),
+        attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
+        device=choose_device(num_gpus),
+    )
+    retention = float(model_cfg.get("retention", 1.0))
+    enable_v2drop(model, retention)
+    return LoadedModel(model, processor, resolved, retention)
+
+
+def enable_v2drop(model: Any, retention: float) -> None:
+    """Retention 1.0 leaves the stock model alone; below it, the layer-averaged schedule."""
+    if retention >= 1.0:
+        return
+    num_layers = model.config.get_text_config().num_hidden_layers
+    schedule = v2drop.Schedule.for_retention(num_layers, retention)
+    v2drop.enable(model, schedule)
+    log.info("V²Drop on: %s over %d layers (retention %.3f)", schedule, num_layers, retention)
+
+
+def _storage(storage_cfg: Any) -> Any:
+    """A Storage from the job's `storage:` section, given as a dict or the config object."""
+    from pipeline.storage import Storage, StorageOptions
+
+    if storage_cfg is None or isinstance(storage_cfg, Mapping):
+        return Storage(StorageOptions(**dict(storage_cfg or {})))
+    return Storage.from_config(storage_cfg)
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    """Config sections arrive as dicts (or the pipeline's dataclasses); work on plain dicts."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg or {})
+
+
+# -- pure functions: rows in, rows out --------------------------------------------------------
+
+
+def caption_rows(
+    loaded: LoadedModel, rows: Sequence[Row], prompt_cfg: Mapping[str, Any], generation_cfg: Mapping[str, Any]
+) -> list[Row]:
+    """Output rows for a batch of clip rows, in input order (see the module docstring)."""
+    started_at = utc_now()
+    plan = [(row, None if is_passthrough(row) else row_problem(row, prompt_cfg)) for row in rows]
+    runnable = [row for row, problem in plan if problem is None and not is_passthrough(row)]
+    items = expand_prompts(runnable, prompt_cfg)
+    results = iter(run_items(loaded, items, prompt_cfg.get("system"), generation_cfg, chunk=max(1, len(rows))))
+    finished_at = utc_now()
+    stamp = {**identity_columns(loaded), "started_at": started_at, "finished_at": finished_at}
+    out: list[Row] = []
+    for row, problem in plan:
+        if is_passthrough(row):
+            out.append(passthrough_row(row, stamp))
+        elif problem is not None:
+            out.append(result_row(row, CLIP_LEVEL_PROMPT, GenResult(status="error", error=problem), stamp))
+        else:
+            out.extend(result_row(row, prompt, next(results), stamp) for prompt in prompts_for_row(row, prompt_cfg))
+    return out
+
+
+def is_passthrough(row: Mapping[str, Any]) -> bool:
+    """Rows failed or skipped upstream are written as they came (their error is the first one)."""
+    return row.get("status") not in (None, "ok")
+
+
+def row_problem(row: Mapping[str, Any], prompt_cfg: Mapping[str, Any]) -> str | None:
+    """Why this stage cannot use the row (bad frames, no question), or None to run it."""
+    try:
+        decode_frames(row)
+    except (ValueError, TypeError) as error:
+        return str(error)
+    if not prompts_for_row(row, prompt_cfg):
+        return "prompt: task qa has no questions for this clip (prompt.questions is empty and the row has none)"
+    return None
+
+
+def run_items(
+    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any], chunk: int
+) -> list[GenResult]:
+    """Results for `items` in order, at most `chunk` per generate call (one call per clip batch
+    for captions; QA's extra questions become further calls rather than one huge batch).
+
+    Families whose processor stacks each video's frames into one tensor (LLaVA-OneVision) can
+    only batch clips with equal frame counts, so their items are grouped by frame count first.
+    Example: frame counts [16, 16, 8, 16], chunk 2 -> calls [0, 1], [3], [2].
+    """
+    results: list[GenResult | None] = [None] * len(items)
+    for indices in batch_groups(loaded.model, items):
+        for start in range(0, len(indices), chunk):
+            part = indices[start : start + chunk]
+            outcomes = generate_with_fallback(loaded, [items[i] for i in part], system, generation_cfg)
+            for i, outcome in zip(part, outcomes):
+                results[i] = outcome
+    return results  # type: ignore[return-value] - every index was filled
+
+
+def batch_groups(model: Any, items: Sequence[Item]) -> list[list[int]]:
+    """Item indices grouped into what may share one generate call, in first-seen order."""
+    if getattr(model.config, "model_type", None) not in EQUAL_FRAME_COUNT_FAMILIES:
+        return [list(range(len(items)))]
+    groups: dict[int, list[int]] = {}
+    for index, (row, _) in enumerate(items):
+        groups.setdefault(decode_frames(row).shape[0], []).append(index)
+    return list(groups.values())
+
+
+def generate_with_fallback(
+    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any]
+) -> list[GenResult]:
+    """Batched generate; on OOM split in halves, on any other error retry items one by one."""
+    try:
+        inputs = build_inputs(loaded.processor, items, system)
+        return generate_batch(loaded.model, loaded.processor, inputs, generation_cfg)
+    except torch.OutOfMemoryError as error:
+        _release_cuda_memory()
+        if len(items) == 1:
+            return [GenResult.failed(error)]
+        half = len(items) // 2
+        log.warning("CUDA out of memory with %d items; retrying as %d + %d", len(items), half, len(items) - half)
+        return [*generate_with_fallback(loaded, items[:half], system, generation_cfg),
+                *generate_with_fallback(loaded, items[half:], system, generation_cfg)]
+    except Exception as error:  # noqa: BLE001 - one bad clip must not fail the batch
+        if len(items) == 1:
+            log.warning("item failed: %s: %s", type(error).__name__, error)
+            return [GenResult.failed(error)]
+        log.warning("batch of %d failed (%s); retrying each item alone", len(items), error)
+        return [result for item in items for result in generate_with_fallback(loaded, [item], system, generation_cfg)]
+
+
+def _release_cuda_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def identity_columns(loaded: LoadedModel) -> Row:
+    """Columns that say which model and settings produced a row; on every row, errors included."""
+    return {
+        "model_id": loaded.resolved.model_id,
+        "model_revision": loaded.resolved.revision,
+        "model_random_weights": loaded.resolved.random_weights,
+        "retention_asked": loaded.retention_asked,
+        "worker_host": socket.gethostname(),
+    }
+
+
+def input_columns(row: Mapping[str, Any]) -> Row:
+    return {key: value for key, value in row.items() if key not in DROPPED_INPUT_COLUMNS}
+
+
+def passthrough_row(row: Mapping[str, Any], stamp: Mapping[str, Any]) -> Row:
+    """An upstream error/skip row: its own columns unchanged, the new ones empty."""
+    new_columns = {column: None for column in OUTPUT_COLUMNS if column not in row}
+    out = {**new_columns, **stamp, **input_columns(row)}
+    out["prompt"] = row.get("prompt") or CLIP_LEVEL_PROMPT
+    return out
+
+
+def result_row(row: Mapping[str, Any], prompt: str, result: GenResult, stamp: Mapping[str, Any]) -> Row:
+    """One (clip, prompt) row; `started_at` stays the upstream one (decode start) when present."""
+    fields = dataclasses.asdict(result)
+    failed = result.status != "ok"
+    return {
+        **input_columns(row),
+        **{column: fields.get(column) for column in OUTPUT_COLUMNS},
+        **stamp,
+        "started_at": row.get("started_at") or stamp["started_at"],
+        "prompt": prompt,
+        "error_stage": ERROR_STAGE if failed else None,
+        "visual_tokens_per_stage": fields["visual_tokens_per_stage"] or None,
+    }
+
+
+def utc_now() -> dt.datetime:
+    """Timezone-aware UTC datetimes: Arrow stores them as timestamp[us, UTC] (pipeline.schema)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+# -- Ray Data batches <-> rows ----------------------------------------------------------------
+
+
+def batch_to_rows(batch: Mapping[str, Any]) -> list[Row]:
+    """A Ray Data batch (dict of equal-length columns) as row dicts of plain Python values."""
+    columns = {name: list(values) for name, values in batch.items()}
+    num_rows = len(next(iter(columns.values()), []))
+    return [{name: to_python(values[i]) for name, values in columns.items()} for i in range(num_rows)]
+
+
+def to_python(value: Any) -> Any:
+    """numpy scalars/arrays to Python values so Arrow sees plain types (bytes stay bytes)."""
+    if isinstance(value, np.ndarray):
+        return [to_python(v) for v in value] if value.dtype == object else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def rows_to_columns(rows: Sequence[Row]) -> dict[str, list]:
+    """Row dicts back to one list per column (missing keys -> None), columns in first-seen order."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return {name: [row.get(name) for row in rows] for name in names}

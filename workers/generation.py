@@ -1,0 +1,210 @@
+"""One timed `generate` call over a padded batch, and what it costs per sample.
+
+Timing (both per call, so every sample of one call reports the same two numbers):
+    prefill_ms   from just before `generate` to the moment the first token's logits exist, taken by
+                 a LogitsProcessor on its first call (after torch.cuda.synchronize on GPU). It covers
+                 the vision encoder, the language-model prefill (where V²Drop acts) and generate's
+                 own setup, and does not repeat any work (no separate max_new_tokens=1 run).
+    generate_ms  the whole `generate` call, prefill plus every decode step.
+Memory (per call):
+    peak_memory_bytes  GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats, i.e.
+                 the tensor high-water mark during the call, weights included. CPU: the process's
+                 peak resident set size (VmHWM) during the call, weights included; Linux lets us
+                 reset it by writing 5 to /proc/self/clear_refs. Where that is not allowed it is the
+                 process peak since start (ru_maxrss), an upper bound.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from workers.drop_stats import stats_marker, visual_stats
+
+
+@dataclass
+class GenResult:
+    """One sample's outcome of one generate call."""
+
+    output_text: str | None = None
+    prompt_tokens: int | None = None  # non-pad prompt tokens (attention_mask sum)
+    output_tokens: int | None = None  # generated tokens before EOS/pad, EOS excluded
+    prefill_ms: float | None = None  # see module docstring; shared by the call's samples
+    generate_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    retention_achieved: float | None = None  # V²Drop layer-averaged visual retention; 1.0 when off
+    visual_tokens_per_stage: list[int] = field(default_factory=list)  # before first drop, after each
+    flops_full: float | None = None  # analytic LM prefill FLOPs without dropping
+    flops_dropped: float | None = None  # ... with this call's drops (== flops_full when off)
+    status: str = "ok"
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: BaseException) -> "GenResult":
+        return cls(status="error", error=f"{type(error).__name__}: {error}")
+
+
+class FirstTokenTimer(LogitsProcessor):
+    """Records when the first token's logits arrive, i.e. when prefill has finished."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.first_logits_at: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first_logits_at is None:
+            _synchronize(self.device)
+            self.first_logits_at = time.perf_counter()
+        return scores
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory during a `with` block; see the module docstring for what it measures."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+        self._rss_reset = False
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._rss_reset = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            peak = _peak_rss_bytes() if self._rss_reset else None
+            self.peak_bytes = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def sampling_kwargs(generation_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Greedy at temperature 0 (deterministic); otherwise nucleus sampling."""
+    kwargs: dict[str, Any] = {"max_new_tokens": int(generation_cfg.get("max_new_tokens", 512))}
+    temperature = float(generation_cfg.get("temperature", 0.0))
+    if temperature == 0:
+        return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {**kwargs, "do_sample": True, "temperature": temperature, "top_p": float(generation_cfg.get("top_p", 1.0))}
+
+
+def stop_token_ids(model: Any, processor: Any) -> set[int]:
+    """EOS and pad ids: generation ends at the first of them (pad fills finished rows)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    for pad in (model.generation_config.pad_token_id, processor.tokenizer.pad_token_id):
+        if pad is not None:
+            ids.add(int(pad))
+    return ids
+
+
+def count_output_tokens(new_tokens: torch.Tensor, stop_ids: set[int]) -> list[int]:
+    """Per row of [B, N] generated ids, the tokens before the first EOS/pad.
+
+    Example: [[5, 7, EOS, PAD], [5, 6, 8, 9]] -> [2, 4].
+    """
+    stops = torch.isin(new_tokens, torch.tensor(sorted(stop_ids), device=new_tokens.device))
+    any_stop = stops.any(dim=1)
+    first_stop = stops.int().argmax(dim=1)
+    return torch.where(any_stop, first_stop, torch.full_like(first_stop, new_tokens.shape[1])).tolist()
+
+
+def move_inputs(inputs: Any, model: Any) -> dict[str, Any]:
+    """Tensors to the model's device; pixel values also to its dtype (ids and grids stay integer)."""
+    moved = {}
+    for name, value in dict(inputs).items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(model.device)
+            if name.startswith("pixel_values"):
+                value = value.to(model.dtype)
+        moved[name] = value
+    return moved
+
+
+def pad_token_id(model: Any, processor: Any) -> int | None:
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = processor.tokenizer.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return pad
+
+
+def timed_generate(model: Any, processor: Any, inputs: Mapping[str, Any], generation_cfg: Mapping[str, Any]):
+    """Run generate once; returns (sequences [B, P+N], prefill_ms, generate_ms, peak bytes)."""
+    timer = FirstTokenTimer(model.device)
+    with PeakMemory(model.device) as memory, torch.inference_mode():
+        _synchronize(model.device)
+        started = time.perf_counter()
+        sequences = model.generate(
+            **inputs,
+            **sampling_kwargs(generation_cfg),
+            logits_processor=LogitsProcessorList([timer]),
+            pad_token_id=pad_token_id(model, processor),
+        )
+        _synchronize(model.device)
+        finished = time.perf_counter()
+    prefill_ms = ((timer.first_logits_at or finished) - started) * 1000.0
+    return sequences, prefill_ms, (finished - started) * 1000.0, memory.peak_bytes
+
+
+def generate_batch(
+    model: Any, processor: Any, inputs: Mapping[str, Any], generation_cfg: Mapping[str, Any]
+) -> list[GenResult]:
+    """Generate for one padded batch; one GenResult per sample, in batch order."""
+    inputs = move_inputs(inputs, model)
+    marker = stats_marker(model)
+    sequences, prefill_ms, generate_ms, peak_bytes = timed_generate(model, processor, inputs, generation_cfg)
+    prompt_len = inputs["input_ids"].shape[1]
+    new_tokens = sequences[:, prompt_len:]
+    output_tokens = count_output_tokens(new_tokens, stop_token_ids(model, processor))
+    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+    stats = visual_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
+    texts = [
+        processor.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, output_tokens)
+    ]
+    return [
+        GenResult(
+            output_text=text,
+            prompt_tokens=int(prompt),
+            output_tokens=int(n),
+            prefill_ms=prefill_ms,
+            generate_ms=generate_ms,
+            peak_memory_bytes=peak_bytes,
+            **stat,
+        )
+        for text, prompt, n, stat in zip(texts, prompt_tokens, output_tokens, stats)
+    ]

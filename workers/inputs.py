@@ -1,0 +1,126 @@
+"""From clip rows to model inputs: frames from bytes, prompts per clip, one padded batch.
+
+Columns read from each clip row (written by the decode stage):
+    frames        bytes        raw frame pixels, C order
+    frames_shape  [T, H, W, 3] shape of `frames`
+    frames_dtype  'uint8'      numpy dtype name of `frames`
+    timestamps_s  [T] float    time of each frame in the source video; gives the sampling fps
+    questions     [str] | None optional, manifest rows: extra questions for task=qa
+
+Worked example (task=qa, prompt.questions = ["What happens?"], one row with
+questions=["Who speaks?"]): `expand_prompts` yields two items, (row, "What happens?") and
+(row, "Who speaks?"); `build_inputs` turns them into one left-padded batch of two sequences,
+each holding its own copy of the clip's video tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+FRAME_COLUMNS = ("frames", "frames_shape", "frames_dtype", "timestamps_s")
+_FALLBACK_FPS = 1.0  # only when a row carries neither >= 2 timestamps nor a clip duration
+
+Row = dict[str, Any]
+Item = tuple[Row, str]  # (clip row, prompt text): one model sequence, one output row
+
+
+def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
+    """The clip's frames as a [T, H, W, 3] array viewing the row's bytes (no copy).
+
+    Raises ValueError naming the column when the bytes do not hold the declared shape.
+    """
+    raw = row.get("frames")
+    if raw is None:
+        raise ValueError("frames: the row has no frame bytes")
+    if row.get("frames_shape") is None:
+        raise ValueError("frames_shape: the row has frame bytes but no shape")
+    shape = tuple(int(d) for d in np.asarray(row["frames_shape"]).reshape(-1))
+    if len(shape) != 4 or shape[-1] != 3 or min(shape) < 1:
+        raise ValueError(f"frames_shape: expected [T, H, W, 3] with T, H, W >= 1, got {list(shape)}")
+    dtype = np.dtype(str(row.get("frames_dtype") or "uint8"))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(
+            f"frames: {len(raw)} bytes do not hold frames_shape {list(shape)} of {dtype} ({expected} bytes)"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def clip_fps(row: Mapping[str, Any]) -> float:
+    """Frames per second of the sampled frames (not of the source video).
+
+    Qwen2.5-VL turns it into `second_per_grid_ts` (temporal patch / fps), which spaces the
+    temporal M-RoPE ids. Example: 16 frames at 0.3125, 0.9375, ..., 9.6875 s -> 15 / 9.375 = 1.6.
+    """
+    timestamps = np.asarray(row.get("timestamps_s") if row.get("timestamps_s") is not None else [], float)
+    if timestamps.size >= 2 and timestamps[-1] > timestamps[0]:
+        return float((timestamps.size - 1) / (timestamps[-1] - timestamps[0]))
+    start, end = row.get("start_s"), row.get("end_s")
+    if start is not None and end is not None and float(end) > float(start):
+        num_frames = int(np.asarray(row.get("frames_shape"))[0])
+        return num_frames / (float(end) - float(start))
+    return _FALLBACK_FPS
+
+
+def row_questions(row: Mapping[str, Any]) -> list[str]:
+    """A manifest row's own `questions` (a list, an array, or one string)."""
+    value = row.get("questions")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(q) for q in value if q is not None and str(q).strip()]
+
+
+def expand_prompts(batch_rows: Sequence[Row], prompt_cfg: Mapping[str, Any]) -> list[Item]:
+    """One item per (clip, prompt): caption -> the caption prompt; qa -> every configured question
+    then the row's own, without repeats (the output key is (clip_id, prompt))."""
+    items: list[Item] = []
+    for row in batch_rows:
+        for prompt in prompts_for_row(row, prompt_cfg):
+            items.append((row, prompt))
+    return items
+
+
+def prompts_for_row(row: Mapping[str, Any], prompt_cfg: Mapping[str, Any]) -> list[str]:
+    task = prompt_cfg.get("task", "caption")
+    if task == "caption":
+        return [str(prompt_cfg["caption"])]
+    if task == "qa":
+        questions = [str(q) for q in prompt_cfg.get("questions") or []] + row_questions(row)
+        return list(dict.fromkeys(questions))
+    raise ValueError(f"prompt.task must be 'caption' or 'qa', got {task!r}")
+
+
+def chat_text(processor: Any, prompt: str, system: str | None) -> str:
+    """The model's own chat template with one video before the prompt (visual prefix first, so the
+    V²Drop kept set does not depend on the question)."""
+    messages = [] if not system else [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]})
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def video_metadata(row: Mapping[str, Any], frames: np.ndarray) -> dict[str, Any]:
+    """What the video processor needs about frames we already sampled: their count and rate."""
+    num_frames, height, width, _ = frames.shape
+    return {"total_num_frames": num_frames, "fps": clip_fps(row), "height": height, "width": width}
+
+
+def build_inputs(processor: Any, items: Sequence[Item], system: str | None = None) -> Any:
+    """One left-padded BatchFeature for `items`, with everything the processor returns
+    (input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
+    mm_token_type_ids for Qwen2.5-VL): the model needs all of them for correct 3-D positions."""
+    processor.tokenizer.padding_side = "left"
+    texts = [chat_text(processor, prompt, system) for _, prompt in items]
+    videos = [np.array(decode_frames(row)) for row, _ in items]  # writable copy for torch
+    metadata = [video_metadata(row, video) for (row, _), video in zip(items, videos)]
+    return processor(
+        text=texts,
+        videos=videos,
+        video_metadata=metadata,
+        do_sample_frames=False,
+        padding=True,
+        return_tensors="pt",
+    )
