@@ -1,0 +1,70 @@
+"""Stage 3, shard (CPU tasks, 1:N): one row per clip to run, via `pipeline.clips.plan_clips`.
+
+Columns in: PROBED_SCHEMA.
+Columns out (`CLIP_SCHEMA`): those plus clip_index, start_s, end_s, clip_id.
+
+- a probed video -> one row per clip whose (clip_id, prompt) keys are not all finished (resume);
+- a video shorter than clips.min_clip_len_s -> one 'skipped' row (error says why, stage 'shard');
+- a probe error -> its one error row, with a video-level clip_id so the row has a key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Mapping
+
+import pyarrow as pa
+
+from pipeline._probe import PROBED_SCHEMA
+from pipeline._rows import extend_schema, to_table
+from pipeline.clips import clip_id, plan_clips
+from pipeline.config import ClipsConfig, JobConfig
+from workers.inputs import prompts_for_row
+
+CLIP_SCHEMA = extend_schema(
+    PROBED_SCHEMA, ("clip_index", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("clip_id", pa.string())
+)
+
+
+def settings_key(cfg: JobConfig) -> str:
+    """Settings that change a clip's output; part of every clip_id, so changing one re-runs clips
+    instead of resuming them. Example: 'frames=16|fps=None|px=200704|model=...@None|r=0.25|...'."""
+    d, m, g = cfg.decode, cfg.model, cfg.generation
+    return (f"frames={d.num_frames}|fps={d.fps}|px={d.max_pixels}|model={m.source}@{m.revision}|r={m.retention}"
+            f"|new={g.max_new_tokens}|t={g.temperature}|p={g.top_p}|system={cfg.prompt.system}")
+
+
+def key(clip: str, prompt: str | None) -> tuple[str, str]:
+    """The resume key of a row; video- and clip-level rows (prompt null) use ''."""
+    return (clip, prompt or "")
+
+
+def shard_batch(
+    table: pa.Table, *, clips: ClipsConfig, settings: str, prompt_cfg: Mapping[str, Any], done: Collection[tuple[str, str]]
+) -> pa.Table:
+    rows = [clip for row in table.to_pylist() for clip in shard_row(row, clips, settings, prompt_cfg, done)]
+    return to_table(rows, CLIP_SCHEMA)
+
+
+def shard_row(
+    row: dict[str, Any], clips: ClipsConfig, settings: str, prompt_cfg: Mapping[str, Any], done: Collection[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    uri = row["video_uri"]
+    if row["status"] != "ok":
+        return [{**row, "clip_id": clip_id(uri, 0.0, 0.0, settings)}]
+    planned = plan_clips(uri, row["duration_s"], clip_len_s=clips.clip_len_s, stride_s=clips.stride_s,
+                         min_clip_len_s=clips.min_clip_len_s, max_clips=clips.max_clips_per_video, settings_key=settings)
+    if not planned:
+        return [r for r in [skipped_row(row, clips, settings)] if key(r["clip_id"], None) not in done]
+    prompts = prompts_for_row(row, prompt_cfg)
+    return [
+        {**row, "clip_index": c.clip_index, "start_s": c.start_s, "end_s": c.end_s, "clip_id": c.clip_id}
+        for c in planned
+        if not all(key(c.clip_id, p) in done for p in prompts)
+    ]
+
+
+def skipped_row(row: dict[str, Any], clips: ClipsConfig, settings: str) -> dict[str, Any]:
+    uri, duration_s = row["video_uri"], row["duration_s"]
+    reason = f"{uri}: video is {duration_s:.2f} s, shorter than clips.min_clip_len_s={clips.min_clip_len_s:g}"
+    return {**row, "status": "skipped", "error": reason, "error_stage": "shard", "start_s": 0.0,
+            "end_s": duration_s, "clip_id": clip_id(uri, 0.0, duration_s, settings)}

@@ -1,0 +1,165 @@
+"""Stage 7, summary (driver): run totals from the rows written, as JSON + Parquet + a table.
+
+Files: <output>/runs/job=<job>/<run_id>/summary.json, summary.parquet and config.yaml.
+
+Efficiency is per accelerator-hour of the pool: GPU-hours = wall time * actors * GPUs per actor.
+A CPU run (actors.num_gpus 0) has no GPU-hours: its video-hours per GPU-hour and cost are
+'n/a (CPU run)', and video-hours per CPU-hour (wall time * the cluster's CPUs) are given instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import JobConfig
+from pipeline.storage import Storage
+
+CPU_RUN = "n/a (CPU run)"
+
+
+@dataclass
+class RunStats:
+    """Running totals over the rows this run wrote (updated per batch by the driver)."""
+
+    rows_by_status: Counter = field(default_factory=Counter)
+    errors_by_stage: Counter = field(default_factory=Counter)
+    ok_clip_seconds: dict[str, float] = field(default_factory=dict)  # clip_id -> duration_s
+    failed_clips: set[str] = field(default_factory=set)
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    retention_asked_sum: float = 0.0
+    retention_achieved_sum: float = 0.0
+    retention_rows: int = 0
+    flops_full: float = 0.0
+    flops_dropped: float = 0.0
+    model: dict[str, Any] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def clips_done(self) -> int:
+        return len(self.ok_clip_seconds.keys() | self.failed_clips) + self.rows_by_status["skipped"]
+
+    def update(self, table: pa.Table) -> None:
+        self.rows_by_status.update(table["status"].to_pylist())
+        errors = table.filter(pc.equal(table["status"], "error"))
+        self.errors_by_stage.update(errors["error_stage"].to_pylist())
+        self._update_clips(table)
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        if ok.num_rows:
+            self._update_model(ok)
+
+    def _update_clips(self, table: pa.Table) -> None:
+        for row in table.select(["clip_id", "status", "start_s", "end_s"]).to_pylist():
+            if row["status"] == "ok":
+                self.ok_clip_seconds[row["clip_id"]] = row["end_s"] - row["start_s"]
+            elif row["status"] == "error":
+                self.failed_clips.add(row["clip_id"])
+
+    def _update_model(self, ok: pa.Table) -> None:
+        self.output_tokens += int(pc.sum(ok["output_tokens"]).as_py() or 0)
+        self.prompt_tokens += int(pc.sum(ok["prompt_tokens"]).as_py() or 0)
+        self.retention_asked_sum += float(pc.sum(ok["retention_asked"]).as_py() or 0)
+        self.retention_achieved_sum += float(pc.sum(ok["retention_achieved"]).as_py() or 0)
+        self.retention_rows += ok.num_rows
+        self.flops_full += float(pc.sum(ok["flops_full"]).as_py() or 0)
+        self.flops_dropped += float(pc.sum(ok["flops_dropped"]).as_py() or 0)
+        first = ok.slice(0, 1).to_pylist()[0]
+        self.model = {k: first[k] for k in ("model_id", "model_revision", "model_random_weights")}
+        if len(self.examples) < 5:
+            self.examples += ok.select(["video_uri", "clip_index", "prompt", "output_text"]).slice(0, 5).to_pylist()
+
+
+def build_summary(
+    stats: RunStats, cfg: JobConfig, *, run_id: str, started_at: dt.datetime, finished_at: dt.datetime,
+    planned_rows: int, resumed_keys: int, cluster_cpus: float, cluster_gpus: float, files: list[str], config_yaml: str,
+) -> dict[str, Any]:
+    wall_s = max((finished_at - started_at).total_seconds(), 1e-9)
+    video_s = sum(stats.ok_clip_seconds.values())
+    return {
+        "run_id": run_id, "job": cfg.job, "output_uri": cfg.output.uri,
+        "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat(), "wall_s": wall_s,
+        "planned_rows": planned_rows, "resumed_keys_skipped": resumed_keys,
+        "rows_ok": stats.rows_by_status["ok"], "rows_error": stats.rows_by_status["error"],
+        "rows_skipped": stats.rows_by_status["skipped"], "errors_by_stage": json.dumps(dict(stats.errors_by_stage)),
+        "clips_ok": len(stats.ok_clip_seconds), "clips_failed": len(stats.failed_clips - stats.ok_clip_seconds.keys()),
+        "video_seconds_processed": video_s, "clips_per_s": len(stats.ok_clip_seconds) / wall_s,
+        "prompt_tokens": stats.prompt_tokens, "output_tokens": stats.output_tokens,
+        "output_tokens_per_s": stats.output_tokens / wall_s,
+        **efficiency(cfg, wall_s, video_s, cluster_cpus, cluster_gpus),
+        "retention_asked_mean": _mean(stats.retention_asked_sum, stats.retention_rows),
+        "retention_achieved_mean": _mean(stats.retention_achieved_sum, stats.retention_rows),
+        "flops_full": stats.flops_full, "flops_dropped": stats.flops_dropped,
+        "flops_saved_fraction": 1 - stats.flops_dropped / stats.flops_full if stats.flops_full else None,
+        "model_id": stats.model.get("model_id", cfg.model.source),
+        "model_revision": stats.model.get("model_revision", cfg.model.revision),
+        "model_random_weights": stats.model.get("model_random_weights"),
+        "files_written": len(files), "config_yaml": config_yaml,
+    }
+
+
+def efficiency(cfg: JobConfig, wall_s: float, video_s: float, cluster_cpus: float, cluster_gpus: float) -> dict[str, Any]:
+    """Video-hours per GPU-hour and cost per video-hour; on CPU, per CPU-hour instead (labelled)."""
+    video_h, wall_h = video_s / 3600, wall_s / 3600
+    gpus_per_actor = cfg.actors.num_gpus
+    if gpus_per_actor == 0:
+        cpu_hours = wall_h * cluster_cpus
+        return {"accelerator": "cpu", "gpu_hours": 0.0, "video_hours_per_gpu_hour": None,
+                "cost_per_video_hour_usd": None, "cpu_hours": cpu_hours,
+                "video_hours_per_cpu_hour": video_h / cpu_hours if cpu_hours else None}
+    actors = max(1, min(cfg.actors.max_size, int(cluster_gpus // gpus_per_actor) or 1))
+    gpu_hours = wall_h * actors * gpus_per_actor
+    return {"accelerator": "gpu", "gpu_hours": gpu_hours,
+            "video_hours_per_gpu_hour": video_h / gpu_hours,
+            "cost_per_video_hour_usd": gpu_hours * cfg.run.gpu_hourly_usd / video_h if video_h else None,
+            "cpu_hours": None, "video_hours_per_cpu_hour": None}
+
+
+def _mean(total: float, n: int) -> float | None:
+    return total / n if n else None
+
+
+def write_summary(storage: Storage, run_dir: str, summary: dict[str, Any]) -> None:
+    storage.write_bytes_atomic(f"{run_dir}/summary.json", json.dumps(summary, indent=2, default=str).encode())
+    storage.write_parquet_atomic(pa.Table.from_pylist([summary]), f"{run_dir}/summary.parquet")
+
+
+def format_summary(summary: dict[str, Any], examples: list[dict[str, Any]]) -> str:
+    """The table printed at the end of a CLI run."""
+    cpu = summary["accelerator"] == "cpu"
+    lines = [
+        ("run", f"{summary['job']} / {summary['run_id']}"),
+        ("rows ok / error / skipped", f"{summary['rows_ok']} / {summary['rows_error']} / {summary['rows_skipped']}"),
+        ("errors by stage", summary["errors_by_stage"]),
+        ("keys already done (resume)", summary["resumed_keys_skipped"]),
+        ("clips ok / failed", f"{summary['clips_ok']} / {summary['clips_failed']}"),
+        ("video seconds processed", f"{summary['video_seconds_processed']:.1f}"),
+        ("wall time", f"{summary['wall_s']:.1f} s"),
+        ("clips/s", f"{summary['clips_per_s']:.3f}"),
+        ("output tokens/s", f"{summary['output_tokens_per_s']:.1f}"),
+        ("video-hours per GPU-hour", CPU_RUN if cpu else _num(summary["video_hours_per_gpu_hour"])),
+        ("video-hours per CPU-hour" if cpu else "cost per video-hour",
+         _num(summary["video_hours_per_cpu_hour"]) if cpu else f"${_num(summary['cost_per_video_hour_usd'])}"),
+        ("retention asked / achieved", f"{_num(summary['retention_asked_mean'])} / {_num(summary['retention_achieved_mean'])}"),
+        ("prefill FLOPs saved", _pct(summary["flops_saved_fraction"])),
+        ("model", f"{summary['model_id']} (random weights)" if summary["model_random_weights"] else summary["model_id"]),
+        ("output", summary["output_uri"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    table = [f"  {k.ljust(width)}  {v}" for k, v in lines]
+    table += [f"  e.g. {e['video_uri']} #{e['clip_index']}: {str(e['output_text'])[:80]!r}" for e in examples[:3]]
+    return "\n".join(["run summary", *table])
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"

@@ -1,0 +1,203 @@
+"""`run(cfg)`: the whole job as numbered stages on Ray Data. Start here.
+
+    0. preflight  driver   output writable, finished keys read back (resume)
+    1. discover   driver   one row per video                       1:1 with the inputs
+    2. probe      tasks    container metadata or an error row      1:1
+    3. shard      tasks    one row per clip still to run           1:N (skipped: 1 row)
+    4. decode     tasks    frames as bytes + shape + dtype         1:1
+    5. model      actors   one row per (clip, prompt)              1:N (qa: one per question)
+    6. write      driver   Parquet parts, ok+skipped / errors      atomic files
+    7. summary    driver   summary.json / .parquet beside the data
+
+Every column that flows between stages is listed in the stage module's docstring
+(`pipeline/_probe.py` ... `pipeline/_model.py`); the output rows are `pipeline.schema.ROW_SCHEMA`.
+Worked example, one 13 s video with clip_len_s=5 and task=qa with two questions: 1 row after
+discover and probe, 3 after shard ([0,5) [5,10) [10,13)), 3 after decode, 6 after the model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from pipeline import _write
+from pipeline._decode import decode_batch
+from pipeline._inputs import discover
+from pipeline._model import CaptionStage, captioner_kwargs, to_output_table
+from pipeline._probe import probe_batch
+from pipeline._shard import settings_key, shard_batch
+from pipeline._summary import RunStats, build_summary, format_summary, write_summary
+from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
+from pipeline.progress import Progress
+from pipeline.storage import Storage, StorageError
+
+VIDEOS_PER_PROBE_TASK = 4  # probing is ~0.1 s per video: a few per task amortise task overhead
+CLIPS_PER_DECODE_TASK = 2  # frames are big (16 x 448 x 448 x 3 B = 9.6 MB a clip): keep blocks small
+DECODE_TASK_MEMORY_BYTES = 512 * 2**20  # decoder child process + CLIPS_PER_DECODE_TASK clips of frames
+VIDEO_CACHE_SUBDIR = "videos"  # node-local copies of s3:// videos, under model.cache_dir
+
+
+class ModelLoadError(RuntimeError):
+    """No model actor could load the model: nothing can be captioned (CLI exit code 3)."""
+
+
+@dataclass
+class Plan:
+    run_id: str
+    run_date: str  # UTC, YYYY-MM-DD: the Hive partition of this run's files
+    started_at: dt.datetime
+    done: set[tuple[str, str]]  # (clip_id, prompt) keys finished by earlier runs
+    stale_files: list[str]  # files this run replaces: earlier error files (or all, resume off)
+
+
+def run(cfg: JobConfig, *, log: Callable[[str], None] = print, model_stage: type = CaptionStage) -> dict[str, Any]:
+    """Run the job on the connected Ray cluster (or a local one) and return the summary dict.
+
+    `model_stage` is the actor class of stage 5 (constructor: run_id + `captioner_kwargs`).
+    """
+    import ray
+
+    storage = Storage.from_config(cfg.storage)
+    plan = preflight(cfg, storage)  # 0
+    videos = discover_inputs(cfg, storage)  # 1
+    clips = (
+        ray.data.from_arrow(_blocks(videos, VIDEOS_PER_PROBE_TASK))
+        .map_batches(probe_batch, fn_kwargs=_io_kwargs(cfg, storage, timeout_s=cfg.decode.timeout_s),  # 2. 1:1
+                     batch_size=VIDEOS_PER_PROBE_TASK, batch_format="pyarrow", num_cpus=cfg.decode.num_cpus)
+        .map_batches(shard_batch, fn_kwargs=_shard_kwargs(cfg, plan.done),  # 3. 1:N
+                     batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+        .materialize()  # the plan is small (no frames) and gives an exact "remaining" count
+    )
+    total, to_caption = clips.count(), _count_ok(clips)
+    _delete(storage, plan.stale_files)  # after planning: their keys are retried by this run
+    log(f"[plan] {videos.num_rows} videos -> {total} rows to write, {to_caption} clips to caption; "
+        f"{len(plan.done)} keys already done")
+    rows = clips.map_batches(to_output_table, fn_kwargs={"run_id": plan.run_id}, batch_format="pyarrow")
+    if to_caption:  # no model actors (and no model load) when nothing is left to caption
+        rows = (
+            clips.repartition(max(1, total // CLIPS_PER_DECODE_TASK))
+            # The memory reservation (the decoder child process plus a batch of frames) also keeps
+            # Ray Data from fusing decode into the model actors when both ask for 1 CPU, 0 GPUs.
+            .map_batches(decode_batch, fn_kwargs={"decode": cfg.decode, **_io_kwargs(cfg, storage)},  # 4. 1:1
+                         batch_size=CLIPS_PER_DECODE_TASK, batch_format="pyarrow", num_cpus=cfg.decode.num_cpus,
+                         memory=DECODE_TASK_MEMORY_BYTES)
+            .map_batches(model_stage, fn_constructor_kwargs={"run_id": plan.run_id, **captioner_kwargs(cfg)},  # 5. 1:N
+                         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min_size, max_size=cfg.actors.max_size),
+                         num_gpus=cfg.actors.num_gpus, batch_size=cfg.actors.batch_size, batch_format="numpy")
+        )
+    stats, files = write_rows(rows, cfg, storage, plan, total, log)  # 6
+    summary = summarize(cfg, storage, plan, stats, files, total)  # 7
+    log(format_summary(summary, stats.examples))
+    return summary
+
+
+# --- 0. preflight ---------------------------------------------------------------------------
+
+
+def preflight(cfg: JobConfig, storage: Storage) -> Plan:
+    """Checks that need no cluster: input present, output writable; then the resume state."""
+    check_local_input(cfg)
+    started_at = dt.datetime.now(dt.timezone.utc)
+    run_id = f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    run_dir = _write.run_dir_uri(cfg.output.uri, cfg.job, run_id)
+    try:  # the resolved config is stored first: it also proves the output is writable
+        storage.write_bytes_atomic(f"{run_dir}/config.yaml", to_yaml(cfg).encode())
+        parts, errors = _write.existing_files(storage, _write.job_data_uri(cfg.output.uri, cfg.job))
+        done = _write.finished_keys(storage, parts) if cfg.run.resume else set()
+    except StorageError as e:
+        raise ConfigError(f"output.uri: cannot use {cfg.output.uri} ({e.kind}: {e}); check the bucket/folder "
+                          "exists and the credentials can write to it") from None
+    stale = errors if cfg.run.resume else parts + errors  # resume off: this run replaces the job's rows
+    return Plan(run_id, f"{started_at:%Y-%m-%d}", started_at, done, stale)
+
+
+# --- 1. discover ----------------------------------------------------------------------------
+
+
+def discover_inputs(cfg: JobConfig, storage: Storage) -> pa.Table:
+    try:
+        videos = discover(cfg.input, storage)
+    except StorageError as e:
+        raise ConfigError(f"input.uri: cannot list {cfg.input.uri} ({e.kind}: {e})") from None
+    if videos.num_rows == 0:
+        raise ConfigError(f"input.uri: no videos with extensions {cfg.input.extensions} under {cfg.input.uri}")
+    return videos
+
+
+def _blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """Split so the probe stage runs in parallel (a single block would be a single task)."""
+    rows_per_block = max(rows_per_block, -(-table.num_rows // 1000))  # at most ~1000 blocks
+    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+
+
+def _io_kwargs(cfg: JobConfig, storage: Storage, **extra: Any) -> dict[str, Any]:
+    from workers.loading import default_cache_dir
+
+    return {"storage": storage, "cache_dir": str(default_cache_dir(cfg.model.cache_dir) / VIDEO_CACHE_SUBDIR), **extra}
+
+
+def _shard_kwargs(cfg: JobConfig, done: set[tuple[str, str]]) -> dict[str, Any]:
+    import dataclasses
+
+    return {"clips": cfg.clips, "settings": settings_key(cfg), "prompt_cfg": dataclasses.asdict(cfg.prompt), "done": done}
+
+
+def _count_ok(clips: Any) -> int:
+    return sum(int((b["status"] == "ok").sum()) for b in clips.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def _delete(storage: Storage, uris: list[str]) -> None:
+    for uri in uris:
+        storage.delete(uri)
+
+
+# --- 6. write -------------------------------------------------------------------------------
+
+
+def write_rows(
+    rows: Any, cfg: JobConfig, storage: Storage, plan: Plan, total: int, log: Callable[[str], None]
+) -> tuple[RunStats, list[str]]:
+    """Pull output blocks to the driver as they finish and write them as part files."""
+    partition = f"{_write.job_data_uri(cfg.output.uri, cfg.job)}/run_date={plan.run_date}"
+    writer = _write.PartWriter(storage, partition, plan.run_id, set(plan.done))
+    stats = RunStats()
+    progress = Progress(total, stats, out=log)
+    try:
+        for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+            stats.update(writer.add(batch))
+            progress.tick()
+    except Exception as e:
+        writer.flush()  # keep what finished; a re-run resumes from it
+        raise _model_load_error(e) or e
+    writer.flush()
+    progress.tick(force=True)
+    return stats, writer.files
+
+
+def _model_load_error(error: Exception) -> ModelLoadError | None:
+    """A failure while constructing the model actors means no actor could load the model."""
+    text = f"{type(error).__name__}: {error}"
+    if "CaptionStage.__init__" in text or "creation task" in text or "ActorDiedError" in text:
+        return ModelLoadError(f"the model could not be loaded by any actor (model.source, model.dtype, "
+                              f"model.attn_implementation): {text[-2000:]}")
+    return None
+
+
+# --- 7. summary -----------------------------------------------------------------------------
+
+
+def summarize(cfg: JobConfig, storage: Storage, plan: Plan, stats: RunStats, files: list[str], total: int) -> dict[str, Any]:
+    import ray
+
+    resources = ray.cluster_resources()
+    summary = build_summary(
+        stats, cfg, run_id=plan.run_id, started_at=plan.started_at, finished_at=dt.datetime.now(dt.timezone.utc),
+        planned_rows=total, resumed_keys=len(plan.done), cluster_cpus=resources.get("CPU", 0.0),
+        cluster_gpus=resources.get("GPU", 0.0), files=files, config_yaml=to_yaml(cfg),
+    )
+    write_summary(storage, _write.run_dir_uri(cfg.output.uri, cfg.job, plan.run_id), summary)
+    return summary

@@ -1,0 +1,81 @@
+"""The output row schema, defined once: one row per (clip, prompt). See docs/schema.md.
+
+`job` and `run_date` are Hive partition columns: they live in the directory names
+(`data/job=<job>/run_date=<date>/`), not inside the Parquet files, because readers (pyarrow,
+DuckDB, Spark) refuse a column that is both in the file and in the path with different types.
+`FILE_SCHEMA` is what each part file holds; `ROW_SCHEMA` is what a reader sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+STATUSES = ("ok", "error", "skipped")
+PARTITION_COLUMNS = ("job", "run_date")
+
+_UTC_US = pa.timestamp("us", tz="UTC")
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),  # input as listed (absolute path or s3://)
+        pa.field("clip_index", pa.int32()),  # 0-based clip position in its video; null when not probed
+        pa.field("start_s", pa.float64()),  # clip span start, seconds from the video start
+        pa.field("end_s", pa.float64()),  # clip span end (exclusive)
+        pa.field("clip_id", pa.string(), nullable=False),  # uuid5(video, span, settings): the resume key with prompt
+        pa.field("prompt", pa.string(), nullable=False),  # caption or question text; '' for video/clip-level rows
+        pa.field("output_text", pa.string()),  # the model's answer; null unless status ok
+        pa.field("status", pa.string(), nullable=False),  # ok | error | skipped
+        pa.field("error", pa.string()),  # what went wrong, naming the file; null when ok
+        pa.field("error_stage", pa.string()),  # discover | probe | shard | decode | model; null when ok
+        pa.field("model_id", pa.string()),  # model.source as written (hub id, path, s3://, tiny:<family>)
+        pa.field("model_revision", pa.string()),  # hub commit, or null
+        pa.field("model_random_weights", pa.bool_()),  # true for tiny:<family> models: text is noise
+        pa.field("retention_asked", pa.float64()),  # model.retention
+        pa.field("retention_achieved", pa.float64()),  # layer-averaged visual-token retention measured
+        pa.field("visual_tokens_per_stage", pa.list_(pa.int64())),  # before the first drop, then after each drop
+        pa.field("prompt_tokens", pa.int64()),  # input tokens (text + visual, before dropping)
+        pa.field("output_tokens", pa.int64()),  # generated tokens
+        pa.field("decode_ms", pa.float64()),  # video decode time of the clip
+        pa.field("prefill_ms", pa.float64()),  # model prefill time (batch time shared across its rows)
+        pa.field("generate_ms", pa.float64()),  # model generate time, prefill included
+        pa.field("flops_full", pa.float64()),  # estimated prefill FLOPs without dropping
+        pa.field("flops_dropped", pa.float64()),  # estimated prefill FLOPs with V²Drop
+        pa.field("peak_memory_bytes", pa.int64()),  # accelerator peak memory of the batch (0 on CPU)
+        pa.field("worker_host", pa.string()),  # host name of the model actor
+        pa.field("decoder", pa.string()),  # decord | pyav
+        pa.field("started_at", _UTC_US),  # when work on this row started (decode start)
+        pa.field("finished_at", _UTC_US),  # when the row was finished
+        pa.field("job", pa.string(), nullable=False),  # partition: job name
+        pa.field("run_id", pa.string(), nullable=False),  # the run that wrote the row
+        pa.field("run_date", pa.string(), nullable=False),  # partition: UTC date of the run, YYYY-MM-DD
+        pa.field("metadata", pa.map_(pa.string(), pa.string())),  # manifest columns other than uri/questions
+    ]
+)
+
+FILE_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in PARTITION_COLUMNS])
+
+# How a reader gets `job` and `run_date` back as plain strings from the directory names.
+PARTITIONING_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in PARTITION_COLUMNS])
+
+
+def conform(rows: dict[str, list[Any]] | pa.Table, schema: pa.Schema = FILE_SCHEMA) -> pa.Table:
+    """A table with exactly `schema`'s columns, in order: missing columns are null, extra dropped.
+
+    Errors name the column, so a worker that returns a wrong type is found at once.
+    """
+    columns = rows.column_names if isinstance(rows, pa.Table) else list(rows)
+    num_rows = rows.num_rows if isinstance(rows, pa.Table) else len(next(iter(rows.values()), []))
+    arrays = []
+    for f in schema:
+        if f.name not in columns:
+            arrays.append(pa.nulls(num_rows, f.type))
+            continue
+        values = rows[f.name]  # from_pandas: numpy batches carry a null number as NaN
+        try:
+            arrays.append(pa.array(values, type=f.type, from_pandas=True) if not isinstance(values, (pa.Array, pa.ChunkedArray))
+                          else values.cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+            raise TypeError(f"output column {f.name!r} cannot be stored as {f.type}: {e}") from e
+    return pa.Table.from_arrays(arrays, schema=schema)
