@@ -46,7 +46,7 @@ def decode_row(row: dict[str, Any], decode: DecodeConfig, storage: Storage, cach
     except VideoError as e:
         return {**row, **error_fields(uri, f"clip [{row['start_s']:g}, {row['end_s']:g}) s: {e.reason}", "decode")}
     except StorageError as e:
-        return {**row, **error_fields(uri, f"{e.kind}: {e.reason}", "decode")}
+        return {**row, **error_fields(uri, f"{e.reason} ({e.kind})", "decode")}
     decode_ms = (time.perf_counter() - started) * 1e3
     if clip.partial:
         reason = f"clip [{row['start_s']:g}, {row['end_s']:g}) s: only {len(clip.timestamps_s)} frames readable ({clip.error})"

@@ -32,5 +32,5 @@ def probe_row(row: dict[str, Any], storage: Storage, cache_dir: str, timeout_s: 
     except VideoError as e:
         return {**row, **error_fields(uri, e.reason, "probe")}
     except StorageError as e:
-        return {**row, **error_fields(uri, f"{e.kind}: {e.reason}", "probe")}
+        return {**row, **error_fields(uri, f"{e.reason} ({e.kind})", "probe")}
     return {**row, "duration_s": info.duration_s, "status": "ok"}

@@ -1,0 +1,374 @@
+"""pipeline.run end to end on a real local Ray cluster: every input accounted for, resume, S3, CLI.
+
+Most tests run stage 5 with `FrameStatsStage`, an actor that keeps the Captioner's contract
+(pass non-ok rows through, one row per (clip, prompt), error rows for clips it cannot use)
+but answers with frame statistics: the real Captioner needs torchvision for the Qwen2.5-VL
+video processor (transformers 5.23), which this CPU machine cannot install. The tests marked
+`real_model` run the real tiny model wherever torchvision is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline._model import to_output_table
+from pipeline.config import load_job, with_absolute_paths
+from pipeline.run import ModelLoadError, run
+from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, ROW_SCHEMA
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = REPO / "jobs"
+THIN_ASPECT = 200  # the Qwen processor refuses frames with an aspect ratio above this
+
+
+class FrameStatsStage:
+    """Stage-5 stand-in with the Captioner's row contract; answers with frame statistics."""
+
+    def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
+        self.run_id, self.prompt_cfg = run_id, captioner_kwargs["prompt_cfg"]
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        from workers.captioner import batch_to_rows, passthrough_row, rows_to_columns, utc_now
+
+        stamp = {"model_id": "frame-stats", "model_random_weights": False, "started_at": utc_now(), "finished_at": utc_now()}
+        out = []
+        for row in batch_to_rows(batch):
+            out += [passthrough_row(row, stamp)] if row["status"] != "ok" else answer(row, self.prompt_cfg, stamp)
+        return to_output_table(rows_to_columns(out), self.run_id)
+
+
+def answer(row: dict[str, Any], prompt_cfg: dict[str, Any], stamp: dict[str, Any]) -> list[dict[str, Any]]:
+    from workers.inputs import decode_frames, prompts_for_row
+
+    frames = decode_frames(row)
+    base = {k: v for k, v in row.items() if k != "frames"} | stamp
+    if max(frames.shape[1:3]) / min(frames.shape[1:3]) > THIN_ASPECT:  # what the real processor refuses
+        return [base | {"status": "error", "error_stage": "model", "error": "ValueError: absolute aspect ratio must be smaller than 200"}]
+    text = f"{frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}, mean {frames.mean():.1f}"
+    return [base | {"prompt": p, "output_text": text, "status": "ok", "output_tokens": 4, "prompt_tokens": 40,
+                    "retention_asked": 0.25, "retention_achieved": 0.25, "flops_full": 100.0, "flops_dropped": 30.0}
+            for p in prompts_for_row(row, prompt_cfg)]
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def make_video(path: Path, codec: str, seconds: float, fps: int, width: int, height: int) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            frame = np.full((height, width, 3), (i * 7) % 255, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory, shared_videos: Path) -> Path:
+    """The shared samples plus the everyday failures, made here."""
+    folder = tmp_path_factory.mktemp("videos")
+    for name in ("nasa_13013.mp4", "flipping_a_pancake.mkv", "h265_video.mp4", "video_90.mov", "corrupted.mp4"):
+        (folder / name).symlink_to(shared_videos / name)
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "cut.mp4").write_bytes((shared_videos / "nasa_13013.mp4").read_bytes()[:200_000])
+    (folder / "random.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
+    (folder / "notes.mp4").write_text("this is a text file, not a video\n")
+    make_video(folder / "long.mp4", "libx264", 150, 1, 64, 48)  # 2.5 minutes -> 30 clips of 5 s
+    make_video(folder / "av1.webm", "libsvtav1", 6, 4, 64, 64)  # decord 0.6 cannot open AV1
+    make_video(folder / "thin.mp4", "libx264", 3, 4, 1680, 8)  # the model refuses this clip
+    return folder
+
+
+EXPECTED = {  # file -> (rows by status, error stage)
+    "nasa_13013.mp4": ({"ok": 3}, None),
+    "flipping_a_pancake.mkv": ({"ok": 2}, None),
+    "long.mp4": ({"ok": 30}, None),
+    "av1.webm": ({"ok": 1}, None),  # [0, 5) s; the 1 s tail is below min_clip_len_s
+    "h265_video.mp4": ({"skipped": 1}, "shard"),
+    "video_90.mov": ({"skipped": 1}, "shard"),
+    "corrupted.mp4": ({"error": 1}, "decode"),
+    "zero.mp4": ({"error": 1}, "probe"),
+    "cut.mp4": ({"error": 1}, "probe"),  # cut before the moov atom
+    "random.mp4": ({"error": 1}, "probe"),
+    "notes.mp4": ({"error": 1}, "probe"),
+    "thin.mp4": ({"error": 1}, "model"),
+}
+
+
+def offline(job: str, tmp: Path, *overrides: str):
+    return with_absolute_paths(load_job(JOBS / job, ["preset=offline", f"output.uri={tmp}", *overrides]))
+
+
+def read_rows(output: str | Path) -> pa.Table:
+    dataset = ds.dataset(str(output) + "/data", partitioning=ds.partitioning(PARTITIONING_SCHEMA, flavor="hive"))
+    return dataset.to_table()
+
+
+def data_files(output: Path) -> list[Path]:
+    return sorted((output / "data").rglob("*.parquet"))
+
+
+def by_file(rows: pa.Table) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for uri, status in zip(rows["video_uri"].to_pylist(), rows["status"].to_pylist()):
+        counts.setdefault(Path(uri).name, {}).setdefault(status, 0)
+        counts[Path(uri).name][status] += 1
+    return counts
+
+
+def assert_unique_keys(rows: pa.Table) -> None:
+    keys = list(zip(rows["clip_id"].to_pylist(), rows["prompt"].to_pylist()))
+    assert len(keys) == len(set(keys))
+
+
+# --- caption: every input, resume -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def caption_run(ray_cluster: None, videos: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Any]:
+    out = tmp_path_factory.mktemp("caption-out")
+    cfg = offline("caption.yaml", out, f"input.uri={videos}")
+    return out, run(cfg, model_stage=FrameStatsStage), cfg
+
+
+def test_every_input_is_accounted_for(caption_run: tuple[Path, dict, Any], videos: Path) -> None:
+    out, summary, _ = caption_run
+    rows = read_rows(out)
+    assert rows.schema.remove_metadata() == pa.schema([*FILE_SCHEMA, *PARTITIONING_SCHEMA])
+    assert set(rows.schema.names) == set(ROW_SCHEMA.names)
+    assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
+    for row in rows.to_pylist():
+        name = Path(row["video_uri"]).name
+        if row["status"] != "ok":
+            assert row["error_stage"] == EXPECTED[name][1] and str(videos / name) in row["error"], row
+        run_id = summary["run_id"]  # e.g. 20261121T143212Z-742627, written on 2026-11-21
+        assert (row["job"], row["run_id"], row["run_date"]) == ("caption", run_id, f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}")
+    assert_unique_keys(rows)
+    decoders = {Path(u).name: d for u, d in zip(rows["video_uri"].to_pylist(), rows["decoder"].to_pylist()) if d}
+    assert decoders["av1.webm"] == "pyav" and decoders["nasa_13013.mp4"] == "decord"
+    assert "zero.mp4: file is empty" in " ".join(e for e in rows["error"].to_pylist() if e)
+
+
+def test_errors_go_to_their_own_files(caption_run: tuple[Path, dict, Any]) -> None:
+    out, _, _ = caption_run
+    for path in data_files(out):
+        statuses = set(pq.read_table(path, columns=["status"])["status"].to_pylist())
+        assert statuses == {"error"} if path.name.endswith("-errors.parquet") else statuses <= {"ok", "skipped"}
+        assert path.parent.name.startswith("run_date=") and path.parent.parent.name == "job=caption"
+
+
+def test_summary_agrees_with_the_rows(caption_run: tuple[Path, dict, Any]) -> None:
+    out, summary, cfg = caption_run
+    rows = read_rows(out).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    stored = json.loads((out / "runs" / "job=caption" / summary["run_id"] / "summary.json").read_text())
+    assert stored == json.loads(json.dumps(summary, default=str))
+    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (36, 6, 2)
+    assert json.loads(summary["errors_by_stage"]) == {"probe": 4, "decode": 1, "model": 1}
+    assert summary["video_seconds_processed"] == pytest.approx(sum(r["end_s"] - r["start_s"] for r in ok))
+    assert summary["output_tokens"] == sum(r["output_tokens"] for r in ok)
+    assert summary["clips_per_s"] == pytest.approx(len(ok) / summary["wall_s"])
+    assert summary["accelerator"] == "cpu" and summary["video_hours_per_gpu_hour"] is None
+    assert summary["video_hours_per_cpu_hour"] == pytest.approx(summary["video_seconds_processed"] / 3600 / (summary["wall_s"] / 3600 * 2))
+    assert summary["flops_saved_fraction"] == pytest.approx(0.7)
+    config = (out / "runs" / "job=caption" / summary["run_id"] / "config.yaml").read_text()
+    assert "tiny:qwen2_5_vl" in config and pq.read_table(out / "runs" / "job=caption" / summary["run_id"] / "summary.parquet").num_rows == 1
+
+
+def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run: tuple[Path, dict, Any]) -> None:
+    out, first, cfg = caption_run
+    before = read_rows(out)
+    errors_before = [p for p in data_files(out) if p.name.endswith("-errors.parquet")]
+
+    again = run(cfg, model_stage=FrameStatsStage)  # only the 6 error keys are retried, and fail again
+    assert (again["rows_ok"], again["rows_skipped"], again["rows_error"]) == (0, 0, 6)
+    assert not any(p.exists() for p in errors_before)  # replaced by this run's error file
+    rows = read_rows(out)
+    assert rows.num_rows == before.num_rows
+    assert_unique_keys(rows)
+
+    # Lose the part file, and inject an error file claiming a finished key failed: both retried.
+    part = next(p for p in data_files(out) if not p.name.endswith("-errors.parquet"))
+    lost = pq.read_table(part)
+    part.unlink()
+    injected = lost.filter(pc.equal(lost["status"], "ok")).slice(0, 1)
+    pq.write_table(injected.set_column(injected.schema.get_field_index("status"), "status", pa.array(["error"])),
+                           part.with_name("part-injected-00000-errors.parquet"))
+    third = run(cfg, model_stage=FrameStatsStage)
+    assert third["rows_ok"] + third["rows_skipped"] == lost.num_rows
+    rows = read_rows(out)
+    assert rows.num_rows == before.num_rows
+    assert_unique_keys(rows)
+    assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
+
+
+# --- qa, manifest ---------------------------------------------------------------------------
+
+
+def test_qa_manifest_gives_one_row_per_question(ray_cluster: None, shared_videos: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "videos.jsonl"
+    lines = [{"uri": str(shared_videos / "nasa_13013.mp4"), "questions": ["Is it night?"], "source": "nasa"},
+             {"uri": str(tmp_path / "missing.mp4"), "source": "lost"}]
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    cfg = offline("qa.yaml", tmp_path / "out", f"input.uri={manifest}")
+    run(cfg, model_stage=FrameStatsStage)
+    rows = read_rows(tmp_path / "out").to_pylist()
+    nasa = [r for r in rows if r["video_uri"].endswith("nasa_13013.mp4")]
+    assert len(nasa) == 3 * 4  # 3 clips x (3 configured questions + the manifest's own)
+    assert {r["prompt"] for r in nasa} == {*cfg.prompt.questions, "Is it night?"}
+    assert dict(nasa[0]["metadata"]) == {"source": "nasa"}
+    missing = [r for r in rows if r["video_uri"].endswith("missing.mp4")]
+    assert len(missing) == 1 and missing[0]["status"] == "error" and "missing.mp4: no such file" in missing[0]["error"]
+    assert_unique_keys(read_rows(tmp_path / "out"))
+
+
+# --- S3 -------------------------------------------------------------------------------------
+
+
+def test_input_and_output_on_s3(ray_cluster: None, s3_server: str, s3_bucket: str, shared_videos: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for name in ("nasa_13013.mp4", "h265_video.mp4"):
+        client.upload_file(str(shared_videos / name), s3_bucket, f"raw/{name}")
+    out = f"s3://{s3_bucket}/captions"
+    cfg = with_absolute_paths(load_job(JOBS / "caption.yaml", [
+        "preset=offline", f"input.uri=s3://{s3_bucket}/raw", f"output.uri={out}", f"storage.endpoint_url={s3_server}"]))
+    summary = run(cfg, model_stage=FrameStatsStage)
+    assert (summary["rows_ok"], summary["rows_skipped"], summary["rows_error"]) == (3, 1, 0)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="captions/")["Contents"]]
+    assert sum(k.startswith("captions/data/job=caption/run_date=") and k.endswith(".parquet") for k in keys) == 1
+    assert {k.rsplit("/", 1)[1] for k in keys if "/runs/" in k} == {"config.yaml", "summary.json", "summary.parquet"}
+    assert run(cfg, model_stage=FrameStatsStage)["planned_rows"] == 0  # resume reads the keys back from S3
+
+
+# --- the real model -------------------------------------------------------------------------
+
+
+def test_model_that_cannot_load_is_a_systemic_error(ray_cluster: None, shared_videos: Path, tmp_path: Path) -> None:
+    cfg = offline("caption.yaml", tmp_path, f"input.uri={shared_videos / 'nasa_13013.mp4'}",
+                  f"model.source={tmp_path / 'no-such-model'}")
+    with pytest.raises(ModelLoadError, match="could not be loaded by any actor"):
+        run(cfg)
+
+
+@pytest.mark.slow
+def test_real_tiny_model_captions_and_answers(ray_cluster: None, videos: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torchvision", reason="transformers 5.23 builds the Qwen2.5-VL video processor only with torchvision")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("nasa_13013.mp4", "av1.webm", "thin.mp4", "h265_video.mp4"):
+        (folder / name).symlink_to(videos / name)
+    summary = run(offline("qa.yaml", tmp_path / "out", f"input.uri={folder}"))
+    rows = read_rows(tmp_path / "out").to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == (3 + 2) * 3 and all(r["model_random_weights"] and r["output_tokens"] >= 1 for r in ok)
+    assert all(r["visual_tokens_per_stage"] and r["retention_achieved"] < 1 for r in ok)
+    thin = [r for r in rows if r["video_uri"].endswith("thin.mp4")]
+    assert thin and all(r["status"] == "error" and r["error_stage"] == "model" for r in thin)
+    assert summary["rows_ok"] == len(ok)
+
+
+# --- CLI: shebang and ray job submit ---------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def short_videos(tmp_path_factory: pytest.TempPathFactory, shared_videos: Path) -> Path:
+    """Inputs that need no model (too short or broken), so the CLI tests run on any machine."""
+    folder = tmp_path_factory.mktemp("short")
+    for name in ("h265_video.mp4", "video_90.mov"):
+        (folder / name).symlink_to(shared_videos / name)
+    (folder / "zero.mp4").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.slow
+def test_job_file_runs_as_a_script(short_videos: Path, tmp_path: Path) -> None:
+    result = subprocess.run([str(JOBS / "caption.yaml"), "preset=offline", f"input.uri={short_videos}", "output.uri=out"],
+                            cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resolved config" in result.stdout and "run summary" in result.stdout
+    assert by_file(read_rows(tmp_path / "out")) == {"h265_video.mp4": {"skipped": 1}, "video_90.mov": {"skipped": 1},
+                                                    "zero.mp4": {"error": 1}}
+
+
+@pytest.mark.slow
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    bad = subprocess.run([sys.executable, "-m", "pipeline", str(JOBS / "caption.yaml"), "model.retention=1.5"],
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "model.retention: must be in (0, 1]" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "pipeline", str(JOBS / "caption.yaml"), f"input.uri={tmp_path}/nope"],
+                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "input.uri:" in missing.stderr and "does not exist" in missing.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit(short_videos: Path, tmp_path: Path) -> None:
+    env, ray_bin = cli_env(), shutil.which("ray", path=cli_env()["PATH"])
+    port, dashboard = free_port(), free_port()
+    # `ray start --block` stays in the foreground and stops what it started when signalled, so the
+    # test ends exactly its own cluster (`ray stop` would end every Ray on the machine).
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+                             "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_for_dashboard(address)
+        for form, out in ((["--", "python", "-m", "pipeline", "jobs/caption.yaml"], tmp_path / "long-form"),
+                          (["jobs/caption.yaml"], tmp_path / "short-form")):
+            result = subprocess.run([ray_bin, "job", "submit", "--address", address, "--working-dir", ".", *form,
+                                     "preset=offline", f"input.uri={short_videos}", f"output.uri={out}"],
+                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+            assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+            assert by_file(read_rows(out))["h265_video.mp4"] == {"skipped": 1}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)
+
+
+def wait_for_dashboard(address: str, timeout_s: float = 120) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=5)
+            return
+        except urllib.error.HTTPError:
+            return  # up, and asking for Ray's auth token (which the ray CLI sends)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
