@@ -1,0 +1,282 @@
+"""v2drop.processing: OfflineProcessor turns frames + prompts into inputs the tiny real models consume.
+
+Token counts (tiny models: patch 14, merge 2, temporal patch 2; LLaVA-OV 112 px frames, 8x8 patches):
+  qwen2_5_vl       3 frames 90x120 -> 84x112, padded to 4 frames -> grid (2, 6, 8) -> 2*6*8/4 = 24 tokens
+                   4 frames 112x112 -> grid (2, 8, 8) -> 32 tokens
+  llava_onevision  4 frames of any size, resized to 112x112 -> 4 * 4*4 + 1 newline = 65 tokens
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from v2drop import tiny
+from v2drop.processing import OfflineProcessor, has_torchvision, load_processor, video_metadata
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # OPENAI_CLIP, saved by tiny.build
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "llava_onevision": "<video>"}
+IMAGE_TOKEN = {"qwen2_5_vl": "<|image_pad|>", "llava_onevision": "<image>"}
+# (frames, height, width) per video and the placeholder tokens each must expand to (module docstring).
+VIDEOS = {
+    "qwen2_5_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),
+    "llava_onevision": ([(4, 90, 120), (4, 112, 112)], [65, 65]),
+}
+QUESTIONS = ("Describe this video.", "What is happening in the video? Describe the main events in detail.")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("tiny_processing")
+    return {family: tiny.build_cached(family, root, num_layers=2) for family in tiny.FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def processors(built: dict) -> dict:
+    return {family: OfflineProcessor.from_pretrained(path) for family, path in built.items()}
+
+
+def _random_video(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    frames, height, width = shape
+    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+def _prompt(processor, kind: str, question: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation)
+
+
+def _count(processor, inputs, token: str) -> list[int]:
+    token_id = processor.tokenizer.convert_tokens_to_ids(token)
+    return (inputs["input_ids"] == token_id).sum(dim=1).tolist()
+
+
+def _video_batch(processor, family: str, fps: list[float] | None = None):
+    shapes, _ = VIDEOS[family]
+    videos = [_random_video(shape, seed) for seed, shape in enumerate(shapes)]
+    texts = [_prompt(processor, "video", question) for question in QUESTIONS]
+    metadata = video_metadata([shape[0] for shape in shapes], fps) if fps else None
+    return processor(text=texts, videos=videos, video_metadata=metadata)
+
+
+def _generate(path, inputs) -> torch.Tensor:
+    model = tiny.load_model(path)
+    with torch.no_grad():  # the model raises if placeholder tokens and visual features disagree
+        return model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+
+# --------------------------------------------------------------------------------------------- loading
+def test_load_processor_is_offline_without_torchvision_and_says_so(built, caplog):
+    assert not has_torchvision(), "this test documents the CPU case; the comparison test covers torchvision"
+    with caplog.at_level(logging.INFO, logger="v2drop.processing"):
+        processor = load_processor(built["qwen2_5_vl"])
+    assert isinstance(processor, OfflineProcessor) and processor.family == "qwen2_5_vl"
+    assert [r.getMessage() for r in caplog.records if "OfflineProcessor" in r.getMessage()]
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_llava_onevision_parts_come_from_the_saved_files(processors):
+    processor = processors["llava_onevision"]
+    assert type(processor.image_processor).__name__ == "LlavaOnevisionImageProcessorPil"
+    assert processor.processor.num_image_tokens == 64  # processor_config.json
+    assert (processor.video_processor.size.height, processor.video_processor.size.width) == (112, 112)
+
+
+def test_qwen_video_settings_fall_back_to_the_image_config_as_released_checkpoints_need(built, tmp_path):
+    """Qwen/Qwen2.5-VL-7B-Instruct ships no video_preprocessor_config.json and bounds pixels with
+    min_pixels / max_pixels in preprocessor_config.json; transformers reads the video settings from there."""
+    import json
+    import shutil
+
+    path = shutil.copytree(built["qwen2_5_vl"], tmp_path / "qwen", ignore=shutil.ignore_patterns("video_*"))
+    config = json.loads((path / "preprocessor_config.json").read_text())
+    config.pop("size")
+    (path / "preprocessor_config.json").write_text(json.dumps(config | {"min_pixels": 3136, "max_pixels": 12845056}))
+    size = OfflineProcessor.from_pretrained(path).video_processor.size
+    assert (size.shortest_edge, size.longest_edge) == (3136, 12845056)
+
+
+def test_unknown_model_is_refused_with_the_supported_families(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="qwen2_5_vl, llava_onevision"):
+        OfflineProcessor.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- videos
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_video_batch_runs_generate_with_one_placeholder_per_feature(built, processors, family):
+    processor = processors[family]
+    inputs = _video_batch(processor, family, fps=[2.0, 2.0])
+    assert _count(processor, inputs, VIDEO_TOKEN[family]) == VIDEOS[family][1]
+    out = _generate(built[family], inputs)
+    assert out.shape[0] == 2 and inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_padding_is_left_by_default_and_padding_side_is_honoured(processors, family):
+    processor = processors[family]
+    left = _video_batch(processor, family)
+    assert left["attention_mask"][:, -1].tolist() == [1, 1]
+    assert left["attention_mask"][0, 0] == 0  # the shorter prompt is padded in front
+    assert (left["input_ids"][left["attention_mask"] == 0] == processor.tokenizer.pad_token_id).all()
+    shapes, _ = VIDEOS[family]
+    videos = [_random_video(shape, seed) for seed, shape in enumerate(shapes)]
+    texts = [_prompt(processor, "video", question) for question in QUESTIONS]
+    right = processor(text=texts, videos=videos, padding_side="right")
+    assert right["attention_mask"][:, 0].tolist() == [1, 1] and right["attention_mask"][0, -1] == 0
+
+
+def test_qwen_outputs_mark_video_tokens_and_time_per_grid(processors):
+    processor = processors["qwen2_5_vl"]
+    inputs = _video_batch(processor, "qwen2_5_vl", fps=[2.0, 4.0])
+    text_keys = {"input_ids", "attention_mask", "mm_token_type_ids"}
+    assert set(inputs) == text_keys | {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert torch.equal(inputs["mm_token_type_ids"], (inputs["input_ids"] == video_id).long() * 2)
+    assert inputs["second_per_grid_ts"].tolist() == [2 / 2.0, 2 / 4.0]  # temporal_patch_size / fps
+    assert inputs["video_grid_thw"].tolist() == [[2, 6, 8], [2, 8, 8]]
+    assert inputs["pixel_values_videos"].shape == (2 * 6 * 8 + 2 * 8 * 8, 3 * 2 * 14 * 14)
+    # As the real processor: no metadata -> transformers' default 24 fps.
+    assert _video_batch(processor, "qwen2_5_vl")["second_per_grid_ts"].tolist() == pytest.approx([2 / 24] * 2)
+
+
+def test_llava_onevision_outputs_and_equal_frame_counts(processors):
+    processor = processors["llava_onevision"]
+    inputs = _video_batch(processor, "llava_onevision")
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values_videos"}
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, 112, 112)
+    videos = [_random_video((4, 112, 112), 0), _random_video((6, 112, 112), 1)]
+    texts = [_prompt(processor, "video", question) for question in QUESTIONS]
+    with pytest.raises(ValueError, match=r"same number of frames, got \[4, 6\]"):
+        processor(text=texts, videos=videos)
+
+
+def _solid_video() -> np.ndarray:
+    """2 frames 56x56: pure red, then (0, 128, 255)."""
+    video = np.zeros((2, 56, 56, 3), np.uint8)
+    video[0, ..., 0] = 255
+    video[1] = (0, 128, 255)
+    return video
+
+
+def _normalized(rgb: tuple[int, int, int]) -> np.ndarray:
+    return (np.array(rgb, np.float32) / 255 - MEAN) / STD
+
+
+def test_qwen_pixels_of_a_solid_video_equal_the_formula(processors):
+    processor = processors["qwen2_5_vl"]
+    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[_solid_video()])
+    assert inputs["video_grid_thw"].tolist() == [[1, 4, 4]]  # 56x56 stays 56x56: 4x4 patches, 2 frames -> t=1
+    assert _count(processor, inputs, "<|video_pad|>") == [4]  # 1*4*4 / 2**2
+    frames = [_normalized((255, 0, 0)), _normalized((0, 128, 255))]
+    # Each patch row is channel-major, then temporal, then 14x14 pixels: [3, 2, 196] flattened.
+    row = np.stack([np.stack([np.full(196, frames[t][channel]) for t in range(2)]) for channel in range(3)])
+    expected = np.tile(row.reshape(-1), (16, 1))
+    np.testing.assert_allclose(inputs["pixel_values_videos"].numpy(), expected, atol=1e-5)
+
+
+def test_qwen_patch_order_equals_a_loop_over_merge_windows(processors):
+    """56x56 is kept as is (multiple of 28), so the patches can be cut out by hand in the model's order:
+    temporal group, merge-window row, merge-window column, row inside the window, column inside it."""
+    processor = processors["qwen2_5_vl"]
+    video = _random_video((3, 56, 56), seed=7)  # 3 frames: the last is repeated to make 4
+    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[video])
+    pixels = (video.astype(np.float32) / 255 - MEAN) / STD  # [T, H, W, C]
+    pixels = np.concatenate([pixels, pixels[-1:]]).transpose(0, 3, 1, 2)  # [4, C, H, W]
+    rows = []
+    for t in range(2):
+        for window_y in range(2):
+            for window_x in range(2):
+                for y in range(2):
+                    for x in range(2):
+                        top, left = (window_y * 2 + y) * 14, (window_x * 2 + x) * 14
+                        patch = pixels[2 * t : 2 * t + 2, :, top : top + 14, left : left + 14]  # [2, C, 14, 14]
+                        rows.append(patch.transpose(1, 0, 2, 3).reshape(-1))
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]
+    np.testing.assert_allclose(inputs["pixel_values_videos"].numpy(), np.stack(rows), atol=1e-5)
+
+
+def test_llava_onevision_pixels_of_a_solid_video_equal_the_formula(processors):
+    processor = processors["llava_onevision"]
+    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[_solid_video()])
+    pixels = inputs["pixel_values_videos"].numpy()
+    assert pixels.shape == (1, 2, 3, 112, 112)  # resized to the saved size
+    assert _count(processor, inputs, "<video>") == [2 * 4 * 4 + 1]
+    for t, rgb in enumerate([(255, 0, 0), (0, 128, 255)]):
+        expected = np.broadcast_to(_normalized(rgb)[:, None, None], (3, 112, 112))
+        np.testing.assert_allclose(pixels[0, t], expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- images
+def test_qwen_images_equal_the_pil_image_processor_and_mix_with_videos(built, processors):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = processors["qwen2_5_vl"]
+    images = [_random_video((1, 100, 140), 3)[0], _random_video((1, 112, 112), 4)[0]]
+    texts = [_prompt(processor, "image", question) for question in QUESTIONS]
+    inputs = processor(text=texts, images=images)
+    direct = Qwen2VLImageProcessorPil.from_pretrained(built["qwen2_5_vl"])(images, return_tensors="pt")
+    assert torch.equal(inputs["pixel_values"], direct["pixel_values"])
+    assert torch.equal(inputs["image_grid_thw"], direct["image_grid_thw"])
+    grids = direct["image_grid_thw"]
+    assert _count(processor, inputs, "<|image_pad|>") == (grids.prod(dim=1) // 4).tolist()
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(inputs["mm_token_type_ids"], (inputs["input_ids"] == image_id).long())
+    _generate(built["qwen2_5_vl"], inputs)
+
+    mixed = processor(
+        text=[_prompt(processor, "image", QUESTIONS[0]), _prompt(processor, "video", QUESTIONS[1])],
+        images=images[:1],
+        videos=[_random_video((4, 112, 112), 5)],
+    )
+    assert [set(row.tolist()) for row in mixed["mm_token_type_ids"]] == [{0, 1}, {0, 2}]
+    _generate(built["qwen2_5_vl"], mixed)
+
+
+def test_llava_onevision_image_runs_generate(built, processors):
+    processor = processors["llava_onevision"]
+    inputs = processor(text=[_prompt(processor, "image", QUESTIONS[0])], images=[_random_video((1, 112, 112), 6)[0]])
+    assert _count(processor, inputs, "<image>") == [136]  # anyres 2x2: 64 base + 8*8 + 8 newlines (tiny docstring)
+    _generate(built["llava_onevision"], inputs)
+
+
+# --------------------------------------------------------------------------------------------- text
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_chat_template_and_decode_delegate_to_the_tokenizer(processors, family):
+    processor = processors[family]
+    text = _prompt(processor, "video", "Describe this video.")
+    assert text.endswith("<|im_start|>assistant\n") and VIDEO_TOKEN[family] in text
+    ids = processor.tokenizer("Describe this video.")["input_ids"]
+    assert processor.decode(ids) == "Describe this video."
+    assert processor.batch_decode([ids, ids]) == ["Describe this video."] * 2
+
+
+# --------------------------------------------------------------------------------------------- parity
+NEEDS_TORCHVISION = "needs torchvision: compares OfflineProcessor with the real processor"
+
+
+@pytest.mark.skipif(not has_torchvision(), reason=NEEDS_TORCHVISION)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_offline_processor_matches_the_real_processor(built, processors, family):
+    from transformers import AutoProcessor
+
+    real = AutoProcessor.from_pretrained(built[family])
+    real.tokenizer.padding_side = "left"
+    shapes, _ = VIDEOS[family]
+    videos = [_random_video(shape, seed) for seed, shape in enumerate(shapes)]
+    texts = [_prompt(processors[family], "video", question) for question in QUESTIONS]
+    metadata = video_metadata([shape[0] for shape in shapes], 2.0)
+    kwargs = dict(text=texts, videos=videos, video_metadata=metadata, padding=True, return_tensors="pt")
+    expected, got = real(**kwargs), processors[family](**kwargs)
+    assert set(got) == set(expected)
+    for key in expected:
+        if key.startswith("pixel_values"):
+            # PIL and torchvision bicubic may round a resized pixel one grey level apart: 1 / 255 / 0.26 = 0.015.
+            torch.testing.assert_close(got[key], expected[key], atol=0.02, rtol=0)
+        else:
+            assert torch.equal(got[key], expected[key]), key
