@@ -498,10 +498,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, attn_imp
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """(model, processor) from a built directory; the processor needs torchvision (transformers 5.23)."""
-    from transformers import AutoProcessor
+    """(model, processor) from a built directory; the processor is `v2drop.processing.load_processor`'s
+    (the real one where torchvision is importable, the offline one otherwise)."""
+    from v2drop.processing import load_processor
 
-    return load_model(path, dtype=dtype, attn_implementation=attn_implementation), AutoProcessor.from_pretrained(path)
+    return load_model(path, dtype=dtype, attn_implementation=attn_implementation), load_processor(path)
 
 
 def main(argv: list[str] | None = None) -> None:

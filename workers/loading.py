@@ -177,7 +177,9 @@ def load_model(
 ) -> tuple[torch.nn.Module, Any]:
     """Load model + processor in eval mode on `device`; the processor pads on the LEFT so that
     every sample's last prompt token sits at the end, where generate appends."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from v2drop.processing import load_processor
 
     kwargs = {"revision": resolved.revision} if _is_hub_id(resolved) else {}
     model = AutoModelForImageTextToText.from_pretrained(
@@ -186,8 +188,9 @@ def load_model(
         attn_implementation=effective_attn_implementation(attn_implementation, device),
         **kwargs,
     )
-    processor = AutoProcessor.from_pretrained(resolved.path_or_id, **kwargs)
-    processor.tokenizer.padding_side = "left"
+    # The real processor where torchvision exists (GPU images); else the same processor class
+    # with a numpy/PIL video processor (v2drop.processing explains why).
+    processor = load_processor(resolved.path_or_id, padding_side="left", **kwargs)
     return model.to(device).eval(), processor
 
 

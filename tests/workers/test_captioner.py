@@ -1,7 +1,7 @@
 """workers.captioner on CPU with tiny random-weight models (v2drop.tiny), called directly (no Ray).
 
-The model tests need torchvision: transformers 5.23 builds the video processors only when it is
-importable. Without it they are skipped with that reason; the pure-function tests still run.
+The model tests use `v2drop.processing.load_processor`: the real processor where torchvision is
+importable, the offline one (same processor class, numpy/PIL video processor) where it is not.
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def qwen(cache_dir: str) -> Captioner:
-    pytest.importorskip("torchvision", reason="transformers 5.23 video processors need torchvision")
     return Captioner(model_cfg(), GREEDY, CAPTION, cache_dir)
 
 
@@ -224,7 +223,6 @@ def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: st
 
 
 def test_llava_onevision_runs_through_the_same_captioner(cache_dir: str, caplog) -> None:
-    pytest.importorskip("torchvision", reason="transformers 5.23 video processors need torchvision")
     llava = Captioner(model_cfg("tiny:llava_onevision", retention=0.25), GREEDY, CAPTION, cache_dir)
     clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 2, 84, 140, 1), clip_row("c", 4, 140, 84, 2)]
     with caplog.at_level(logging.WARNING, logger="workers.captioner"):
@@ -251,6 +249,5 @@ def test_s3_model_is_downloaded_once_into_the_node_cache_and_captions(cache_dir,
     again = resolve_model_source(uri + "/", cache_dir=node_cache, storage=captioner_module._storage(storage_cfg))
     assert first.path_or_id == again.path_or_id and first.path_or_id.startswith(str(node_cache))
     assert first.model_id == uri and first.random_weights is True  # the tiny marker travelled with the files
-    pytest.importorskip("torchvision", reason="transformers 5.23 video processors need torchvision")
     out = Captioner(model_cfg(uri), GREEDY, CAPTION, str(node_cache), storage_cfg=storage_cfg)(as_batch(THREE_CLIPS[:1]))
     assert out["status"] == ["ok"] and out["model_id"] == [uri]
