@@ -335,7 +335,9 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_job_submit(short_videos: Path, tmp_path: Path) -> None:
-    env, ray_bin = cli_env(), shutil.which("ray", path=cli_env()["PATH"])
+    # A throwaway local cluster: no token auth, so the CLI needs no token file.
+    env = {**cli_env(), "RAY_AUTH_MODE": "disabled"}
+    ray_bin = shutil.which("ray", path=env["PATH"])
     port, dashboard = free_port(), free_port()
     # `ray start --block` stays in the foreground and stops what it started when signalled, so the
     # test ends exactly its own cluster (`ray stop` would end every Ray on the machine).
