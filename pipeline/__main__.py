@@ -56,11 +56,13 @@ def _run(cfg: JobConfig) -> int:
 
 
 def connect_ray(address: str | None) -> None:
-    """run.ray_address, else the cluster of `ray job submit` (RAY_ADDRESS), else a new local one."""
+    """run.ray_address (e.g. 'auto' for a `ray start` cluster on this node), else the cluster of
+    `ray job submit` (RAY_ADDRESS), else a new local one. A bare ray.init() would also join
+    whatever cluster /tmp/ray last recorded, even a dead one, hence address='local'."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address) if address else ray.init()
+        ray.init(address=address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"))
 
 
 def _warn_if_in_ray_working_dir(cfg: JobConfig) -> None:
