@@ -377,7 +377,7 @@ def dockerfile_problems(text: str) -> list[str]:
         p.append("the project must be installed with the gpu extra (pip install .[gpu])")
     if "flash-attn" not in runs and "flash_attn" not in runs:
         p.append("flash-attn is not installed")
-    if not re.search(r"torch==\$\{?\w+\}?\S*\"? --index-url \"?https://download\.pytorch\.org/whl/", runs):
+    if not re.search(r"torch==\$\{?\w+\}?[^&;]*--index-url \"?https://download\.pytorch\.org/whl/", runs):
         p.append("torch must come from a CUDA wheel index (download.pytorch.org/whl/cuXXX)")
     if args.get("PYTHON_VERSION") != "3.11":
         p.append("Python 3.11 expected (ARG PYTHON_VERSION=3.11)")
