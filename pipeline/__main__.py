@@ -61,8 +61,11 @@ def connect_ray(address: str | None) -> None:
     whatever cluster /tmp/ray last recorded, even a dead one, hence address='local'."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"))
+    if ray.is_initialized():
+        return
+    address = address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
+    # A cluster of our own binds to loopback: nothing leaves the machine.
+    ray.init(address=address, **({"_node_ip_address": "127.0.0.1"} if address == "local" else {}))
 
 
 def _warn_if_in_ray_working_dir(cfg: JobConfig) -> None:

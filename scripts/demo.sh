@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main job, end to end, on the embedded defaults:
+#   sets up .venv, starts a local Ray cluster, submits jobs/caption.yaml with the offline
+#   preset (a tiny random-weight Qwen2.5-VL built locally, CPU) over ../shared/videos through
+#   `ray job submit`, shows where the output is and a few rows, and stops the cluster.
+# Extra arguments are passed to the job as overrides, e.g. `bash scripts/demo.sh model.retention=0.5`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh
+export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+root=$(pwd)
+videos=${VIDEOS:-$(cd .. && pwd)/shared/videos}
+out=${OUTPUT:-$root/outputs}
+port=${RAY_DASHBOARD_PORT:-8265}
+if [ ! -d "$videos" ]; then
+  echo "sample videos not found at $videos: set VIDEOS=/path/to/videos" >&2
+  exit 1
+fi
+
+ray start --head --num-cpus=2 --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6380}" --dashboard-host=127.0.0.1 \
+  --dashboard-port="$port" --disable-usage-stats >/dev/null
+trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
+
+ray job submit --address "http://127.0.0.1:$port" --working-dir . -- \
+  python -m pipeline jobs/caption.yaml preset=offline "input.uri=$videos" "output.uri=$out" "$@"
+
+python -m pipeline.show "$out" --job caption
