@@ -23,7 +23,7 @@ def latest_summary(storage: Storage, output_uri: str, job: str) -> dict | None:
     if not summaries:
         return None
     runs = [json.loads(storage.read_bytes(uri)) for uri in summaries]
-    return max(runs, key=lambda s: str(s.get("finished_at") or s.get("ended_at") or ""))
+    return max(runs, key=lambda s: str(s.get("finished_at") or ""))
 
 
 def sample_rows(table: pa.Table, count: int) -> list[dict]:
@@ -41,7 +41,7 @@ def show(output_uri: str, job: str, rows: int) -> None:
     summary = latest_summary(storage, output_uri, job)
     if summary is not None:
         print(f"Run summaries:   {output_uri.rstrip('/')}/runs/job={job}/<run_id>/summary.json")
-        counts = summary.get("counts_by_status") or summary.get("rows_by_status")
+        counts = {status: summary.get(f"rows_{status}") for status in ("ok", "error", "skipped")}
         print(f"Latest run:      {summary.get('run_id')}  rows by status: {counts}")
     print(f"\nA few rows:")
     for row in sample_rows(table, rows):

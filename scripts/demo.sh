@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# Ray 2.60 protects clusters with a token; make one for this machine if there is none yet.
+export RAY_AUTH_MODE=token
+[ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null
 root=$(pwd)
 videos=${VIDEOS:-$(cd .. && pwd)/shared/videos}
 out=${OUTPUT:-$root/outputs}
@@ -17,11 +20,21 @@ if [ ! -d "$videos" ]; then
   exit 1
 fi
 
-ray start --head --num-cpus=2 --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6380}" --dashboard-host=127.0.0.1 \
-  --dashboard-port="$port" --disable-usage-stats >/dev/null
+# A cluster of our own, on loopback only.
+ray start --head --num-cpus=2 --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6380}" \
+  --dashboard-host=127.0.0.1 --dashboard-port="$port" --disable-usage-stats >/dev/null
 trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
 
-ray job submit --address "http://127.0.0.1:$port" --working-dir . -- \
-  python -m pipeline jobs/caption.yaml preset=offline "input.uri=$videos" "output.uri=$out" "$@"
+submit_log=$(mktemp)
+for attempt in $(seq 1 30); do
+  # The dashboard answers before its job agent is up; such a submission creates no job, so retry it.
+  if ray job submit --address "http://127.0.0.1:$port" --working-dir . -- \
+      python -m pipeline jobs/caption.yaml preset=offline "input.uri=$videos" "output.uri=$out" "$@" \
+      2>&1 | tee "$submit_log"; then
+    break
+  fi
+  grep -q "No available agent" "$submit_log" || exit 1
+  sleep 2
+done
 
 python -m pipeline.show "$out" --job caption
