@@ -70,28 +70,10 @@ def iter_clips(
             return  # reached the end: any later span would be a sub-span of this one
 
 
-def plan_clips(
-    video_uri: str,
-    duration_s: float,
-    *,
-    clip_len_s: float,
-    stride_s: float,
-    min_clip_len_s: float,
-    max_clips: int | None = None,
-    settings_key: str = "",
-) -> list[ClipSpec]:
-    """All clips of one video; [] when the video is shorter than `min_clip_len_s`."""
-    return list(
-        iter_clips(
-            video_uri,
-            duration_s,
-            clip_len_s=clip_len_s,
-            stride_s=stride_s,
-            min_clip_len_s=min_clip_len_s,
-            max_clips=max_clips,
-            settings_key=settings_key,
-        )
-    )
+def plan_clips(video_uri: str, duration_s: float, **settings) -> list[ClipSpec]:
+    """All clips of one video (same keyword settings as `iter_clips`); [] when the video is
+    shorter than `min_clip_len_s`."""
+    return list(iter_clips(video_uri, duration_s, **settings))
 
 
 def _check_plan_args(
