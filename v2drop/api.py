@@ -225,10 +225,10 @@ def _continuation(text_model, state, inputs_embeds, attention_mask, position_ids
         new_valid = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
     else:
         new_valid = attention_mask[:, -num_new:].to(device=inputs_embeds.device, dtype=torch.bool)
-    rope_positions, layer_positions = state.adapter.positions(text_model, inputs_embeds, position_ids, cache)
+    rope_positions = state.adapter.positions(text_model, inputs_embeds, position_ids, cache)
     cos, sin = loop.rotary(text_model, inputs_embeds, rope_positions)
     hidden = loop.continue_on_dropped_cache(
-        text_model, state.stage_masks, inputs_embeds, cos, sin, layer_positions, new_valid, cache,
+        text_model, state.stage_masks, inputs_embeds, cos, sin, new_valid, cache,
         use_cache, loop.layer_kwargs(kwargs),
     )
     return loop.output(hidden, cache, use_cache)

@@ -11,6 +11,9 @@ type. What changes here:
 * Later forwards on that cache (decode, or a continuation chunk): one 2-D key mask per stage,
   grown by the new tokens, sized against that stage's own cache length. Positions come from
   the caller and continue from the unpruned length.
+* Decoder layers get `position_ids=None`. Positions already live in the gathered cos/sin, and
+  flash-attention reads the gapped positions of a pruned sequence as packed sequences
+  (transformers' `_is_packed_sequence`), which would split one sample into several.
 
 A "stage" is a run of layers between drops: stage 0 is layers [0, d1), stage 1 [d1, d2), ...
 """
@@ -131,7 +134,7 @@ def prefill_with_drops(
             state.hidden,
             attention_mask=mask,
             position_embeddings=(state.cos, state.sin),
-            position_ids=state.layer_position_ids,
+            position_ids=None,  # positions live in cos/sin; see the module docstring
             past_key_values=cache,
             use_cache=use_cache,
             **kwargs,
@@ -151,7 +154,6 @@ def continue_on_dropped_cache(
     hidden: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    layer_positions: torch.Tensor | None,
     new_valid: torch.Tensor,
     cache,
     use_cache: bool,
@@ -173,7 +175,7 @@ def continue_on_dropped_cache(
                 hidden,
                 attention_mask=mask,
                 position_embeddings=(cos, sin),
-                position_ids=layer_positions,
+                position_ids=None,  # positions live in cos/sin; see the module docstring
                 past_key_values=cache,
                 use_cache=use_cache,
                 **kwargs,
@@ -220,7 +222,7 @@ def initial_token_state(
     visual: torch.Tensor,
 ) -> TokenState:
     batch, length = inputs_embeds.shape[:2]
-    rope_positions, layer_positions = adapter.positions(text_model, inputs_embeds, position_ids, None)
+    rope_positions = adapter.positions(text_model, inputs_embeds, position_ids, None)
     cos, sin = rotary(text_model, inputs_embeds, rope_positions)
     if attention_mask is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
@@ -230,7 +232,6 @@ def initial_token_state(
         hidden=inputs_embeds,
         cos=cos,
         sin=sin,
-        layer_position_ids=layer_positions,
         valid=valid,
         visual=visual & valid,
         source_index=torch.arange(length, device=inputs_embeds.device).expand(batch, -1),

@@ -18,7 +18,6 @@ class TokenState:
     hidden: torch.Tensor  # [B, L, D] residual stream entering the next layer
     cos: torch.Tensor  # [B, L, head_dim] rotary cos, computed once from the ORIGINAL positions
     sin: torch.Tensor  # [B, L, head_dim] rotary sin
-    layer_position_ids: torch.Tensor | None  # [B, L] text positions some attention kernels read (FA2)
     valid: torch.Tensor  # [B, L] bool, False at padding
     visual: torch.Tensor  # [B, L] bool, True at visual tokens still present
     source_index: torch.Tensor  # [B, L] int64 position of each token in the original prefill

@@ -177,3 +177,28 @@ def test_text_only_batches_run_the_stock_path():
     tokens, logits = generate(model, inputs)
     assert torch.equal(tokens, stock_tokens) and torch.equal(logits, stock_logits)
     assert v2drop.last_stats(model) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_never_see_positions_that_flash_attention_reads_as_packed(family):
+    """After a drop, a lone sample's surviving positions have gaps. flash_attention_2 reads gapped
+    position_ids of a batch of one as several packed sequences and attends within each piece, so
+    the layers must get positions only through the gathered cos/sin. This checks, with transformers'
+    own test, what flash-attention would see; CPU cannot run the kernel itself."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    model = models.model(family)
+    v2drop.enable(model, DROP)
+    seen = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("position_ids")), with_kwargs=True)
+        for layer in model.model.language_model.layers
+    ]
+    try:
+        generate(model, models.batch(family, [Sample("What happens in this clip?", video(family, 1))]), max_new_tokens=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert v2drop.last_stats(model)[0]["visual_tokens_per_layer"][-1] == 0  # the drops did happen
+    assert len(seen) == 2 * len(model.model.language_model.layers)  # prefill + one decode step
+    assert not any(_is_packed_sequence(p, batch_size=1) for p in seen if p is not None)

@@ -19,8 +19,8 @@ class FamilyAdapter:
     model_types: tuple[str, ...]  # config.model_type values this adapter accepts
     # transformers versions the patched text-model forward was written against and tested with
     tested_transformers: tuple[str, ...]
-    # (text_model, inputs_embeds, position_ids, past_key_values) -> (rope position ids, [B, L] layer position ids)
-    positions: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    # (text_model, inputs_embeds, position_ids, past_key_values) -> the position ids rotary_emb takes
+    positions: Callable[..., torch.Tensor]
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives input_ids (a hook there records them)."""
@@ -42,5 +42,4 @@ def default_positions(text_model, inputs_embeds, position_ids, past_key_values):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
         position_ids = position_ids.unsqueeze(0)
-    position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
-    return position_ids, position_ids
+    return position_ids.expand(inputs_embeds.shape[0], -1)

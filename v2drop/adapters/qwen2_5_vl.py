@@ -2,7 +2,8 @@
 
 Mirrors the position preamble of `Qwen2_5_VLTextModel.forward` (transformers 5.23): generate
 passes [4, B, L] (text positions stacked on the 3-D ones); a direct call may pass [3, B, L],
-[B, L] or nothing. The rotary cos/sin come from the 3-D ids; layers get the text row.
+[B, L] or nothing. The rotary cos/sin come from the 3-D ids; the text row is not needed, since
+decoder layers read positions only through cos/sin (see v2drop.loop).
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ def mrope_positions(text_model, inputs_embeds, position_ids, past_key_values):
         position_ids = position_ids.view(1, 1, -1).expand(3, batch, -1)
     elif position_ids.ndim == 2:
         position_ids = position_ids[None].expand(3, position_ids.shape[0], -1)
-    text_positions = None
     if position_ids.shape[0] == 4:
-        text_positions, position_ids = position_ids[0], position_ids[1:]
-        text_positions = text_positions.expand(batch, -1)
-    return position_ids.expand(3, batch, -1), text_positions
+        position_ids = position_ids[1:]
+    return position_ids.expand(3, batch, -1)
 
 
 QWEN2_5_VL = FamilyAdapter(
