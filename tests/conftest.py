@@ -35,7 +35,8 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     env = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", **FAKE_AWS_ENV}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             _node_ip_address="127.0.0.1")  # loopback only
     try:
         yield
     finally:
