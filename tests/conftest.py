@@ -35,8 +35,10 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     env = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", **FAKE_AWS_ENV}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
-             _node_ip_address="127.0.0.1")  # loopback only
+    # address="local": a bare ray.init() joins whatever cluster /tmp/ray last recorded (a head an
+    # earlier run left behind) and then refuses num_cpus. Loopback only.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         yield
     finally:

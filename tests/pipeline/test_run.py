@@ -222,6 +222,35 @@ def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run
     assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
 
 
+class CrashOnceStage(FrameStatsStage):
+    """Kills its own actor process on its second batch, once per run (a marker file under
+    model.cache_dir remembers it), as a segfault or an OOM kill would."""
+
+    def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
+        super().__init__(run_id, **captioner_kwargs)
+        self.marker, self.batches = Path(captioner_kwargs["cache_dir"]) / "crashed-once", 0
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        self.batches += 1
+        if self.batches == 2 and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_a_crashed_actor_is_restarted_and_loses_or_duplicates_nothing(ray_cluster: None, videos: Path,
+                                                                      tmp_path: Path) -> None:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cache.mkdir()
+    summary = run(offline("caption.yaml", out, f"input.uri={videos}", f"model.cache_dir={cache}"),
+                  model_stage=CrashOnceStage)
+    assert (cache / "crashed-once").exists()  # the actor did die mid-run
+    rows = read_rows(out)
+    assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
+    assert_unique_keys(rows)
+    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (36, 6, 2)
+
+
 # --- qa, manifest ---------------------------------------------------------------------------
 
 
