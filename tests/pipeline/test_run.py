@@ -29,9 +29,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline._model import to_output_table
+from pipeline._write import job_data_uri
 from pipeline.config import load_job, with_absolute_paths
 from pipeline.run import ModelLoadError, run
 from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, ROW_SCHEMA
+from pipeline.storage import Storage
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
@@ -275,20 +277,37 @@ def test_qa_manifest_gives_one_row_per_question(ray_cluster: None, shared_videos
 
 
 def test_input_and_output_on_s3(ray_cluster: None, s3_server: str, s3_bucket: str, shared_videos: Path) -> None:
+    """The caption job with the real tiny model, reading and writing over HTTP S3; resume reads
+    the keys back from S3; a manifest on S3 naming a missing object gets an error row naming it."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     for name in ("nasa_13013.mp4", "h265_video.mp4"):
         client.upload_file(str(shared_videos / name), s3_bucket, f"raw/{name}")
-    out = f"s3://{s3_bucket}/captions"
-    cfg = with_absolute_paths(load_job(JOBS / "caption.yaml", [
-        "preset=offline", f"input.uri=s3://{s3_bucket}/raw", f"output.uri={out}", f"storage.endpoint_url={s3_server}"]))
-    summary = run(cfg, model_stage=FrameStatsStage)
+
+    def job(input_uri: str, output_prefix: str):
+        return with_absolute_paths(load_job(JOBS / "caption.yaml", [
+            "preset=offline", f"input.uri={input_uri}", f"output.uri=s3://{s3_bucket}/{output_prefix}",
+            f"storage.endpoint_url={s3_server}"]))
+
+    cfg = job(f"s3://{s3_bucket}/raw", "captions")
+    summary = run(cfg)
     assert (summary["rows_ok"], summary["rows_skipped"], summary["rows_error"]) == (3, 1, 0)
+    assert summary["model_random_weights"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="captions/")["Contents"]]
     assert sum(k.startswith("captions/data/job=caption/run_date=") and k.endswith(".parquet") for k in keys) == 1
     assert {k.rsplit("/", 1)[1] for k in keys if "/runs/" in k} == {"config.yaml", "summary.json", "summary.parquet"}
-    assert run(cfg, model_stage=FrameStatsStage)["planned_rows"] == 0  # resume reads the keys back from S3
+    assert run(cfg)["planned_rows"] == 0  # resume reads the keys back from S3: nothing is run twice
+
+    manifest = "\n".join(json.dumps({"uri": uri}) for uri in ("nasa_13013.mp4", f"s3://{s3_bucket}/raw/gone.mp4"))
+    client.put_object(Bucket=s3_bucket, Key="raw/videos.jsonl", Body=manifest.encode())
+    listed = job(f"s3://{s3_bucket}/raw/videos.jsonl", "from-manifest")
+    run(listed, model_stage=FrameStatsStage)
+    storage = Storage.from_config(listed.storage)
+    rows = storage.read_parquet(job_data_uri(listed.output.uri, listed.job)).to_pylist()
+    assert by_file(pa.Table.from_pylist(rows)) == {"nasa_13013.mp4": {"ok": 3}, "gone.mp4": {"error": 1}}
+    [gone] = [r for r in rows if r["status"] == "error"]
+    assert gone["error"].startswith(f"s3://{s3_bucket}/raw/gone.mp4") and "missing" in gone["error"]
 
 
 # --- the real model -------------------------------------------------------------------------
@@ -382,7 +401,7 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
     # `ray start --block` stays in the foreground and stops what it started when signalled, so the
     # test ends exactly its own cluster (`ray stop` would end every Ray on the machine).
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", *ports, f"--dashboard-port={dashboard}",
-                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", "--num-cpus=2",
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
