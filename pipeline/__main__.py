@@ -22,6 +22,7 @@ from pipeline.config import ConfigError, JobConfig, check_local_input, load_job,
 
 USAGE = "usage: python -m pipeline JOB.yaml [key=value ...]   e.g. preset=offline model.retention=0.5"
 EXIT_CONFIG, EXIT_MODEL = 2, 3
+LOCAL_ONLY_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +60,15 @@ def connect_ray(address: str | None) -> None:
     """run.ray_address (e.g. 'auto' for a `ray start` cluster on this node), else the cluster of
     `ray job submit` (RAY_ADDRESS), else a new local one. A bare ray.init() would also join
     whatever cluster /tmp/ray last recorded, even a dead one, hence address='local'."""
+    address = address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
+    if address == "local":
+        # A cluster of our own stays on loopback. On Linux Ray turns 127.0.0.1 into the machine's
+        # reachable address unless told it is a one-machine cluster; it reads this on first import.
+        os.environ.setdefault(LOCAL_ONLY_RAY_ENV, "0")
     import ray
 
-    if ray.is_initialized():
-        return
-    address = address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
-    # A cluster of our own binds to loopback: nothing leaves the machine.
-    ray.init(address=address, **({"_node_ip_address": "127.0.0.1"} if address == "local" else {}))
+    if not ray.is_initialized():
+        ray.init(address=address)
 
 
 def _warn_if_in_ray_working_dir(cfg: JobConfig) -> None:

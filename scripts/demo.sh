@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# A one-machine cluster: every Ray address stays on 127.0.0.1 (on Linux Ray would otherwise swap
+# 127.0.0.1 for the machine's reachable address).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Ray 2.60 protects clusters with a token; make one for this machine if there is none yet.
 export RAY_AUTH_MODE=token
 [ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.__main__ import LOCAL_ONLY_RAY_ENV
 from tests.s3_server import FAKE_AWS_ENV, s3_bucket, s3_server  # noqa: F401  (re-exported fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +16,9 @@ SHARED_VIDEOS = REPO_ROOT.parent / "shared" / "videos"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every Ray the tests start (in process, `ray start`, the CLI) uses 127.0.0.1 for all its addresses;
+# set before anything imports ray, and inherited by the subprocesses.
+os.environ.setdefault(LOCAL_ONLY_RAY_ENV, "0")
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +40,9 @@ def ray_cluster() -> Iterator[None]:
 
     env = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", **FAKE_AWS_ENV}
     # address="local": a bare ray.init() joins whatever cluster /tmp/ray last recorded (a head an
-    # earlier run left behind) and then refuses num_cpus. Loopback only.
+    # earlier run left behind) and then refuses num_cpus.
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False, _node_ip_address="127.0.0.1")
+             log_to_driver=False)
     try:
         yield
     finally:

@@ -1,0 +1,265 @@
+"""Pipeline throughput on the offline preset: V²Drop at 25 % retention versus off, side by side.
+
+    python -m bench.bench_pipeline                     # ../shared/videos, 2 repeats, 16 frames of <= 448x448
+    python -m bench.bench_pipeline --videos DIR --repeats 3 --num-frames 8 --max-pixels 50176
+
+Each repeat runs `pipeline.run.run(cfg)` once per variant (the order alternates between repeats),
+each into a fresh output folder, on one local Ray cluster started once. Configs come from
+`jobs/caption.yaml` with `preset=offline` (a tiny random-weight Qwen2.5-VL on CPU) plus more visual
+tokens than the preset (16 frames, max_pixels 448*448, so a 480x270 clip gives ~1,360 visual tokens)
+and a fixed `generation.max_new_tokens`. Both variants share `model.cache_dir`, so the tiny model is
+built once, before timing.
+
+Per variant, the median over repeats of: wall seconds (the run's summary: planning, actor start and
+model load, decode, model, write), clips/s, video-seconds/s, output tokens/s, and from the written
+rows the mean prefill and generate ms per model batch, mean visual tokens per drop stage, retention
+achieved and prefill FLOPs saved (1 - sum flops_dropped / sum flops_full). Ratios are v2drop / off.
+
+The model has random weights (its text is noise; it may stop at EOS early, so output tokens are
+reported), and absolute CPU times are not GPU figures. The 1-minute load average is recorded around
+every run: other work on the machine (e.g. a concurrent test suite) shows up there as noise.
+Writes bench/results/pipeline-cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+JOB_FILE = REPO / "jobs" / "caption.yaml"
+VARIANTS = {"v2drop": 0.25, "off": 1.0}  # name -> model.retention
+TINY_SOURCE = "tiny:qwen2_5_vl"  # what preset=offline loads
+RATIO_KEYS = ("wall_s", "clips_per_s", "video_s_per_s", "output_tokens_per_s", "prefill_ms_per_batch",
+              "generate_ms_per_batch", "prefill_flops")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--videos", default=str(REPO.parent / "shared" / "videos"), help="input.uri (folder of videos)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--num-frames", type=int, default=16, help="decode.num_frames")
+    p.add_argument("--max-pixels", type=int, default=448 * 448, help="decode.max_pixels per frame")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generation.max_new_tokens")
+    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "v2drop-bench-cache"), help="model.cache_dir")
+    return p.parse_args(argv)
+
+
+# -- set-up ------------------------------------------------------------------------------
+
+
+def job_config(args: argparse.Namespace, retention: float, output_dir: Path):
+    from pipeline.config import load_job
+
+    return load_job(JOB_FILE, [
+        "preset=offline", f"input.uri={Path(args.videos).resolve()}", f"output.uri={output_dir}",
+        f"model.retention={retention}", f"model.cache_dir={args.cache_dir}",
+        f"decode.num_frames={args.num_frames}", f"decode.max_pixels={args.max_pixels}",
+        f"generation.max_new_tokens={args.max_new_tokens}",
+    ])
+
+
+def start_ray() -> None:
+    import ray
+
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}  # workers import pipeline/ and workers/ from here
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": env})
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the run's own progress lines suffice
+
+
+def prebuild_model(cache_dir: str) -> None:
+    """Build the tiny model into the shared cache now, so no timed run pays for it."""
+    from workers.loading import resolve_model_source
+
+    resolve_model_source(TINY_SOURCE, cache_dir=cache_dir)
+
+
+# -- measurement -------------------------------------------------------------------------
+
+
+def run_variant(args: argparse.Namespace, name: str, repeat: int, scratch: Path) -> dict[str, Any]:
+    """One pipeline run into its own fresh folder; the summary and row measurements, then cleanup."""
+    from pipeline.run import run
+
+    output_dir = scratch / f"{name}-{repeat}"
+    cfg = job_config(args, VARIANTS[name], output_dir)
+    load_before = os.getloadavg()[0]
+    summary = run(cfg, log=lambda line: print(f"  [{name} #{repeat}] {line}", flush=True))
+    measured = {**from_summary(summary), **from_rows(read_rows(output_dir, cfg.job)),
+                "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return measured
+
+
+def from_summary(s: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "wall_s": s["wall_s"], "clips_ok": s["clips_ok"], "rows_ok": s["rows_ok"], "rows_error": s["rows_error"],
+        "rows_skipped": s["rows_skipped"], "errors_by_stage": json.loads(s["errors_by_stage"]),
+        "video_seconds": s["video_seconds_processed"], "clips_per_s": s["clips_per_s"],
+        "video_s_per_s": s["video_seconds_processed"] / s["wall_s"], "output_tokens": s["output_tokens"],
+        "prompt_tokens": s["prompt_tokens"], "output_tokens_per_s": s["output_tokens_per_s"],
+        "retention_achieved": s["retention_achieved_mean"], "flops_saved": s["flops_saved_fraction"],
+        "model_random_weights": s["model_random_weights"],
+    }
+
+
+def read_rows(output_dir: Path, job: str):
+    import pyarrow.compute as pc
+
+    from pipeline._write import job_data_uri
+    from pipeline.storage import Storage
+
+    table = Storage().read_parquet(job_data_uri(str(output_dir), job))
+    return table.filter(pc.equal(table["status"], "ok"))
+
+
+def from_rows(ok) -> dict[str, Any]:
+    """Per-batch model times (rows of one generate call share started_at/finished_at and times)."""
+    rows = ok.select(["started_at", "finished_at", "worker_host", "prefill_ms", "generate_ms",
+                      "visual_tokens_per_stage", "flops_full", "flops_dropped", "decode_ms"]).to_pylist()
+    batches = {(r["worker_host"], r["started_at"], r["finished_at"]): r for r in rows}.values()
+    stages = [r["visual_tokens_per_stage"] for r in rows]
+    flops_full, flops_dropped = sum(r["flops_full"] for r in rows), sum(r["flops_dropped"] for r in rows)
+    return {
+        "model_batches": len(batches),
+        "prefill_ms_per_batch": statistics.mean(b["prefill_ms"] for b in batches),
+        "generate_ms_per_batch": statistics.mean(b["generate_ms"] for b in batches),
+        "decode_ms_per_clip": statistics.mean(r["decode_ms"] for r in rows),
+        "visual_tokens_per_stage": [statistics.mean(s[i] for s in stages) for i in range(min(map(len, stages)))],
+        "prefill_flops": flops_dropped, "prefill_flops_full": flops_full,
+        "flops_saved_rows": 1 - flops_dropped / flops_full,
+    }
+
+
+def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    try:
+        for repeat in range(args.repeats):
+            order = list(VARIANTS) if repeat % 2 == 0 else list(VARIANTS)[::-1]  # alternate who goes first
+            for name in order:
+                runs[name].append(run_variant(args, name, repeat, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return runs
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def median_row(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every number over the repeats; lists element-wise; the rest from the first run."""
+    row = dict(repeats[0])
+    for key, value in repeats[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = statistics.median(r[key] for r in repeats)
+        elif isinstance(value, list):
+            row[key] = [statistics.median(r[key][i] for r in repeats) for i in range(len(value))]
+    return row
+
+
+def summarise(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    import torch
+
+    from pipeline.config import to_dict
+
+    rows = {name: median_row(repeats) for name, repeats in runs.items()}
+    ratios = {key: rows["v2drop"][key] / rows["off"][key] for key in RATIO_KEYS}
+    cfg = to_dict(job_config(args, VARIANTS["v2drop"], Path("<tmp>")))
+    return {
+        "hardware": f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+                    f"(torch {torch.__version__}); local Ray, num_cpus=2",
+        "args": vars(args),
+        "config": {k: cfg[k] for k in ("decode", "model", "actors", "clips", "generation")},
+        "weights": "random (tiny:qwen2_5_vl, seeded): outputs are noise; absolute CPU times are not GPU figures",
+        "noise": "other work may share the 2 cores (e.g. a concurrent Ray test suite): see load_avg_1m_* per run",
+        "variants": rows,
+        "ratios_v2drop_over_off": ratios,
+        "runs": runs,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    a, c, v, r = report["args"], report["config"], report["variants"], report["ratios_v2drop_over_off"]
+    off, v2 = v["off"], v["v2drop"]
+    lines = [
+        f"# Pipeline throughput, V²Drop vs off ({report['hardware']})",
+        "",
+        f"`pipeline.run.run` on jobs/caption.yaml preset=offline over `{a['videos']}`: "
+        f"{c['model']['source']} ({c['model']['dtype']}, {c['model']['attn_implementation']}), "
+        f"{c['decode']['num_frames']} frames of <= {c['decode']['max_pixels']} px per {c['clips']['clip_len_s']:g} s clip, "
+        f"actors batch {c['actors']['batch_size']}, max_new_tokens {c['generation']['max_new_tokens']}; "
+        f"median of {a['repeats']} repeats, variants alternating, each run into a fresh output folder.",
+        "",
+        f"**The model has random weights** (its text is noise) and **absolute CPU times are not GPU figures**; "
+        f"only the ratios carry over, and only roughly. Wall time includes Ray Data planning, actor start and "
+        f"model load, which do not shrink with V²Drop. Noise: {report['noise']}.",
+        "",
+        "| variant | wall s | clips/s | video-s/s | output tok | output tok/s | prefill ms/batch | generate ms/batch "
+        "| visual tokens per stage | retention | FLOPs saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in v.items():
+        tokens = " / ".join(f"{t:.0f}" for t in row["visual_tokens_per_stage"])
+        lines.append(
+            f"| {name} | {row['wall_s']:.1f} | {row['clips_per_s']:.3f} | {row['video_s_per_s']:.3f} | "
+            f"{row['output_tokens']:.0f} | {row['output_tokens_per_s']:.2f} | {row['prefill_ms_per_batch']:.0f} | "
+            f"{row['generate_ms_per_batch']:.0f} | {tokens} | {row['retention_achieved']:.3f} | "
+            f"{100 * row['flops_saved_rows']:.1f} % |"
+        )
+    lines.append(
+        f"| **v2drop / off** | {r['wall_s']:.3f} | {r['clips_per_s']:.3f} | {r['video_s_per_s']:.3f} | | "
+        f"{r['output_tokens_per_s']:.3f} | {r['prefill_ms_per_batch']:.3f} | {r['generate_ms_per_batch']:.3f} | | | "
+        f"FLOP ratio {r['prefill_flops']:.3f} |"
+    )
+    lines += [
+        "",
+        f"Clips ok per run: {off['clips_ok']:.0f} ({off['video_seconds']:.1f} video-s, {off['model_batches']:.0f} model "
+        f"batches); rows error/skipped: {off['rows_error']:.0f}/{off['rows_skipped']:.0f} "
+        f"(by stage {off['errors_by_stage']}). Output tokens per clip: v2drop "
+        f"{v2['output_tokens'] / v2['clips_ok']:.1f}, off {off['output_tokens'] / off['clips_ok']:.1f} of "
+        f"max {c['generation']['max_new_tokens']} (random weights may stop at EOS early). "
+        f"Decode ms per clip: v2drop {v2['decode_ms_per_clip']:.0f}, off {off['decode_ms_per_clip']:.0f}.",
+        "",
+        "Per run (wall s, 1-min load average before -> after):",
+    ]
+    for name, repeats in report["runs"].items():
+        lines.append(f"- {name}: " + "; ".join(
+            f"{x['wall_s']:.1f} s (load {x['load_avg_1m_before']:.2f} -> {x['load_avg_1m_after']:.2f})" for x in repeats))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine Ray, on 127.0.0.1 only
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not Path(args.videos).is_dir():
+        sys.exit(f"--videos: {args.videos} is not a folder; give a folder of videos (default ../shared/videos)")
+    prebuild_model(args.cache_dir)
+    start_ray()
+    began = time.perf_counter()
+    runs = measure(args)
+    report = summarise(args, runs)
+    report["bench_wall_s"] = time.perf_counter() - began
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stem = RESULTS_DIR / "pipeline-cpu"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
