@@ -2,10 +2,13 @@
 
 Columns in: CLIP_SCHEMA.
 Columns out (`DECODED_SCHEMA`): those plus frames (bytes, uint8 [T, H, W, 3] C order),
-frames_shape, frames_dtype, timestamps_s, decoder ('decord' | 'pyav'), decode_ms.
-Rows that are not 'ok' pass through. A decode failure, a timeout, or a clip whose frames stop
-before its end (damaged or cut-short file) becomes an error row (error_stage 'decode'): a caption
-of half a clip would claim to describe the whole span.
+frames_shape, frames_dtype, timestamps_s, decoder ('decord' | 'pyav'), decode_ms, last_frame_s,
+partial_reason.
+Rows that are not 'ok' pass through. A decode failure or a timeout becomes an error row
+(error_stage 'decode'). A clip whose frames stop before its end (damaged data, a file cut short)
+is served with the frames read before that point, and says so: `partial_reason` names the file
+and why, and `last_frame_s` shows how far its frames reach, so a caption is never taken to
+describe more of the span than the model saw.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pipeline._rows import error_fields, extend_schema, to_table
 from pipeline._shard import CLIP_SCHEMA
 from pipeline.config import DecodeConfig
 from pipeline.storage import Storage, StorageError
-from pipeline.video import VideoError, decode_clip, frames_to_record
+from pipeline.video import DecodedClip, VideoError, decode_clip, frames_to_record
 
 DECODED_SCHEMA = extend_schema(
     CLIP_SCHEMA,
@@ -29,6 +32,8 @@ DECODED_SCHEMA = extend_schema(
     ("timestamps_s", pa.list_(pa.float64())),
     ("decoder", pa.string()),
     ("decode_ms", pa.float64()),
+    ("last_frame_s", pa.float64()),
+    ("partial_reason", pa.string()),
 )
 
 
@@ -47,10 +52,15 @@ def decode_row(row: dict[str, Any], decode: DecodeConfig, storage: Storage, cach
         return {**row, **error_fields(uri, f"clip [{row['start_s']:g}, {row['end_s']:g}) s: {e.reason}", "decode")}
     except StorageError as e:
         return {**row, **error_fields(uri, f"{e.reason} ({e.kind})", "decode")}
-    decode_ms = (time.perf_counter() - started) * 1e3
-    if clip.partial:
-        reason = f"clip [{row['start_s']:g}, {row['end_s']:g}) s: only {len(clip.timestamps_s)} frames readable ({clip.error})"
-        return {**row, **error_fields(uri, reason, "decode"), "decoder": clip.decoder, "decode_ms": decode_ms}
     record = frames_to_record(clip)
     return {**row, **{k: record[k] for k in ("frames", "frames_shape", "frames_dtype", "timestamps_s", "decoder")},
-            "decode_ms": decode_ms}
+            "decode_ms": (time.perf_counter() - started) * 1e3, "last_frame_s": clip.timestamps_s[-1],
+            "partial_reason": _partial_reason(uri, row, clip, decode)}
+
+
+def _partial_reason(uri: str, row: dict[str, Any], clip: DecodedClip, decode: DecodeConfig) -> str | None:
+    if not clip.partial:
+        return None
+    asked = f" of {decode.num_frames}" if decode.fps is None else ""
+    return (f"{uri}: clip [{row['start_s']:g}, {row['end_s']:g}) s: {len(clip.timestamps_s)}{asked} frames "
+            f"readable, up to {clip.timestamps_s[-1]:.3f} s ({clip.error})")

@@ -32,6 +32,7 @@ class RunStats:
     errors_by_stage: Counter = field(default_factory=Counter)
     ok_clip_seconds: dict[str, float] = field(default_factory=dict)  # clip_id -> duration_s
     failed_clips: set[str] = field(default_factory=set)
+    partial_clips: set[str] = field(default_factory=set)  # ok clips served from frames before damage
     output_tokens: int = 0
     prompt_tokens: int = 0
     retention_asked_sum: float = 0.0
@@ -56,9 +57,11 @@ class RunStats:
             self._update_model(ok)
 
     def _update_clips(self, table: pa.Table) -> None:
-        for row in table.select(["clip_id", "status", "start_s", "end_s"]).to_pylist():
+        for row in table.select(["clip_id", "status", "start_s", "end_s", "partial_reason"]).to_pylist():
             if row["status"] == "ok":
                 self.ok_clip_seconds[row["clip_id"]] = row["end_s"] - row["start_s"]
+                if row["partial_reason"]:
+                    self.partial_clips.add(row["clip_id"])
             elif row["status"] == "error":
                 self.failed_clips.add(row["clip_id"])
 
@@ -88,7 +91,8 @@ def build_summary(
         "planned_rows": planned_rows, "resumed_keys_skipped": resumed_keys,
         "rows_ok": stats.rows_by_status["ok"], "rows_error": stats.rows_by_status["error"],
         "rows_skipped": stats.rows_by_status["skipped"], "errors_by_stage": json.dumps(dict(stats.errors_by_stage)),
-        "clips_ok": len(stats.ok_clip_seconds), "clips_failed": len(stats.failed_clips - stats.ok_clip_seconds.keys()),
+        "clips_ok": len(stats.ok_clip_seconds), "clips_partial": len(stats.partial_clips),
+        "clips_failed": len(stats.failed_clips - stats.ok_clip_seconds.keys()),
         "video_seconds_processed": video_s, "clips_per_s": len(stats.ok_clip_seconds) / wall_s,
         "prompt_tokens": stats.prompt_tokens, "output_tokens": stats.output_tokens,
         "output_tokens_per_s": stats.output_tokens / wall_s,
@@ -138,7 +142,7 @@ def format_summary(summary: dict[str, Any], examples: list[dict[str, Any]]) -> s
         ("rows ok / error / skipped", f"{summary['rows_ok']} / {summary['rows_error']} / {summary['rows_skipped']}"),
         ("errors by stage", summary["errors_by_stage"]),
         ("keys already done (resume)", summary["resumed_keys_skipped"]),
-        ("clips ok / failed", f"{summary['clips_ok']} / {summary['clips_failed']}"),
+        ("clips ok (partial) / failed", f"{summary['clips_ok']} ({summary['clips_partial']}) / {summary['clips_failed']}"),
         ("video seconds processed", f"{summary['video_seconds_processed']:.1f}"),
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("clips/s", f"{summary['clips_per_s']:.3f}"),

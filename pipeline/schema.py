@@ -45,6 +45,8 @@ ROW_SCHEMA = pa.schema(
         pa.field("peak_memory_bytes", pa.int64()),  # accelerator peak memory of the batch (0 on CPU)
         pa.field("worker_host", pa.string()),  # host name of the model actor
         pa.field("decoder", pa.string()),  # decord | pyav
+        pa.field("last_frame_s", pa.float64()),  # time of the last frame the model saw; null unless decoded
+        pa.field("partial_reason", pa.string()),  # why the frames stop before end_s (damage, file cut short); else null
         pa.field("started_at", _UTC_US),  # when work on this row started (decode start)
         pa.field("finished_at", _UTC_US),  # when the row was finished
         pa.field("job", pa.string(), nullable=False),  # partition: job name

@@ -108,7 +108,7 @@ EXPECTED = {  # file -> (rows by status, error stage)
     "av1.webm": ({"ok": 1}, None),  # [0, 5) s; the 1 s tail is below min_clip_len_s
     "h265_video.mp4": ({"skipped": 1}, "shard"),
     "video_90.mov": ({"skipped": 1}, "shard"),
-    "corrupted.mp4": ({"error": 1}, "decode"),
+    "corrupted.mp4": ({"ok": 1}, None),  # served from the frames before the damage: partial_reason says so
     "zero.mp4": ({"error": 1}, "probe"),
     "cut.mp4": ({"error": 1}, "probe"),  # cut before the moov atom
     "random.mp4": ({"error": 1}, "probe"),
@@ -169,6 +169,13 @@ def test_every_input_is_accounted_for(caption_run: tuple[Path, dict, Any], video
     decoders = {Path(u).name: d for u, d in zip(rows["video_uri"].to_pylist(), rows["decoder"].to_pylist()) if d}
     assert decoders["av1.webm"] == "pyav" and decoders["nasa_13013.mp4"] == "decord"
     assert "zero.mp4: file is empty" in " ".join(e for e in rows["error"].to_pylist() if e)
+    partial = {Path(r["video_uri"]).name: r for r in rows.to_pylist() if r["partial_reason"]}
+    assert list(partial) == ["corrupted.mp4"]  # the frames before the damage serve their clip, and say so
+    damaged = partial["corrupted.mp4"]
+    assert damaged["partial_reason"].startswith(str(videos / "corrupted.mp4")) and "2 of 4 frames" in damaged["partial_reason"]
+    assert damaged["start_s"] <= damaged["last_frame_s"] < damaged["end_s"] and damaged["output_text"].startswith("2 frames")
+    whole = [r for r in rows.to_pylist() if r["status"] == "ok" and not r["partial_reason"]]
+    assert all(r["start_s"] <= r["last_frame_s"] < r["end_s"] for r in whole)
 
 
 def test_errors_go_to_their_own_files(caption_run: tuple[Path, dict, Any]) -> None:
@@ -185,8 +192,9 @@ def test_summary_agrees_with_the_rows(caption_run: tuple[Path, dict, Any]) -> No
     ok = [r for r in rows if r["status"] == "ok"]
     stored = json.loads((out / "runs" / "job=caption" / summary["run_id"] / "summary.json").read_text())
     assert stored == json.loads(json.dumps(summary, default=str))
-    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (36, 6, 2)
-    assert json.loads(summary["errors_by_stage"]) == {"probe": 4, "decode": 1, "model": 1}
+    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (37, 5, 2)
+    assert json.loads(summary["errors_by_stage"]) == {"probe": 4, "model": 1}
+    assert summary["clips_partial"] == 1  # corrupted.mp4
     assert summary["video_seconds_processed"] == pytest.approx(sum(r["end_s"] - r["start_s"] for r in ok))
     assert summary["output_tokens"] == sum(r["output_tokens"] for r in ok)
     assert summary["clips_per_s"] == pytest.approx(len(ok) / summary["wall_s"])
@@ -202,8 +210,8 @@ def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run
     before = read_rows(out)
     errors_before = [p for p in data_files(out) if p.name.endswith("-errors.parquet")]
 
-    again = run(cfg, model_stage=FrameStatsStage)  # only the 6 error keys are retried, and fail again
-    assert (again["rows_ok"], again["rows_skipped"], again["rows_error"]) == (0, 0, 6)
+    again = run(cfg, model_stage=FrameStatsStage)  # only the 5 error keys are retried, and fail again
+    assert (again["rows_ok"], again["rows_skipped"], again["rows_error"]) == (0, 0, 5)
     assert not any(p.exists() for p in errors_before)  # replaced by this run's error file
     rows = read_rows(out)
     assert rows.num_rows == before.num_rows
@@ -250,7 +258,7 @@ def test_a_crashed_actor_is_restarted_and_loses_or_duplicates_nothing(ray_cluste
     rows = read_rows(out)
     assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
     assert_unique_keys(rows)
-    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (36, 6, 2)
+    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (37, 5, 2)
 
 
 # --- qa, manifest ---------------------------------------------------------------------------
@@ -324,12 +332,14 @@ def test_model_that_cannot_load_is_a_systemic_error(ray_cluster: None, shared_vi
 def test_real_tiny_model_captions_and_answers(ray_cluster: None, videos: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    for name in ("nasa_13013.mp4", "av1.webm", "thin.mp4", "h265_video.mp4"):
+    for name in ("nasa_13013.mp4", "av1.webm", "thin.mp4", "h265_video.mp4", "corrupted.mp4"):
         (folder / name).symlink_to(videos / name)
     summary = run(offline("qa.yaml", tmp_path / "out", f"input.uri={folder}"))
     rows = read_rows(tmp_path / "out").to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == (3 + 1) * 3  # (nasa_13013: 3 clips, av1: 1 clip) x 3 questions; thin.mp4 fails
+    assert len(ok) == (3 + 1 + 1) * 3  # (nasa_13013: 3 clips, av1: 1, corrupted: 1) x 3 questions; thin fails
+    damaged = [r for r in ok if r["video_uri"].endswith("corrupted.mp4")]
+    assert len(damaged) == 3 and all(r["partial_reason"] and r["last_frame_s"] < r["end_s"] for r in damaged)
     assert all(r["model_random_weights"] and r["output_tokens"] >= 1 for r in ok)
     assert all(r["visual_tokens_per_stage"] and r["retention_achieved"] < 1 for r in ok)
     thin = [r for r in rows if r["video_uri"].endswith("thin.mp4")]
