@@ -2,13 +2,19 @@
 
     python -m bench.bench_pipeline                     # ../shared/videos, 2 repeats, 16 frames of <= 448x448
     python -m bench.bench_pipeline --videos DIR --repeats 3 --num-frames 8 --max-pixels 50176
+    python -m bench.bench_pipeline --model tiny        # the offline preset's own 8-layer model
 
 Each repeat runs `pipeline.run.run(cfg)` once per variant (the order alternates between repeats),
 each into a fresh output folder, on one local Ray cluster started once. Configs come from
-`jobs/caption.yaml` with `preset=offline` (a tiny random-weight Qwen2.5-VL on CPU) plus more visual
-tokens than the preset (16 frames, max_pixels 448*448, so a 480x270 clip gives ~1,360 visual tokens)
-and a fixed `generation.max_new_tokens`. Both variants share `model.cache_dir`, so the tiny model is
-built once, before timing.
+`jobs/caption.yaml` with `preset=offline` (CPU, float32, sdpa) plus more visual tokens than the
+preset (16 frames, max_pixels 448*448) and a fixed `generation.max_new_tokens`.
+
+The model (`--model`): `bench` (default) is a Qwen2.5-VL with the real architecture, 28 decoder
+layers of hidden size 256 and random weights, the shape of bench.bench_v2drop, built once into
+the cache by v2drop.tiny and loaded as a local-path model.source: its language model is big
+enough that dropping visual tokens shows in the model stage. `tiny` is the preset's own
+tiny:qwen2_5_vl (8 layers, hidden 64), whose language model costs next to nothing, so there the
+benchmark measures decode and Ray overhead. Either is built before timing.
 
 Per variant, the median over repeats of: wall seconds (the run's summary: planning, actor start and
 model load, decode, model, write), clips/s, video-seconds/s, output tokens/s, and from the written
@@ -40,6 +46,11 @@ RESULTS_DIR = REPO / "bench" / "results"
 JOB_FILE = REPO / "jobs" / "caption.yaml"
 VARIANTS = {"v2drop": 0.25, "off": 1.0}  # name -> model.retention
 TINY_SOURCE = "tiny:qwen2_5_vl"  # what preset=offline loads
+BENCH_MODEL = dict(num_layers=28, hidden_size=256)  # bench.bench_v2drop's shape (35.7 M parameters)
+MODEL_DESCRIPTIONS = {
+    "bench": "Qwen2.5-VL, 28 layers x hidden 256, random weights (v2drop.tiny)",
+    "tiny": "tiny:qwen2_5_vl, 8 layers x hidden 64, random weights (the offline preset's model)",
+}
 RATIO_KEYS = ("wall_s", "clips_per_s", "video_s_per_s", "output_tokens_per_s", "prefill_ms_per_batch",
               "generate_ms_per_batch", "prefill_flops")
 
@@ -51,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-frames", type=int, default=16, help="decode.num_frames")
     p.add_argument("--max-pixels", type=int, default=448 * 448, help="decode.max_pixels per frame")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation.max_new_tokens")
+    p.add_argument("--model", choices=("bench", "tiny"), default="bench",
+                   help="bench: 28 layers x hidden 256, random weights; tiny: the preset's tiny:qwen2_5_vl")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "v2drop-bench-cache"), help="model.cache_dir")
     return p.parse_args(argv)
 
@@ -63,6 +76,7 @@ def job_config(args: argparse.Namespace, retention: float, output_dir: Path):
 
     return load_job(JOB_FILE, [
         "preset=offline", f"input.uri={Path(args.videos).resolve()}", f"output.uri={output_dir}",
+        f"model.source={args.model_source}",
         f"model.retention={retention}", f"model.cache_dir={args.cache_dir}",
         f"decode.num_frames={args.num_frames}", f"decode.max_pixels={args.max_pixels}",
         f"generation.max_new_tokens={args.max_new_tokens}",
@@ -78,11 +92,17 @@ def start_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # the run's own progress lines suffice
 
 
-def prebuild_model(cache_dir: str) -> None:
-    """Build the tiny model into the shared cache now, so no timed run pays for it."""
+def prebuild_model(args: argparse.Namespace) -> str:
+    """Build the model now, so no timed run pays for it; returns the model.source to use."""
+    from v2drop import tiny
     from workers.loading import resolve_model_source
 
-    resolve_model_source(TINY_SOURCE, cache_dir=cache_dir)
+    if args.model == "tiny":
+        resolve_model_source(TINY_SOURCE, cache_dir=args.cache_dir)
+        return TINY_SOURCE
+    # The processor's pixel bound matches decode.max_pixels, so frames keep their visual tokens.
+    return str(tiny.build_cached("qwen2_5_vl", Path(args.cache_dir) / "bench", max_pixels=args.max_pixels,
+                                 **BENCH_MODEL))
 
 
 # -- measurement -------------------------------------------------------------------------
@@ -182,7 +202,8 @@ def summarise(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -
                     f"(torch {torch.__version__}); local Ray, num_cpus=2",
         "args": vars(args),
         "config": {k: cfg[k] for k in ("decode", "model", "actors", "clips", "generation")},
-        "weights": "random (tiny:qwen2_5_vl, seeded): outputs are noise; absolute CPU times are not GPU figures",
+        "model": MODEL_DESCRIPTIONS[args.model],
+        "weights": "random (seeded): outputs are noise; absolute CPU times are not GPU figures",
         "noise": "other work may share the 2 cores (e.g. a concurrent Ray test suite): see load_avg_1m_* per run",
         "variants": rows,
         "ratios_v2drop_over_off": ratios,
@@ -197,7 +218,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Pipeline throughput, V²Drop vs off ({report['hardware']})",
         "",
         f"`pipeline.run.run` on jobs/caption.yaml preset=offline over `{a['videos']}`: "
-        f"{c['model']['source']} ({c['model']['dtype']}, {c['model']['attn_implementation']}), "
+        f"{report['model']} ({c['model']['dtype']}, {c['model']['attn_implementation']}), "
         f"{c['decode']['num_frames']} frames of <= {c['decode']['max_pixels']} px per {c['clips']['clip_len_s']:g} s clip, "
         f"actors batch {c['actors']['batch_size']}, max_new_tokens {c['generation']['max_new_tokens']}; "
         f"median of {a['repeats']} repeats, variants alternating, each run into a fresh output folder.",
@@ -247,14 +268,14 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not Path(args.videos).is_dir():
         sys.exit(f"--videos: {args.videos} is not a folder; give a folder of videos (default ../shared/videos)")
-    prebuild_model(args.cache_dir)
+    args.model_source = prebuild_model(args)
     start_ray()
     began = time.perf_counter()
     runs = measure(args)
     report = summarise(args, runs)
     report["bench_wall_s"] = time.perf_counter() - began
     RESULTS_DIR.mkdir(exist_ok=True)
-    stem = RESULTS_DIR / "pipeline-cpu"
+    stem = RESULTS_DIR / ("pipeline-cpu" if args.model == "bench" else "pipeline-cpu-tiny")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
