@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipeline._write import job_data_uri
 from pipeline.storage import Storage
 
-SHOWN_COLUMNS = ("video_uri", "clip_index", "start_s", "end_s", "status", "output_text", "error",
+SHOWN_COLUMNS = ("video_uri", "clip_index", "start_s", "end_s", "status", "output_text", "error", "partial_reason",
                  "retention_achieved", "visual_tokens_per_stage", "model_random_weights")
 
 
@@ -28,7 +28,7 @@ def latest_summary(storage: Storage, output_uri: str, job: str) -> dict | None:
 
 def sample_rows(table: pa.Table, count: int) -> list[dict]:
     columns = [c for c in SHOWN_COLUMNS if c in table.column_names]
-    rows = table.select(columns).to_pylist()
+    rows = [{k: v for k, v in row.items() if v is not None} for row in table.select(columns).to_pylist()]
     ok, other = [r for r in rows if r.get("status") == "ok"], [r for r in rows if r.get("status") != "ok"]
     return (ok[: max(1, count - 2)] + other)[:count]
 
@@ -42,7 +42,8 @@ def show(output_uri: str, job: str, rows: int) -> None:
     if summary is not None:
         print(f"Run summaries:   {output_uri.rstrip('/')}/runs/job={job}/<run_id>/summary.json")
         counts = {status: summary.get(f"rows_{status}") for status in ("ok", "error", "skipped")}
-        print(f"Latest run:      {summary.get('run_id')}  rows by status: {counts}")
+        print(f"Latest run:      {summary.get('run_id')}  rows by status: {counts}, "
+              f"partial clips: {summary.get('clips_partial', 0)}")
     print(f"\nA few rows:")
     for row in sample_rows(table, rows):
         print("  " + json.dumps(row, default=str)[:400])

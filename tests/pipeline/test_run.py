@@ -186,6 +186,19 @@ def test_errors_go_to_their_own_files(caption_run: tuple[Path, dict, Any]) -> No
         assert path.parent.name.startswith("run_date=") and path.parent.parent.name == "job=caption"
 
 
+def test_show_prints_where_the_output_is_the_counts_and_a_partial_row(caption_run: tuple[Path, dict, Any],
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from pipeline.show import show
+
+    out, summary, _ = caption_run
+    show(str(out), "caption", rows=60)
+    printed = capsys.readouterr().out
+    assert f"{out}/data/job=caption  ({summary['rows_ok'] + summary['rows_error'] + summary['rows_skipped']} rows" in printed
+    assert f"{summary['run_id']}  rows by status: {{'ok': 37, 'error': 5, 'skipped': 2}}, partial clips: 1" in printed
+    [damaged] = [line for line in printed.splitlines() if "corrupted.mp4" in line]
+    assert '"partial_reason"' in damaged and '"error"' not in damaged  # null fields are left out
+
+
 def test_summary_agrees_with_the_rows(caption_run: tuple[Path, dict, Any]) -> None:
     out, summary, cfg = caption_run
     rows = read_rows(out).to_pylist()
