@@ -406,7 +406,8 @@ class _FramesVideoProcessor(BaseVideoProcessor):
         return rescale_normalize(frames, rescale, mean, std)
 
     def _pixels(self, videos: list[np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """uint8 [T, H, W, 3] videos -> this family's pixel tensors; each family's subclass defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _pixels")
 
 
 class QwenVideoFramesProcessor(_FramesVideoProcessor):

@@ -2,9 +2,10 @@
 
 The accounting tests run stage 5 with `FrameStatsStage`, an actor that keeps the Captioner's
 contract (pass non-ok rows through, one row per (clip, prompt), error rows for clips it cannot
-use) but answers with frame statistics, so that 60 clips of bookkeeping take seconds. The real
-tiny Qwen2.5-VL (random weights) runs stage 5 in `test_real_tiny_model_captions_and_answers`,
-in `ray job submit` of both job files and in the CLI tests.
+use) but answers with frame statistics, so that dozens of clips of bookkeeping take seconds.
+The real tiny Qwen2.5-VL (random weights) runs stage 5 in `test_real_tiny_model_captions_and_answers`,
+in the S3 job, and in `ray job submit` of both job files. The CLI tests use inputs that never
+reach the model (too short or broken).
 """
 
 from __future__ import annotations
@@ -325,9 +326,9 @@ def test_input_and_output_on_s3(ray_cluster: None, s3_server: str, s3_bucket: st
     listed = job(f"s3://{s3_bucket}/raw/videos.jsonl", "from-manifest")
     run(listed, model_stage=FrameStatsStage)
     storage = Storage.from_config(listed.storage)
-    rows = storage.read_parquet(job_data_uri(listed.output.uri, listed.job)).to_pylist()
-    assert by_file(pa.Table.from_pylist(rows)) == {"nasa_13013.mp4": {"ok": 3}, "gone.mp4": {"error": 1}}
-    [gone] = [r for r in rows if r["status"] == "error"]
+    rows = storage.read_parquet(job_data_uri(listed.output.uri, listed.job))
+    assert by_file(rows) == {"nasa_13013.mp4": {"ok": 3}, "gone.mp4": {"error": 1}}
+    [gone] = [r for r in rows.to_pylist() if r["status"] == "error"]
     assert gone["error"].startswith(f"s3://{s3_bucket}/raw/gone.mp4") and "missing" in gone["error"]
 
 
