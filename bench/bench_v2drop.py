@@ -12,7 +12,7 @@ median is reported, so the ratios come from one run on one machine state.
 Memory: on CUDA, torch.cuda.max_memory_allocated around generate. On CPU, the KV-cache bytes
 after generate (exact), plus each variant's peak resident set size measured in its own
 subprocess (coarse: it includes the model weights).
-Writes bench/results/v2drop-<device>.json and .md.
+Writes bench/results/v2drop-<device>.json and .md (or into --out-dir).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--no-memory-subprocess", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the .json and .md go")
     p.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -226,7 +227,7 @@ def summarise(args, measured: dict, peaks: dict | None) -> dict:
     v2 = rows["v2drop"]
     return {
         "hardware": hardware(args.device),
-        "args": {k: v for k, v in vars(args).items() if k != "memory_probe"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("memory_probe", "out_dir")},
         "schedule": {"layers": list(measured["schedule"].layers), "keep": list(measured["schedule"].keep)},
         "num_params": measured["num_params"],
         "weights": "random (seeded); real Qwen2.5-VL architecture",
@@ -287,8 +288,8 @@ def main(argv=None) -> None:
     measured = measure(args)
     peaks = None if args.device.startswith("cuda") or args.no_memory_subprocess else peak_rss_per_variant(argv)
     report = summarise(args, measured, peaks)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    stem = RESULTS_DIR / f"v2drop-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"v2drop-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
