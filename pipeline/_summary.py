@@ -30,7 +30,7 @@ class RunStats:
 
     rows_by_status: Counter = field(default_factory=Counter)
     errors_by_stage: Counter = field(default_factory=Counter)
-    ok_clip_seconds: dict[str, float] = field(default_factory=dict)  # clip_id -> duration_s
+    ok_clip_seconds: dict[str, float] = field(default_factory=dict)  # clip_id -> seconds the model saw
     failed_clips: set[str] = field(default_factory=set)
     partial_clips: set[str] = field(default_factory=set)  # ok clips served from frames before damage
     output_tokens: int = 0
@@ -57,9 +57,12 @@ class RunStats:
             self._update_model(ok)
 
     def _update_clips(self, table: pa.Table) -> None:
-        for row in table.select(["clip_id", "status", "start_s", "end_s", "partial_reason"]).to_pylist():
+        columns = ["clip_id", "status", "start_s", "end_s", "last_frame_s", "partial_reason"]
+        for row in table.select(columns).to_pylist():
             if row["status"] == "ok":
-                self.ok_clip_seconds[row["clip_id"]] = row["end_s"] - row["start_s"]
+                # A partial clip's text covers only [start_s, last_frame_s]; count no more than that.
+                end = row["last_frame_s"] if row["partial_reason"] else row["end_s"]
+                self.ok_clip_seconds[row["clip_id"]] = end - row["start_s"]
                 if row["partial_reason"]:
                     self.partial_clips.add(row["clip_id"])
             elif row["status"] == "error":
