@@ -208,8 +208,8 @@ def _dropping_prefill(text_model, state, inputs_embeds, visual, attention_mask, 
         raise ValueError("v2drop needs a 2-D attention mask; masks prepared for compiled/static caches are not supported")
     if use_cache and cache is None:
         cache = loop.DynamicCache(config=text_model.config)
-    tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, attention_mask,
-                                      position_ids, visual)
+    tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, attention_mask, position_ids,
+                                      visual, state.adapter.layer_additions(kwargs, inputs_embeds))
     result = loop.prefill_with_drops(text_model, state.schedule, tokens, cache, use_cache,
                                      loop.layer_kwargs(kwargs), state.score)
     state.last_stats = loop.per_sample_stats(result, state.schedule, state.shape)
@@ -220,6 +220,8 @@ def _dropping_prefill(text_model, state, inputs_embeds, visual, attention_mask, 
 
 
 def _continuation(text_model, state, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    if state.adapter.layer_additions(kwargs, inputs_embeds) is not None:
+        raise ValueError("v2drop: visual inputs after a dropping prefill are not supported; start a new generate()")
     num_new = inputs_embeds.shape[1]
     if attention_mask is None or isinstance(attention_mask, dict):
         new_valid = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)

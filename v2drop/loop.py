@@ -7,7 +7,8 @@ type. What changes here:
 * Prefill that holds visual tokens: before each drop layer i, score the visual tokens by
   ||H[i] - H[i-1]||, keep each sample's top-k, and gather every per-token tensor
   (`TokenState`). Each layer writes only the tokens it processed into its own KV-cache layer,
-  so layers of later stages have shorter caches.
+  so layers of later stages have shorter caches. A family's per-token additions after its first
+  layers (Qwen3-VL DeepStack) are one more gathered tensor.
 * Later forwards on that cache (decode, or a continuation chunk): one 2-D key mask per stage,
   grown by the new tokens, sized against that stage's own cache length. Positions come from
   the caller and continue from the unpruned length.
@@ -104,6 +105,15 @@ def drop_token_state(state: TokenState, prev_hidden: torch.Tensor, keep: float,
     return state.gather(index, index_valid)
 
 
+def add_after_layer(state: TokenState, layer_idx: int) -> None:
+    """The family's per-token additions after layer `layer_idx` (Qwen3-VL DeepStack), if any."""
+    if state.additions is None:
+        return
+    state.hidden = state.hidden + state.additions[:, :, layer_idx]
+    if layer_idx == state.additions.shape[2] - 1:
+        state.additions = None  # all made: later drops need not gather them
+
+
 def prefill_with_drops(
     text_model,
     schedule: Schedule,
@@ -139,6 +149,7 @@ def prefill_with_drops(
             use_cache=use_cache,
             **kwargs,
         )
+        add_after_layer(state, i)
     return PrefillResult(
         hidden=text_model.norm(state.hidden),
         stage_masks=StageMasks(starts=starts, masks=masks),
@@ -220,6 +231,7 @@ def initial_token_state(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     visual: torch.Tensor,
+    additions: torch.Tensor | None = None,
 ) -> TokenState:
     batch, length = inputs_embeds.shape[:2]
     rope_positions = adapter.positions(text_model, inputs_embeds, position_ids, None)
@@ -235,6 +247,7 @@ def initial_token_state(
         valid=valid,
         visual=visual & valid,
         source_index=torch.arange(length, device=inputs_embeds.device).expand(batch, -1),
+        additions=additions,
     )
 
 

@@ -35,11 +35,15 @@ from typing import Any
 import torch
 
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
+# Families whose config, model and tokenizer tiny builds for the engine tests, without a saved
+# processor directory: there is no offline Qwen3-VL video processor (it needs torchvision).
+ENGINE_ONLY_FAMILIES = ("qwen3_vl",)
 # Bump when the built directory changes for the same arguments, so `build_cached` rebuilds.
 BUILDER_VERSION = 1
 MARKER_FILE = "RANDOM_WEIGHTS.json"
 
 PATCH_SIZE = 14
+QWEN3_VL_PATCH_SIZE = 16
 IMAGE_SIZE_PX = 112  # LLaVA-OV SigLIP input side; 112 / 14 = 8x8 patches per crop
 
 QWEN_SPECIAL_TOKENS = (
@@ -134,7 +138,7 @@ def _train_bpe(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def build_tokenizer(family: str, *, bpe_vocab_size: int = 1024) -> Any:
-    """A real `Qwen2Tokenizer` (both families use Qwen2 text models) with the family's special tokens
+    """A real `Qwen2Tokenizer` (every family here uses Qwen's tokenizer) with the family's special tokens
     appended after the BPE vocab, as in the real checkpoints, and its chat template attached."""
     from transformers import AddedToken, Qwen2Tokenizer
 
@@ -142,7 +146,7 @@ def build_tokenizer(family: str, *, bpe_vocab_size: int = 1024) -> Any:
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    specials = QWEN_SPECIAL_TOKENS if family == "qwen2_5_vl" else LLAVA_SPECIAL_TOKENS
+    specials = QWEN_SPECIAL_TOKENS if family.startswith("qwen") else LLAVA_SPECIAL_TOKENS
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     tokenizer.chat_template = _chat_template(family)
     tokenizer.model_max_length = 32768
@@ -150,7 +154,9 @@ def build_tokenizer(family: str, *, bpe_vocab_size: int = 1024) -> Any:
 
 
 def _chat_template(family: str) -> str:
-    return QWEN2_5_VL_CHAT_TEMPLATE if family == "qwen2_5_vl" else LLAVA_ONEVISION_CHAT_TEMPLATE
+    # Qwen3-VL's own template differs only in the system prompt; its processor, not the template,
+    # writes the per-frame timestamps.
+    return QWEN2_5_VL_CHAT_TEMPLATE if family.startswith("qwen") else LLAVA_ONEVISION_CHAT_TEMPLATE
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -228,6 +234,37 @@ def _qwen2_5_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size:
     )
 
 
+def _qwen3_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: int, vision_depth: int) -> Any:
+    """Qwen3-VL: patch 16, learned vision position embeddings, interleaved M-RoPE, and DeepStack
+    features taken from every vision block (the real 8B takes blocks 8, 16 and 24 of 27)."""
+    from transformers import Qwen3VLConfig
+
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": _mrope_section(head_dim), "mrope_interleaved": True}
+    text = dict(text, head_dim=head_dim, rope_parameters=rope)
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_heads=2,
+        patch_size=QWEN3_VL_PATCH_SIZE,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=text["hidden_size"],
+        num_position_embeddings=64,  # an 8x8 grid, interpolated to each input's size
+        deepstack_visual_indexes=list(range(vision_depth)),
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
 def _llava_grid_pinpoints(max_crops_per_side: int = 3) -> list[list[int]]:
     """The real pinpoints are multiples of the 384 px SigLIP input; ours are multiples of 112 px."""
     sides = [IMAGE_SIZE_PX * k for k in range(1, max_crops_per_side + 1)]
@@ -275,7 +312,8 @@ def build_config(
 ) -> Any:
     """The family's real config class with small sizes; pass 7B sizes (hidden_size=3584, num_heads=28,
     num_kv_heads=4, intermediate_size=18944, num_layers=28, vocab_size=152064) for benchmark shapes."""
-    _check_family(family)
+    if family not in FAMILIES + ENGINE_ONLY_FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; supported: {', '.join(FAMILIES + ENGINE_ONLY_FAMILIES)}")
     text = _text_config(
         tokenizer,
         num_layers=num_layers,
@@ -285,8 +323,8 @@ def build_config(
         intermediate_size=intermediate_size,
         vocab_size=vocab_size,
     )
-    make = _qwen2_5_vl_config if family == "qwen2_5_vl" else _llava_onevision_config
-    return make(tokenizer, text, vision_hidden_size, vision_depth)
+    make = {"qwen2_5_vl": _qwen2_5_vl_config, "qwen3_vl": _qwen3_vl_config, "llava_onevision": _llava_onevision_config}
+    return make[family](tokenizer, text, vision_hidden_size, vision_depth)
 
 
 def _check_family(family: str) -> None:

@@ -21,6 +21,9 @@ class TokenState:
     valid: torch.Tensor  # [B, L] bool, False at padding
     visual: torch.Tensor  # [B, L] bool, True at visual tokens still present
     source_index: torch.Tensor  # [B, L] int64 position of each token in the original prefill
+    # [B, L, K, D] added to the residual stream after layers 0..K-1 (Qwen3-VL DeepStack), zero at
+    # tokens that get nothing; None once the last addition is made, or for families without any.
+    additions: torch.Tensor | None = None
 
     def gather(self, index: torch.Tensor, index_valid: torch.Tensor) -> "TokenState":
         """Tokens at `index` ([B, L'] int64); slots where `index_valid` is False become padding."""

@@ -14,7 +14,8 @@ import torch
 
 from v2drop import tiny
 
-PATCH_DIM_QWEN = 3 * 2 * 14 * 14  # channels * temporal_patch * patch * patch
+PATCH_DIM = {"qwen2_5_vl": 3 * 2 * 14 * 14, "qwen3_vl": 3 * 2 * 16 * 16}  # channels * temporal_patch * patch²
+QWEN_FAMILIES = tuple(PATCH_DIM)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def model(family: str, *, num_layers: int = 8, dtype=torch.float32, attn: str = 
 
 
 def num_visual_tokens(family: str, visual: Visual) -> int:
-    if family == "qwen2_5_vl":
+    if family in QWEN_FAMILIES:
         t, h, w = visual.grid
         return t * h * w // 4  # spatial merge 2x2
     frames = visual.grid[0]
@@ -52,7 +53,7 @@ def num_visual_tokens(family: str, visual: Visual) -> int:
 
 
 def _placeholder(family: str, kind: str) -> str:
-    if family == "qwen2_5_vl":
+    if family in QWEN_FAMILIES:
         return "<|video_pad|>" if kind == "video" else "<|image_pad|>"
     return "<video>" if kind == "video" else "<image>"
 
@@ -64,10 +65,16 @@ def _prompt_text(family: str, sample: Sample) -> str:
     text = tokenizer(family).apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
-    if sample.visual is not None:
-        marker = _placeholder(family, sample.visual.kind)
-        text = text.replace(marker, marker * num_visual_tokens(family, sample.visual), 1)
-    return text
+    if sample.visual is None:
+        return text
+    marker = _placeholder(family, sample.visual.kind)
+    if family == "qwen3_vl" and sample.visual.kind == "video":
+        # Qwen3-VL's processor gives each temporal patch its own span behind a timestamp.
+        t, h, w = sample.visual.grid
+        frame = marker * (h * w // 4)
+        frames = "<|vision_end|>".join(f"<{k:.1f} seconds><|vision_start|>{frame}" for k in range(t))
+        return text.replace(f"<|vision_start|>{marker}", frames, 1)
+    return text.replace(marker, marker * num_visual_tokens(family, sample.visual), 1)
 
 
 def batch(family: str, samples: list[Sample], *, seed: int = 0) -> dict:
@@ -81,8 +88,8 @@ def batch(family: str, samples: list[Sample], *, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     visuals = [s.visual for s in samples if s.visual is not None]
-    if family == "qwen2_5_vl":
-        inputs.update(_qwen_visual_inputs(tok, input_ids, visuals, generator))
+    if family in QWEN_FAMILIES:
+        inputs.update(_qwen_visual_inputs(family, tok, input_ids, visuals, generator))
     elif visuals:
         frames = visuals[0].grid[0]
         assert all(v.kind == "video" and v.grid[0] == frames for v in visuals), "LLaVA-OV: same-length videos"
@@ -90,7 +97,7 @@ def batch(family: str, samples: list[Sample], *, seed: int = 0) -> dict:
     return inputs
 
 
-def _qwen_visual_inputs(tok, input_ids, visuals: list[Visual], generator) -> dict:
+def _qwen_visual_inputs(family: str, tok, input_ids, visuals: list[Visual], generator) -> dict:
     video_id = tok.convert_tokens_to_ids("<|video_pad|>")
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     out = {"mm_token_type_ids": (input_ids == image_id).int() + 2 * (input_ids == video_id).int()}
@@ -98,9 +105,9 @@ def _qwen_visual_inputs(tok, input_ids, visuals: list[Visual], generator) -> dic
         grids = [v.grid for v in visuals if v.kind == kind]
         if grids:
             patches = sum(t * h * w for t, h, w in grids)
-            out[f"pixel_values{prefix}"] = torch.randn(patches, PATCH_DIM_QWEN, generator=generator)
+            out[f"pixel_values{prefix}"] = torch.randn(patches, PATCH_DIM[family], generator=generator)
             out[f"{kind}_grid_thw"] = torch.tensor(grids)
-    if any(v.kind == "video" for v in visuals):
+    if family == "qwen2_5_vl" and any(v.kind == "video" for v in visuals):
         out["second_per_grid_ts"] = torch.tensor([1.0] * sum(v.kind == "video" for v in visuals))
     return out
 
@@ -113,7 +120,7 @@ def select(inputs: dict, family: str, samples: list[Sample], index: int) -> dict
     # Reuse the batch's pixels for this sample so its outputs can be compared.
     order = [i for i, s in enumerate(samples) if s.visual is not None]
     position = order.index(index)
-    if family == "qwen2_5_vl":
+    if family in QWEN_FAMILIES:
         kind = samples[index].visual.kind
         same_kind = [i for i in order if samples[i].visual.kind == kind]
         prefix = "_videos" if kind == "video" else ""

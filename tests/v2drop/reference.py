@@ -61,15 +61,27 @@ def _causal_mask(length: int, dtype) -> torch.Tensor:
     return mask[None, None]
 
 
-def forward_last_logits(model, schedule: Schedule, embeds, positions, visual) -> torch.Tensor:
-    """Logits of the last token. embeds [L, D], positions [P, L], visual [L] bool."""
+def _deepstack(captured: dict) -> dict[int, list[torch.Tensor]]:
+    """Qwen3-VL: {prompt index of a visual token: its feature per DeepStack level}; {} elsewhere."""
+    mask, levels = captured.get("visual_pos_masks"), captured.get("deepstack_visual_embeds")
+    if mask is None or not levels:
+        return {}
+    visual_indices = [t for t, is_visual in enumerate(mask[0].tolist()) if is_visual]
+    return {t: [level[n] for level in levels] for n, t in enumerate(visual_indices)}
+
+
+def forward_last_logits(model, schedule: Schedule, embeds, positions, visual, deepstack=None) -> torch.Tensor:
+    """Logits of the last token. embeds [L, D], positions [P, L], visual [L] bool; `deepstack` as
+    `_deepstack` returns: added to a token's hidden state after layer k, wherever that token now is."""
     text_model = model.model.language_model
     drops = dict(zip(schedule.layers, schedule.keep))
     hidden, previous = embeds[None], None
+    source = list(range(embeds.shape[0]))  # each remaining token's index in the prompt
     for i, layer in enumerate(text_model.layers):
         if i in drops:
             keep = _reference_keep(hidden[0], previous[0], visual, drops[i])
             hidden, positions, visual = hidden[:, keep], positions[:, keep], visual[keep]
+            source = [source[t] for t in keep]
         cos, sin = _rotary(text_model, hidden, positions)
         previous = hidden
         hidden = layer(
@@ -80,6 +92,9 @@ def forward_last_logits(model, schedule: Schedule, embeds, positions, visual) ->
             past_key_values=None,
             use_cache=False,
         )
+        for t, src in enumerate(source):
+            if src in (deepstack or {}) and i < len(deepstack[src]):
+                hidden[0, t] = hidden[0, t] + deepstack[src][i]
     return model.lm_head(text_model.norm(hidden))[0, -1]
 
 
@@ -98,10 +113,11 @@ def generate(model, inputs: dict, schedule: Schedule, visual_ids, max_new_tokens
     embeds = captured["inputs_embeds"][0]
     positions = _positions(model, captured)
     visual = torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids))
+    deepstack = _deepstack(captured)
     tokens, logits = [], []
     embed_tokens = model.model.language_model.embed_tokens
     for _ in range(max_new_tokens):
-        step_logits = forward_last_logits(model, schedule, embeds, positions, visual)
+        step_logits = forward_last_logits(model, schedule, embeds, positions, visual, deepstack)
         token = int(step_logits.argmax())
         tokens.append(token)
         logits.append(step_logits)

@@ -9,13 +9,17 @@ import v2drop
 from tests.v2drop import models, reference
 from tests.v2drop.models import Sample, Visual
 
-FAMILIES = ("qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
 IDENTITY = v2drop.Schedule(layers=(1, 4, 6), keep=(1.0, 1.0, 1.0))
 DROP = v2drop.Schedule(layers=(2, 4, 6), keep=(0.5, 0.5, 0.0))
+# Drops at layer 1, before the tiny Qwen3-VL's last DeepStack addition (after layers 0 and 1):
+# the kept tokens must take their additions with them.
+EARLY = v2drop.Schedule(layers=(1, 4, 6), keep=(0.5, 0.5, 0.0))
+SCHEDULES = [pytest.param(DROP, id="drop-2-4-6"), pytest.param(EARLY, id="drop-1-4-6")]
 
 
 def video(family: str, size: int = 0) -> Visual:
-    if family == "qwen2_5_vl":
+    if family in models.QWEN_FAMILIES:
         return Visual("video", ((2, 4, 4), (2, 6, 4), (1, 4, 8))[size])
     return Visual("video", (2, 0, 0))
 
@@ -24,8 +28,8 @@ def mixed_samples(family: str) -> list[Sample]:
     """Different prompt lengths, different visual counts (Qwen), one sample without visuals."""
     return [
         Sample("What happens in this clip?", video(family, 0)),
-        Sample("Describe it.", video(family, 1) if family == "qwen2_5_vl" else video(family)),
-        Sample("Tell me a long and detailed story about the colours, the people and the places.", video(family, 2) if family == "qwen2_5_vl" else video(family)),
+        Sample("Describe it.", video(family, 1)),
+        Sample("Tell me a long and detailed story about the colours, the people and the places.", video(family, 2)),
         Sample("Only text here, no video at all.", None),
     ]
 
@@ -68,14 +72,15 @@ def test_identity_with_an_image():
     torch.testing.assert_close(logits, stock_logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_matches_slow_reference_in_float64(family):
+def test_matches_slow_reference_in_float64(family, schedule):
     model = models.model(family, dtype=torch.float64)
     sample = Sample("What happens in this clip?", video(family, 1))
     inputs = models.batch(family, [sample])
     visual_ids = v2drop.api.adapter_for(model).visual_token_ids(model)
-    ref_tokens, ref_logits = reference.generate(model, inputs, DROP, visual_ids, max_new_tokens=6)
-    v2drop.enable(model, DROP)
+    ref_tokens, ref_logits = reference.generate(model, inputs, schedule, visual_ids, max_new_tokens=6)
+    v2drop.enable(model, schedule)
     tokens, logits = generate(model, inputs, max_new_tokens=6)
     assert tokens[0].tolist() == ref_tokens
     # generate() hands logits back in float32; the float64 computations agree far below that.
@@ -86,10 +91,11 @@ def test_matches_slow_reference_in_float64(family):
     assert (stock_logits[0] - ref_logits).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_sample_in_a_padded_batch_equals_the_sample_alone(family):
+def test_a_sample_in_a_padded_batch_equals_the_sample_alone(family, schedule):
     model = models.model(family)
-    v2drop.enable(model, DROP)
+    v2drop.enable(model, schedule)
     samples = mixed_samples(family)
     inputs = models.batch(family, samples)
     tokens, logits = generate(model, inputs)

@@ -7,8 +7,9 @@ from torch import nn
 from v2drop.adapters.base import FamilyAdapter
 from v2drop.adapters.llava_onevision import LLAVA_ONEVISION
 from v2drop.adapters.qwen2_5_vl import QWEN2_5_VL
+from v2drop.adapters.qwen3_vl import QWEN3_VL
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (QWEN2_5_VL, LLAVA_ONEVISION)
+ADAPTERS: tuple[FamilyAdapter, ...] = (QWEN2_5_VL, QWEN3_VL, LLAVA_ONEVISION)
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:

@@ -1,6 +1,6 @@
 """What the generic decoder loop needs to know about one model family.
 
-An adapter is data plus two small functions; the loop in `v2drop.loop` does the rest. Adding
+An adapter is data plus a few small functions; the loop in `v2drop.loop` does the rest. Adding
 a family (Qwen2-VL, Qwen3-VL, ...) is one small file that builds a `FamilyAdapter`.
 """
 
@@ -13,6 +13,10 @@ import torch
 from torch import nn
 
 
+def no_layer_additions(kwargs: dict, inputs_embeds: torch.Tensor) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
     name: str
@@ -21,6 +25,10 @@ class FamilyAdapter:
     tested_transformers: tuple[str, ...]
     # (text_model, inputs_embeds, position_ids, past_key_values) -> the position ids rotary_emb takes
     positions: Callable[..., torch.Tensor]
+    # (text-forward kwargs, inputs_embeds) -> [B, L, K, D] or None: per-token inputs the family adds to
+    # the residual stream after its first K layers. Pops the family's own kwargs, so the decoder
+    # layers never receive them.
+    layer_additions: Callable[[dict, torch.Tensor], torch.Tensor | None] = no_layer_additions
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives input_ids (a hook there records them)."""
