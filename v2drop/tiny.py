@@ -36,8 +36,8 @@ import torch
 
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
 # Families whose config, model and tokenizer tiny builds for the engine tests, without a saved
-# processor directory: there is no offline Qwen3-VL video processor (it needs torchvision).
-ENGINE_ONLY_FAMILIES = ("qwen3_vl",)
+# processor directory: OfflineProcessor has no video processor for them (the real ones need torchvision).
+ENGINE_ONLY_FAMILIES = ("qwen2_vl", "qwen3_vl")
 # Bump when the built directory changes for the same arguments, so `build_cached` rebuilds.
 BUILDER_VERSION = 1
 MARKER_FILE = "RANDOM_WEIGHTS.json"
@@ -234,6 +234,33 @@ def _qwen2_5_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size:
     )
 
 
+def _qwen2_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: int, vision_depth: int) -> Any:
+    """Qwen2-VL: Qwen2.5-VL's text model; a vision tower without window attention."""
+    from transformers import Qwen2VLConfig
+
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)}
+    vision = dict(
+        depth=vision_depth,
+        embed_dim=vision_hidden_size,
+        hidden_size=text["hidden_size"],  # the merger's output, i.e. the text model's width
+        mlp_ratio=2,
+        num_heads=2,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2VLConfig(
+        text_config=dict(text, rope_parameters=rope),
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
 def _qwen3_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: int, vision_depth: int) -> Any:
     """Qwen3-VL: patch 16, learned vision position embeddings, interleaved M-RoPE, and DeepStack
     features taken from every vision block (the real 8B takes blocks 8, 16 and 24 of 27)."""
@@ -323,7 +350,12 @@ def build_config(
         intermediate_size=intermediate_size,
         vocab_size=vocab_size,
     )
-    make = {"qwen2_5_vl": _qwen2_5_vl_config, "qwen3_vl": _qwen3_vl_config, "llava_onevision": _llava_onevision_config}
+    make = {
+        "qwen2_5_vl": _qwen2_5_vl_config,
+        "qwen2_vl": _qwen2_vl_config,
+        "qwen3_vl": _qwen3_vl_config,
+        "llava_onevision": _llava_onevision_config,
+    }
     return make[family](tokenizer, text, vision_hidden_size, vision_depth)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from v2drop import tiny
 
-PATCH_DIM = {"qwen2_5_vl": 3 * 2 * 14 * 14, "qwen3_vl": 3 * 2 * 16 * 16}  # channels * temporal_patch * patch²
+PATCH_DIM = {"qwen2_5_vl": 3 * 2 * 14 * 14, "qwen2_vl": 3 * 2 * 14 * 14, "qwen3_vl": 3 * 2 * 16 * 16}  # channels * temporal_patch * patch²
 QWEN_FAMILIES = tuple(PATCH_DIM)
 
 

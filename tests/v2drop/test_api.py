@@ -11,7 +11,7 @@ from tests.v2drop import models
 def test_unsupported_family_names_the_supported_ones():
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(ValueError, match=r"'qwen2'.*Qwen2\.5-VL \(qwen2_5_vl\).*LLaVA-OneVision"):
+    with pytest.raises(ValueError, match=r"'qwen2'.*\(qwen2_5_vl/qwen2_vl\).*Qwen3-VL \(qwen3_vl\).*LLaVA-OneVision"):
         v2drop.enable(model, v2drop.Schedule((1,), (0.5,)))
     assert not v2drop.is_enabled(model)
 

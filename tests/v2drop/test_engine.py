@@ -9,7 +9,7 @@ import v2drop
 from tests.v2drop import models, reference
 from tests.v2drop.models import Sample, Visual
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision")
 IDENTITY = v2drop.Schedule(layers=(1, 4, 6), keep=(1.0, 1.0, 1.0))
 DROP = v2drop.Schedule(layers=(2, 4, 6), keep=(0.5, 0.5, 0.0))
 # Drops at layer 1, before the tiny Qwen3-VL's last DeepStack addition (after layers 0 and 1):

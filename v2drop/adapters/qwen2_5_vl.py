@@ -1,4 +1,5 @@
-"""Qwen2.5-VL: 3-D M-RoPE positions (temporal, height, width) for visual tokens.
+"""Qwen2.5-VL and Qwen2-VL (the same text model): 3-D M-RoPE positions (temporal, height, width)
+for visual tokens.
 
 Mirrors the position preamble of `Qwen2_5_VLTextModel.forward` (transformers 5.23): generate
 passes [4, B, L] (text positions stacked on the 3-D ones); a direct call may pass [3, B, L],
@@ -27,8 +28,8 @@ def mrope_positions(text_model, inputs_embeds, position_ids, past_key_values):
 
 
 QWEN2_5_VL = FamilyAdapter(
-    name="Qwen2.5-VL",
-    model_types=("qwen2_5_vl",),
+    name="Qwen2.5-VL / Qwen2-VL",
+    model_types=("qwen2_5_vl", "qwen2_vl"),
     tested_transformers=("5.23",),
     positions=mrope_positions,
 )
