@@ -99,6 +99,17 @@ def is_enabled(model: nn.Module) -> bool:
     return getattr(model, _STATE_ATTR, None) is not None
 
 
+def select_cache_rows(model: nn.Module, cache, index: torch.Tensor) -> None:
+    """Keep, in place, the rows `index` of a cache this model filled (repeats allowed): e.g. one
+    row per question from a prefill of one row per video. On a cache filled by a dropping
+    prefill, the per-stage key masks follow the rows, so generation can go on from it."""
+    cache.batch_select_indices(index)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None and state.owns(cache) and state.stage_masks is not None:
+        masks = state.stage_masks.masks
+        state.stage_masks.masks = [mask[index.to(mask.device)] for mask in masks]
+
+
 def last_stats(model: nn.Module) -> list[dict]:
     """Per-sample stats of the last forward that held visual tokens ([] if none yet)."""
     state = getattr(model, _STATE_ATTR, None)

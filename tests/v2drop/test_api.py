@@ -72,3 +72,22 @@ def test_random_scorer_keeps_the_same_counts_but_other_tokens():
 def test_unknown_scorer_is_refused():
     with pytest.raises(ValueError, match="unknown scorer 'attention'; choose one of variation, random"):
         v2drop.enable(models.model("qwen2_5_vl"), v2drop.Schedule((2,), (0.5,)), scorer="attention")
+
+
+def test_select_cache_rows_takes_the_stage_masks_along():
+    """Forking a pruned cache by rows (repeats allowed) keeps each row's per-stage key masks with
+    it; workers.shared_prefix's tests check that generation from the fork equals unshared generation."""
+    family = "qwen2_5_vl"
+    model = models.model(family)
+    v2drop.enable(model, v2drop.Schedule((2,), (0.5,)))
+    samples = [models.Sample("Hi?", models.Visual("video", (2, 4, 4))),
+               models.Sample("A longer question?", models.Visual("video", (2, 8, 4)))]
+    with torch.no_grad():
+        cache = model(**models.batch(family, samples), use_cache=True).past_key_values
+    state = model._v2drop_state
+    masks, keys = [m.clone() for m in state.stage_masks.masks], [layer.keys.clone() for layer in cache.layers]
+    index = torch.tensor([1, 0, 1])
+    v2drop.select_cache_rows(model, cache, index)
+    assert [m.tolist() for m in state.stage_masks.masks] == [m[index].tolist() for m in masks]
+    assert all(torch.equal(layer.keys, k[index]) for layer, k in zip(cache.layers, keys))
+    assert masks[0].shape[1] > masks[1].shape[1]  # the stages really differ in length
