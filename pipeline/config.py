@@ -160,6 +160,9 @@ class GenerationConfig:
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    # Several prompts about one clip (qa) prefill its video once and continue per prompt from
+    # that cache (workers.shared_prefix); false gives each prompt its own copy of the video.
+    share_video_prefix: bool = True
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")

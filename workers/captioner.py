@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import v2drop
+from workers import shared_prefix
 from workers.generation import GenResult, generate_batch
 from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
@@ -190,21 +191,37 @@ def row_problem(row: Mapping[str, Any], prompt_cfg: Mapping[str, Any]) -> str | 
 def run_items(
     loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any], chunk: int
 ) -> list[GenResult]:
-    """Results for `items` in order, at most `chunk` per generate call (one call per clip batch
-    for captions; QA's extra questions become further calls rather than one huge batch).
+    """Results for `items` in order, at most `chunk` clips per generate call.
+
+    With `generation.share_video_prefix` (the default), each call holds whole clips and all their
+    prompts, and a clip's video is prefilled once for all of them (workers.shared_prefix).
+    Without it, a call holds at most `chunk` items, each with its own copy of the video.
 
     Families whose processor stacks each video's frames into one tensor (LLaVA-OneVision) can
     only batch clips with equal frame counts, so their items are grouped by frame count first.
-    Example: frame counts [16, 16, 8, 16], chunk 2 -> calls [0, 1], [3], [2].
+    Example (unshared, one prompt per clip): frame counts [16, 16, 8, 16], chunk 2 -> calls
+    [0, 1], [3], [2].
     """
+    share = bool(generation_cfg.get("share_video_prefix", True))
     results: list[GenResult | None] = [None] * len(items)
     for indices in batch_groups(loaded.model, items):
-        for start in range(0, len(indices), chunk):
-            part = indices[start : start + chunk]
+        for part in call_groups(items, indices, chunk, share):
             outcomes = generate_with_fallback(loaded, [items[i] for i in part], system, generation_cfg)
             for i, outcome in zip(part, outcomes):
                 results[i] = outcome
     return results  # type: ignore[return-value] - every index was filled
+
+
+def call_groups(items: Sequence[Item], indices: list[int], chunk: int, share: bool) -> list[list[int]]:
+    """`indices` cut into generate calls: `chunk` whole clips per call when sharing the video
+    prefill, else `chunk` items. Example: clips [a, a, b, c, c], chunk 2, share -> [0, 1, 2], [3, 4]."""
+    if not share:
+        return [indices[start : start + chunk] for start in range(0, len(indices), chunk)]
+    clips: dict[int, list[int]] = {}
+    for index in indices:
+        clips.setdefault(id(items[index][0]), []).append(index)
+    grouped = list(clips.values())
+    return [sum(grouped[start : start + chunk], []) for start in range(0, len(grouped), chunk)]
 
 
 def batch_groups(model: Any, items: Sequence[Item]) -> list[list[int]]:
@@ -222,8 +239,7 @@ def generate_with_fallback(
 ) -> list[GenResult]:
     """Batched generate; on OOM split in halves, on any other error retry items one by one."""
     try:
-        inputs = build_inputs(loaded.processor, items, system)
-        return generate_batch(loaded.model, loaded.processor, inputs, generation_cfg)
+        return generate_items(loaded, items, system, generation_cfg)
     except torch.OutOfMemoryError as error:
         _release_cuda_memory()
         if len(items) == 1:
@@ -238,6 +254,18 @@ def generate_with_fallback(
             return [GenResult.failed(error)]
         log.warning("batch of %d failed (%s); retrying each item alone", len(items), error)
         return [result for item in items for result in generate_with_fallback(loaded, [item], system, generation_cfg)]
+
+
+def generate_items(
+    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any]
+) -> list[GenResult]:
+    """One generate call; clips with several prompts share their video prefill when allowed."""
+    if generation_cfg.get("share_video_prefix", True) and shared_prefix.has_shared_clips(items):
+        results = shared_prefix.generate_shared(loaded.model, loaded.processor, items, system, generation_cfg)
+        if results is not None:
+            return results
+    inputs = build_inputs(loaded.processor, items, system)
+    return generate_batch(loaded.model, loaded.processor, inputs, generation_cfg)
 
 
 def _release_cuda_memory() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -163,12 +163,17 @@ def pad_token_id(model: Any, processor: Any) -> int | None:
     return pad
 
 
-def timed_generate(model: Any, processor: Any, inputs: Mapping[str, Any], generation_cfg: Mapping[str, Any]):
-    """Run generate once; returns (sequences [B, P+N], prefill_ms, generate_ms, peak bytes)."""
+def timed_generate(
+    model: Any, processor: Any, make_inputs: Callable[[], Mapping[str, Any]], generation_cfg: Mapping[str, Any]
+):
+    """Run generate once on what `make_inputs()` returns; returns (generate inputs, sequences
+    [B, P+N], prefill_ms, generate_ms, peak bytes). `make_inputs` runs inside the timed region,
+    so model work done there (a shared video prefill) counts as prefill."""
     timer = FirstTokenTimer(model.device)
     with PeakMemory(model.device) as memory, torch.inference_mode():
         _synchronize(model.device)
         started = time.perf_counter()
+        inputs = make_inputs()
         sequences = model.generate(
             **inputs,
             **sampling_kwargs(generation_cfg),
@@ -178,7 +183,7 @@ def timed_generate(model: Any, processor: Any, inputs: Mapping[str, Any], genera
         _synchronize(model.device)
         finished = time.perf_counter()
     prefill_ms = ((timer.first_logits_at or finished) - started) * 1000.0
-    return sequences, prefill_ms, (finished - started) * 1000.0, memory.peak_bytes
+    return inputs, sequences, prefill_ms, (finished - started) * 1000.0, memory.peak_bytes
 
 
 def generate_batch(
@@ -187,24 +192,24 @@ def generate_batch(
     """Generate for one padded batch; one GenResult per sample, in batch order."""
     inputs = move_inputs(inputs, model)
     marker = stats_marker(model)
-    sequences, prefill_ms, generate_ms, peak_bytes = timed_generate(model, processor, inputs, generation_cfg)
-    prompt_len = inputs["input_ids"].shape[1]
-    new_tokens = sequences[:, prompt_len:]
+    _, sequences, prefill_ms, generate_ms, peak_bytes = timed_generate(model, processor, lambda: inputs, generation_cfg)
+    stats = visual_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
+    return results_for(processor, model, inputs, sequences, stats,
+                       prefill_ms=prefill_ms, generate_ms=generate_ms, peak_memory_bytes=peak_bytes)
+
+
+def results_for(
+    processor: Any, model: Any, inputs: Mapping[str, Any], sequences: torch.Tensor, stats: list[dict], **timing: Any
+) -> list[GenResult]:
+    """One GenResult per row of `sequences`: the text after the prompt, token counts, `stats`
+    (drop_stats columns) and the call's `timing` (prefill_ms, generate_ms, peak_memory_bytes)."""
+    new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
     output_tokens = count_output_tokens(new_tokens, stop_token_ids(model, processor))
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    stats = visual_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
     texts = [
         processor.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, output_tokens)
     ]
     return [
-        GenResult(
-            output_text=text,
-            prompt_tokens=int(prompt),
-            output_tokens=int(n),
-            prefill_ms=prefill_ms,
-            generate_ms=generate_ms,
-            peak_memory_bytes=peak_bytes,
-            **stat,
-        )
+        GenResult(output_text=text, prompt_tokens=int(prompt), output_tokens=int(n), **timing, **stat)
         for text, prompt, n, stat in zip(texts, prompt_tokens, output_tokens, stats)
     ]
