@@ -1,12 +1,17 @@
-"""Pipeline throughput on the offline preset: V²Drop at 25 % retention versus off, side by side.
+"""Pipeline throughput on the offline preset, two variants side by side.
 
-    python -m bench.bench_pipeline                     # ../shared/videos, 2 repeats, 16 frames of <= 448x448
+    python -m bench.bench_pipeline                     # caption: V²Drop 25 % vs off; ../shared/videos, 16 frames
+    python -m bench.bench_pipeline --job qa            # qa (3 questions): shared video prefill vs one per question
     python -m bench.bench_pipeline --videos DIR --repeats 3 --num-frames 8 --max-pixels 50176
     python -m bench.bench_pipeline --model tiny        # the offline preset's own 8-layer model
 
+`--job caption` compares V²Drop at 25 % retention with V²Drop off. `--job qa` runs jobs/qa.yaml
+(three questions per clip) at 25 % retention with `generation.share_video_prefix` on and off:
+one video prefill per clip against one per question.
+
 Each repeat runs `pipeline.run.run(cfg)` once per variant (the order alternates between repeats),
 each into a fresh output folder, on one local Ray cluster started once. Configs come from
-`jobs/caption.yaml` with `preset=offline` (CPU, float32, sdpa) plus more visual tokens than the
+the job file with `preset=offline` (CPU, float32, sdpa) plus more visual tokens than the
 preset (16 frames, max_pixels 448*448) and a fixed `generation.max_new_tokens`.
 
 The model (`--model`): `bench` (default) is a Qwen2.5-VL with the real architecture, 28 decoder
@@ -18,13 +23,15 @@ benchmark measures decode and Ray overhead. Either is built before timing.
 
 Per variant, the median over repeats of: wall seconds (the run's summary: planning, actor start and
 model load, decode, model, write), clips/s, video-seconds/s, output tokens/s, and from the written
-rows the mean prefill and generate ms per model batch, mean visual tokens per drop stage, retention
-achieved and prefill FLOPs saved (1 - sum flops_dropped / sum flops_full). Ratios are v2drop / off.
+rows the mean prefill and generate ms per model batch, the model's prefill and total ms per clip
+(every generate call's time summed, over the clips), mean visual tokens per drop stage, retention
+achieved and prefill FLOPs saved (1 - sum flops_dropped / sum flops_full). Ratios are first variant /
+second, with the FLOP ratio of the summed flops_dropped.
 
 The model has random weights (its text is noise; it may stop at EOS early, so output tokens are
 reported), and absolute CPU times are not GPU figures. The 1-minute load average is recorded around
 every run: other work on the machine (e.g. a concurrent test suite) shows up there as noise.
-Writes bench/results/pipeline-cpu.json and .md.
+Writes bench/results/pipeline-cpu[-qa][-tiny].json and .md.
 """
 
 from __future__ import annotations
@@ -43,8 +50,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
-JOB_FILE = REPO / "jobs" / "caption.yaml"
-VARIANTS = {"v2drop": 0.25, "off": 1.0}  # name -> model.retention
+# job -> {variant: config overrides}; the first variant is the numerator of every ratio
+JOBS = {
+    "caption": {"v2drop": ["model.retention=0.25"], "off": ["model.retention=1.0"]},
+    "qa": {"shared": ["model.retention=0.25", "generation.share_video_prefix=true"],
+           "unshared": ["model.retention=0.25", "generation.share_video_prefix=false"]},
+}
 TINY_SOURCE = "tiny:qwen2_5_vl"  # what preset=offline loads
 BENCH_MODEL = dict(num_layers=28, hidden_size=256)  # bench.bench_v2drop's shape (35.7 M parameters)
 MODEL_DESCRIPTIONS = {
@@ -52,11 +63,12 @@ MODEL_DESCRIPTIONS = {
     "tiny": "tiny:qwen2_5_vl, 8 layers x hidden 64, random weights (the offline preset's model)",
 }
 RATIO_KEYS = ("wall_s", "clips_per_s", "video_s_per_s", "output_tokens_per_s", "prefill_ms_per_batch",
-              "generate_ms_per_batch", "prefill_flops")
+              "generate_ms_per_batch", "prefill_ms_per_clip", "model_ms_per_clip", "prefill_flops")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--job", choices=tuple(JOBS), default="caption", help="jobs/<job>.yaml and its two variants")
     p.add_argument("--videos", default=str(REPO.parent / "shared" / "videos"), help="input.uri (folder of videos)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--num-frames", type=int, default=16, help="decode.num_frames")
@@ -71,13 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- set-up ------------------------------------------------------------------------------
 
 
-def job_config(args: argparse.Namespace, retention: float, output_dir: Path):
+def job_config(args: argparse.Namespace, variant: str, output_dir: Path):
     from pipeline.config import load_job
 
-    return load_job(JOB_FILE, [
+    return load_job(REPO / "jobs" / f"{args.job}.yaml", [
         "preset=offline", f"input.uri={Path(args.videos).resolve()}", f"output.uri={output_dir}",
-        f"model.source={args.model_source}",
-        f"model.retention={retention}", f"model.cache_dir={args.cache_dir}",
+        f"model.source={args.model_source}", *JOBS[args.job][variant], f"model.cache_dir={args.cache_dir}",
         f"decode.num_frames={args.num_frames}", f"decode.max_pixels={args.max_pixels}",
         f"generation.max_new_tokens={args.max_new_tokens}",
     ])
@@ -113,7 +124,7 @@ def run_variant(args: argparse.Namespace, name: str, repeat: int, scratch: Path)
     from pipeline.run import run
 
     output_dir = scratch / f"{name}-{repeat}"
-    cfg = job_config(args, VARIANTS[name], output_dir)
+    cfg = job_config(args, name, output_dir)
     load_before = os.getloadavg()[0]
     summary = run(cfg, log=lambda line: print(f"  [{name} #{repeat}] {line}", flush=True))
     measured = {**from_summary(summary), **from_rows(read_rows(output_dir, cfg.job)),
@@ -145,10 +156,14 @@ def read_rows(output_dir: Path, job: str):
 
 
 def from_rows(ok) -> dict[str, Any]:
-    """Per-batch model times (rows of one generate call share started_at/finished_at and times)."""
-    rows = ok.select(["started_at", "finished_at", "worker_host", "prefill_ms", "generate_ms",
+    """Per-batch model times (rows of one generate call share started_at/finished_at and times), and
+    the model time per clip: the generate calls' times summed (a call's rows share its generate_ms
+    and their Ray batch's finished_at), over the clips."""
+    rows = ok.select(["clip_id", "started_at", "finished_at", "worker_host", "prefill_ms", "generate_ms",
                       "visual_tokens_per_stage", "flops_full", "flops_dropped", "decode_ms"]).to_pylist()
     batches = {(r["worker_host"], r["started_at"], r["finished_at"]): r for r in rows}.values()
+    calls = {(r["worker_host"], r["finished_at"], r["generate_ms"]): r for r in rows}.values()
+    clips = len({r["clip_id"] for r in rows})
     stages = [r["visual_tokens_per_stage"] for r in rows]
     flops_full, flops_dropped = sum(r["flops_full"] for r in rows), sum(r["flops_dropped"] for r in rows)
     return {
@@ -156,6 +171,9 @@ def from_rows(ok) -> dict[str, Any]:
         "prefill_ms_per_batch": statistics.mean(b["prefill_ms"] for b in batches),
         "generate_ms_per_batch": statistics.mean(b["generate_ms"] for b in batches),
         "decode_ms_per_clip": statistics.mean(r["decode_ms"] for r in rows),
+        "model_calls": len(calls),
+        "prefill_ms_per_clip": sum(c["prefill_ms"] for c in calls) / clips,
+        "model_ms_per_clip": sum(c["generate_ms"] for c in calls) / clips,
         "visual_tokens_per_stage": [statistics.mean(s[i] for s in stages) for i in range(min(map(len, stages)))],
         "prefill_flops": flops_dropped, "prefill_flops_full": flops_full,
         "flops_saved_rows": 1 - flops_dropped / flops_full,
@@ -163,11 +181,12 @@ def from_rows(ok) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    variants = list(JOBS[args.job])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     try:
         for repeat in range(args.repeats):
-            order = list(VARIANTS) if repeat % 2 == 0 else list(VARIANTS)[::-1]  # alternate who goes first
+            order = variants if repeat % 2 == 0 else variants[::-1]  # alternate who goes first
             for name in order:
                 runs[name].append(run_variant(args, name, repeat, scratch))
     finally:
@@ -195,29 +214,35 @@ def summarise(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -
     from pipeline.config import to_dict
 
     rows = {name: median_row(repeats) for name, repeats in runs.items()}
-    ratios = {key: rows["v2drop"][key] / rows["off"][key] for key in RATIO_KEYS}
-    cfg = to_dict(job_config(args, VARIANTS["v2drop"], Path("<tmp>")))
+    first, second = JOBS[args.job]
+    ratios = {key: rows[first][key] / rows[second][key] for key in RATIO_KEYS}
+    cfg = to_dict(job_config(args, first, Path("<tmp>")))
     return {
         "hardware": f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
                     f"(torch {torch.__version__}); local Ray, num_cpus=2",
         "args": vars(args),
-        "config": {k: cfg[k] for k in ("decode", "model", "actors", "clips", "generation")},
+        "config": {k: cfg[k] for k in ("decode", "model", "actors", "clips", "generation", "prompt")},
+        "variants_overrides": JOBS[args.job],
         "model": MODEL_DESCRIPTIONS[args.model],
         "weights": "random (seeded): outputs are noise; absolute CPU times are not GPU figures",
         "noise": "other work may share the 2 cores (e.g. a concurrent Ray test suite): see load_avg_1m_* per run",
         "variants": rows,
-        "ratios_v2drop_over_off": ratios,
+        "ratio": f"{first} / {second}",
+        "ratios": ratios,
         "runs": runs,
     }
 
 
 def markdown(report: dict[str, Any]) -> str:
-    a, c, v, r = report["args"], report["config"], report["variants"], report["ratios_v2drop_over_off"]
-    off, v2 = v["off"], v["v2drop"]
+    a, c, v, r = report["args"], report["config"], report["variants"], report["ratios"]
+    v2, off = v.values()  # first and second variant
+    first, second = v
     lines = [
-        f"# Pipeline throughput, V²Drop vs off ({report['hardware']})",
+        f"# Pipeline throughput, {a['job']}: {first} vs {second} ({report['hardware']})",
         "",
-        f"`pipeline.run.run` on jobs/caption.yaml preset=offline over `{a['videos']}`: "
+        f"Variants: " + "; ".join(f"{name} = `{' '.join(o)}`" for name, o in report["variants_overrides"].items()) + ".",
+        "",
+        f"`pipeline.run.run` on jobs/{a['job']}.yaml preset=offline over `{a['videos']}`: "
         f"{report['model']} ({c['model']['dtype']}, {c['model']['attn_implementation']}), "
         f"{c['decode']['num_frames']} frames of <= {c['decode']['max_pixels']} px per {c['clips']['clip_len_s']:g} s clip, "
         f"actors batch {c['actors']['batch_size']}, max_new_tokens {c['generation']['max_new_tokens']}; "
@@ -225,33 +250,35 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"**The model has random weights** (its text is noise) and **absolute CPU times are not GPU figures**; "
         f"only the ratios carry over, and only roughly. Wall time includes Ray Data planning, actor start and "
-        f"model load, which do not shrink with V²Drop. Noise: {report['noise']}.",
+        f"model load, which do not shrink with the model's work. Noise: {report['noise']}.",
         "",
         "| variant | wall s | clips/s | video-s/s | output tok | output tok/s | prefill ms/batch | generate ms/batch "
-        "| visual tokens per stage | retention | FLOPs saved |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill ms/clip | model ms/clip | visual tokens per stage | retention | FLOPs saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in v.items():
         tokens = " / ".join(f"{t:.0f}" for t in row["visual_tokens_per_stage"])
         lines.append(
             f"| {name} | {row['wall_s']:.1f} | {row['clips_per_s']:.3f} | {row['video_s_per_s']:.3f} | "
             f"{row['output_tokens']:.0f} | {row['output_tokens_per_s']:.2f} | {row['prefill_ms_per_batch']:.0f} | "
-            f"{row['generate_ms_per_batch']:.0f} | {tokens} | {row['retention_achieved']:.3f} | "
+            f"{row['generate_ms_per_batch']:.0f} | {row['prefill_ms_per_clip']:.0f} | {row['model_ms_per_clip']:.0f} | "
+            f"{tokens} | {row['retention_achieved']:.3f} | "
             f"{100 * row['flops_saved_rows']:.1f} % |"
         )
     lines.append(
-        f"| **v2drop / off** | {r['wall_s']:.3f} | {r['clips_per_s']:.3f} | {r['video_s_per_s']:.3f} | | "
-        f"{r['output_tokens_per_s']:.3f} | {r['prefill_ms_per_batch']:.3f} | {r['generate_ms_per_batch']:.3f} | | | "
+        f"| **{report['ratio']}** | {r['wall_s']:.3f} | {r['clips_per_s']:.3f} | {r['video_s_per_s']:.3f} | | "
+        f"{r['output_tokens_per_s']:.3f} | {r['prefill_ms_per_batch']:.3f} | {r['generate_ms_per_batch']:.3f} | "
+        f"{r['prefill_ms_per_clip']:.3f} | {r['model_ms_per_clip']:.3f} | | | "
         f"FLOP ratio {r['prefill_flops']:.3f} |"
     )
     lines += [
         "",
-        f"Clips ok per run: {off['clips_ok']:.0f} ({off['video_seconds']:.1f} video-s, {off['model_batches']:.0f} model "
-        f"batches); rows error/skipped: {off['rows_error']:.0f}/{off['rows_skipped']:.0f} "
-        f"(by stage {off['errors_by_stage']}). Output tokens per clip: v2drop "
-        f"{v2['output_tokens'] / v2['clips_ok']:.1f}, off {off['output_tokens'] / off['clips_ok']:.1f} of "
+        f"Clips ok per run: {off['clips_ok']:.0f} ({off['video_seconds']:.1f} video-s, {off['rows_ok']:.0f} ok rows); "
+        f"generate calls: {first} {v2['model_calls']:.0f}, {second} {off['model_calls']:.0f}; rows error/skipped: {off['rows_error']:.0f}/{off['rows_skipped']:.0f} "
+        f"(by stage {off['errors_by_stage']}). Output tokens per ok row: {first} "
+        f"{v2['output_tokens'] / v2['rows_ok']:.1f}, {second} {off['output_tokens'] / off['rows_ok']:.1f} of "
         f"max {c['generation']['max_new_tokens']} (random weights may stop at EOS early). "
-        f"Decode ms per clip: v2drop {v2['decode_ms_per_clip']:.0f}, off {off['decode_ms_per_clip']:.0f}.",
+        f"Decode ms per clip: {first} {v2['decode_ms_per_clip']:.0f}, {second} {off['decode_ms_per_clip']:.0f}.",
         "",
         "Per run (wall s, 1-min load average before -> after):",
     ]
@@ -275,7 +302,7 @@ def main(argv=None) -> None:
     report = summarise(args, runs)
     report["bench_wall_s"] = time.perf_counter() - began
     RESULTS_DIR.mkdir(exist_ok=True)
-    stem = RESULTS_DIR / ("pipeline-cpu" if args.model == "bench" else "pipeline-cpu-tiny")
+    stem = RESULTS_DIR / ("pipeline-cpu" + ("-qa" if args.job == "qa" else "") + ("-tiny" if args.model == "tiny" else ""))
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
