@@ -31,7 +31,7 @@ import torch
 
 import v2drop
 from v2drop.flops import TextShape, continuation_flops
-from workers.drop_stats import engine_stats, stats_marker, stock_stats
+from workers.drop_stats import engine_stats, stats_marker, stock_stats, visual_token_ids
 from workers.generation import GenResult, move_inputs, pad_token_id, results_for, timed_generate
 from workers.inputs import Item, chat_text, decode_frames, video_metadata
 
@@ -63,11 +63,15 @@ def prompt_prefix(processor: Any, system: str | None) -> str:
     return first[:shared]
 
 
-def plan(processor: Any, items: Sequence[Item], system: str | None) -> SharedCall | None:
+def plan(processor: Any, items: Sequence[Item], system: str | None, visual_ids: Sequence[int]) -> SharedCall | None:
     """Group `items` by clip and split their prompts; None when some prompt cannot be split
-    cleanly (a template that writes the prompt elsewhere, or tokens that merge across the cut)."""
+    cleanly: the video is not all in the shared part (a template that puts the question first),
+    or tokens merge across the cut."""
     prefix = prompt_prefix(processor, system)
     tokenizer = processor.tokenizer
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    if not set(prefix_ids) & set(visual_ids):
+        return None
     clips: dict[int, int] = {}
     clip_items: list[list[int]] = []
     owner, suffix_ids = [], []
@@ -77,7 +81,7 @@ def plan(processor: Any, items: Sequence[Item], system: str | None) -> SharedCal
             return None
         suffix = text[len(prefix):]
         ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-        if tokenizer(text, add_special_tokens=False)["input_ids"] != tokenizer(prefix, add_special_tokens=False)["input_ids"] + ids:
+        if set(ids) & set(visual_ids) or tokenizer(text, add_special_tokens=False)["input_ids"] != prefix_ids + ids:
             return None
         clip = clips.setdefault(id(row), len(clips))
         if clip == len(clip_items):
@@ -154,7 +158,7 @@ def generate_shared(
 ) -> list[GenResult] | None:
     """Results for `items`, in order, with one video prefill per clip; None if the prompts
     cannot be split (the caller then runs them unshared)."""
-    call = plan(processor, items, system)
+    call = plan(processor, items, system, visual_token_ids(model))
     if call is None:
         return None
     prefix = move_inputs(prefix_inputs(processor, items, call), model)

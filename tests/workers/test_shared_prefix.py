@@ -10,6 +10,7 @@ from v2drop.flops import TextShape, prefill_flops
 from workers import captioner as captioner_module
 from workers import shared_prefix
 from workers.captioner import call_groups, load_for_captioning
+from workers.drop_stats import visual_token_ids
 from workers.generation import move_inputs
 from workers.inputs import build_inputs
 from tests.v2drop import flash_reference
@@ -78,7 +79,7 @@ def check_shared_against_unshared(family: str, model_and_processor) -> None:
     with torch.no_grad():
         full = move_inputs(build_inputs(processor, items, "Be brief."), model)
         unshared = model.generate(**full, **GENERATE, pad_token_id=processor.tokenizer.pad_token_id)
-        call = shared_prefix.plan(processor, items, "Be brief.")
+        call = shared_prefix.plan(processor, items, "Be brief.", visual_token_ids(model))
         prefix = move_inputs(shared_prefix.prefix_inputs(processor, items, call), model)
         inputs, clip_stats = shared_prefix.prefill_and_fork(model, processor, call, prefix)
         shared = model.generate(**inputs, **GENERATE, pad_token_id=processor.tokenizer.pad_token_id)
@@ -110,9 +111,26 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
     assert [{k: r[k] for k in same} for r in shared] == [{k: r[k] for k in same} for r in unshared]
     # FLOPs: each clip's prefix is counted once, split over its questions, instead of once per question.
     shape = TextShape.from_config(model_and_processor.model.config.get_text_config())
-    call = shared_prefix.plan(model_and_processor.processor, [(r, q) for r in rows for q in QA["questions"]], "Be brief.")
+    call = shared_prefix.plan(model_and_processor.processor, [(r, q) for r in rows for q in QA["questions"]], "Be brief.",
+                              visual_token_ids(model_and_processor.model))
     for clip in range(2):
         indices = call.clip_items[clip]
         prefix_tokens = shared[indices[0]]["prompt_tokens"] - len(call.suffix_ids[indices[0]])
         saved = (len(indices) - 1) * prefill_flops(shape, [prefix_tokens] * shape.num_layers)
         assert sum(unshared[i]["flops_full"] for i in indices) - sum(shared[i]["flops_full"] for i in indices) == pytest.approx(saved)
+
+
+def test_a_template_that_puts_the_question_first_is_not_shared() -> None:
+    """Then no prefix is common to a clip's questions; the call runs unshared instead."""
+    from types import SimpleNamespace
+
+    from tests.v2drop import models
+
+    def question_first(messages, **kwargs):
+        question = messages[-1]["content"][1]["text"]
+        return f"<|im_start|>user\n{question}<|vision_start|><|video_pad|><|vision_end|><|im_end|>\n"
+
+    tokenizer = models.tokenizer("qwen2_5_vl")
+    processor = SimpleNamespace(apply_chat_template=question_first, tokenizer=tokenizer)
+    row, video_pad = clip_row("a", 4, 56, 56), tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert shared_prefix.plan(processor, [(row, "What happens?"), (row, "Who?")], None, [video_pad]) is None
