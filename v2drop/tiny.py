@@ -170,6 +170,22 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+def _mrope(text: dict[str, Any], *, theta: float, **extra: Any) -> dict[str, Any]:
+    """rope_parameters of the Qwen families' 3-D M-RoPE for a text config dict."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    return {"rope_type": "default", "rope_theta": theta, "mrope_section": _mrope_section(head_dim), **extra}
+
+
+def _qwen_visual_token_ids(tokenizer: Any) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
 def _padded_vocab_size(tokenizer: Any, multiple: int = 64) -> int:
     """Rounds the tokenizer length up, as real checkpoints do (Qwen: 151665 tokens, 152064 embeddings)."""
     return math.ceil(len(tokenizer) / multiple) * multiple
@@ -207,9 +223,7 @@ def _text_config(
 def _qwen2_5_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: int, vision_depth: int) -> Any:
     from transformers import Qwen2_5_VLConfig
 
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)}
-    text = dict(text, rope_parameters=rope)
+    text = dict(text, rope_parameters=_mrope(text, theta=1e6))
     vision = dict(
         depth=vision_depth,
         hidden_size=vision_hidden_size,
@@ -223,23 +237,13 @@ def _qwen2_5_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size:
         fullatt_block_indexes=[vision_depth - 1],  # the real model ends each group with full attention
         tokens_per_second=2,
     )
-    ids = tokenizer.convert_tokens_to_ids
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_visual_token_ids(tokenizer))
 
 
 def _qwen2_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: int, vision_depth: int) -> Any:
     """Qwen2-VL: Qwen2.5-VL's text model; a vision tower without window attention."""
     from transformers import Qwen2VLConfig
 
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)}
     vision = dict(
         depth=vision_depth,
         embed_dim=vision_hidden_size,
@@ -250,15 +254,8 @@ def _qwen2_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: i
         spatial_merge_size=2,
         temporal_patch_size=2,
     )
-    ids = tokenizer.convert_tokens_to_ids
-    return Qwen2VLConfig(
-        text_config=dict(text, rope_parameters=rope),
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
+    text = dict(text, rope_parameters=_mrope(text, theta=1e6))
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_visual_token_ids(tokenizer))
 
 
 def _qwen3_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: int, vision_depth: int) -> Any:
@@ -267,8 +264,7 @@ def _qwen3_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: i
     from transformers import Qwen3VLConfig
 
     head_dim = text["hidden_size"] // text["num_attention_heads"]
-    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": _mrope_section(head_dim), "mrope_interleaved": True}
-    text = dict(text, head_dim=head_dim, rope_parameters=rope)
+    text = dict(text, head_dim=head_dim, rope_parameters=_mrope(text, theta=5e6, mrope_interleaved=True))
     vision = dict(
         depth=vision_depth,
         hidden_size=vision_hidden_size,
@@ -281,15 +277,7 @@ def _qwen3_vl_config(tokenizer: Any, text: dict[str, Any], vision_hidden_size: i
         num_position_embeddings=64,  # an 8x8 grid, interpolated to each input's size
         deepstack_visual_indexes=list(range(vision_depth)),
     )
-    ids = tokenizer.convert_tokens_to_ids
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_visual_token_ids(tokenizer))
 
 
 def _llava_grid_pinpoints(max_crops_per_side: int = 3) -> list[list[int]]:
