@@ -1,11 +1,12 @@
 """One timed `generate` call over a padded batch, and what it costs per sample.
 
 Timing (both per call, so every sample of one call reports the same two numbers):
-    prefill_ms   from just before `generate` to the moment the first token's logits exist, taken by
-                 a LogitsProcessor on its first call (after torch.cuda.synchronize on GPU). It covers
-                 the vision encoder, the language-model prefill (where V²Drop acts) and generate's
-                 own setup, and does not repeat any work (no separate max_new_tokens=1 run).
-    generate_ms  the whole `generate` call, prefill plus every decode step.
+    prefill_ms   from just before the call's first model work (`generate`, or a shared video prefill
+                 before it: workers.shared_prefix) to the moment the first token's logits exist,
+                 taken by a LogitsProcessor on its first call (after torch.cuda.synchronize on GPU).
+                 It covers the vision encoder, the language-model prefill (where V²Drop acts) and
+                 generate's own setup, and does not repeat any work (no separate max_new_tokens=1 run).
+    generate_ms  the whole call, prefill plus every decode step.
 Memory (per call):
     peak_memory_bytes  GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats, i.e.
                  the tensor high-water mark during the call, weights included. CPU: the process's
