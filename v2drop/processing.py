@@ -1,15 +1,15 @@
 """Turn decoded video frames (and images) plus prompts into model inputs, with or without torchvision.
 
-Why: transformers 5.23 builds the Qwen2.5-VL and LLaVA-OneVision processors only when torchvision is
+Why: transformers 5.23 builds the Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision processors only when torchvision is
 importable (their video processors subclass the torchvision backend), and no CPU build of torchvision
 exists for torch 2.13. GPU production images have it; CPU machines and CI do not. `load_processor`
 returns the real processor where it can be built and an `OfflineProcessor` elsewhere.
 
 `OfflineProcessor` is not a re-implementation of the processor: it is the family's REAL processor class
-(`Qwen2_5_VLProcessor` / `LlavaOnevisionProcessor`: chat template, placeholder expansion, tokenization,
+(`Qwen2_5_VLProcessor` / `Qwen3VLProcessor` / `LlavaOnevisionProcessor`: chat template, placeholder expansion, tokenization,
 padding, `mm_token_type_ids`, `second_per_grid_ts`) holding the family's REAL PIL image processor, with
 one part swapped: the video processor, replaced by a numpy + PIL one (`QwenVideoFramesProcessor`,
-`LlavaOnevisionVideoFramesProcessor`) that reads the same config files and computes the same tensors. The
+`Qwen3VideoFramesProcessor`, `LlavaOnevisionVideoFramesProcessor`) that reads the same config files and computes the same tensors. The
 only expected difference from the torchvision video processor is the bicubic resize (PIL on uint8 versus
 torchvision on uint8 tensors), which may differ by rounding: about one grey level where frames are resized
 (1 / 255 / std = 0.015 after normalisation), none where they keep their size. Written for transformers 5.23 (`_check_transformers_version`).
@@ -23,6 +23,9 @@ Token counts (one placeholder per visual feature the model consumes):
   qwen2_5_vl       4 frames 112x112, patch 14, merge 2, temporal patch 2 -> grid (t=2, h=8, w=8)
                    -> 2 * 8 * 8 / 2**2 = 32 <|video_pad|>; 3 frames are padded to 4 by repeating the last.
                    A 120x90 frame -> smart_resize to multiples of 28 -> 112x84 -> grid (h=8, w=6).
+  qwen3_vl         4 frames 112x112, patch 16, merge 2 -> sides rounded to multiples of 32 -> 128x128
+                   -> grid (2, 8, 8) -> 2 spans of 8 * 8 / 2**2 = 16 <|video_pad|>, each behind its time
+                   ("<0.2 seconds><|vision_start|>...<|vision_end|>"), from video_metadata's frames_indices.
   llava_onevision  4 frames resized to 112x112 (8x8 SigLIP patches, num_image_tokens=64)
                    -> 4 * ceil(8 / 2)**2 + 1 newline = 65 <video>; every video of a batch needs the same
                    frame count (the model takes one [n, T, C, H, W] tensor).
@@ -48,10 +51,11 @@ from transformers.video_processing_utils import BaseVideoProcessor
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
 TESTED_TRANSFORMERS = "5.23"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)  # Qwen3-VL
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the resample of both families' configs
 
 
@@ -81,10 +85,14 @@ def load_processor(path_or_id: str | Path, *, padding_side: str = "left", **kwar
 
 
 def video_metadata(frame_counts: list[int], fps: float | list[float]) -> list[dict[str, Any]]:
-    """`video_metadata=` for frames already sampled at `fps`; both processors read Qwen's
-    `second_per_grid_ts = temporal_patch_size / fps` from it. Example: ([4, 6], 2.0) -> 2 / 2.0 = 1.0 s."""
+    """`video_metadata=` for frames already sampled at `fps`. Qwen2.5-VL's processor reads
+    `second_per_grid_ts = temporal_patch_size / fps` from it (example: ([4, 6], 2.0) -> 2 / 2.0 =
+    1.0 s); Qwen3-VL's writes each temporal patch's time, from `frames_indices` / fps, into the prompt."""
     rates = fps if isinstance(fps, (list, tuple)) else [fps] * len(frame_counts)
-    return [{"total_num_frames": n, "fps": float(rate)} for n, rate in zip(frame_counts, rates, strict=True)]
+    return [
+        {"total_num_frames": n, "fps": float(rate), "frames_indices": list(range(n))}
+        for n, rate in zip(frame_counts, rates, strict=True)
+    ]
 
 
 class OfflineProcessor:
@@ -191,7 +199,11 @@ def _read_json(path_or_id: str | Path, filename: str, **kwargs: Any) -> dict[str
     return json.loads(Path(resolved).read_text()) if resolved else {}
 
 
-_PROCESSOR_CLASS_FAMILY = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "LlavaOnevisionProcessor": "llava_onevision"}
+_PROCESSOR_CLASS_FAMILY = {
+    "Qwen2_5_VLProcessor": "qwen2_5_vl",
+    "Qwen3VLProcessor": "qwen3_vl",
+    "LlavaOnevisionProcessor": "llava_onevision",
+}
 
 
 def detect_family(path_or_id: str | Path, **kwargs: Any) -> str:
@@ -231,6 +243,11 @@ def _classes(family: str) -> tuple[type, type, type]:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         return Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, QwenVideoFramesProcessor
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen3VLProcessor, Qwen2VLImageProcessorPil, Qwen3VideoFramesProcessor
     from transformers import LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
@@ -456,6 +473,33 @@ class QwenVideoFramesProcessor(_FramesVideoProcessor):
             patches.append(torch.from_numpy(np.ascontiguousarray(video_patches)))
             grids.append(grid)
         return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
+
+
+class Qwen3VideoFramesProcessor(QwenVideoFramesProcessor):
+    """Qwen3VLVideoProcessor on numpy + PIL -> pixel_values_videos [sum(t*h*w), C*2*16*16], video_grid_thw [n, 3].
+
+    Differs from Qwen2-VL's in patch 16 (sides multiples of 32), mean/std 0.5, and a pixel budget
+    over the whole video (t * h * w) rather than per frame."""
+
+    size = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    patch_size = 16
+    max_video_tokens = 768
+
+    def target_size(self, num_frames: int, height: int, width: int, options: dict[str, Any]) -> tuple[int, int]:
+        """Qwen3-VL's video smart_resize; with `cap_pixels_per_frame` the budget per frame is
+        max(min(max_video_tokens * 32**2, longest_edge / T), 1.05 * shortest_edge)."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
+
+        size, factor = options["size"], options["patch_size"] * options["merge_size"]
+        max_pixels = size.longest_edge
+        if options["cap_pixels_per_frame"]:
+            per_frame = max(min(options["max_video_tokens"] * factor * factor, size.longest_edge // num_frames),
+                            int(size.shortest_edge * 1.05))
+            max_pixels = per_frame * num_frames
+        return video_smart_resize(num_frames, height, width, temporal_factor=options["temporal_patch_size"],
+                                  factor=factor, min_pixels=size.shortest_edge, max_pixels=max_pixels)
 
 
 class LlavaOnevisionVideoFramesProcessor(_FramesVideoProcessor):

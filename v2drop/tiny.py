@@ -11,6 +11,7 @@ downloading anything. Nothing here is a mock: only the sizes are small and the w
 
 Token counts with the defaults (patch 14, 112 px):
   qwen2_5_vl       4 frames 112x112 -> grid (t=2, h=8, w=8) -> 2*8*8/2**2 = 32 <|video_pad|>; image 112x112 -> 16
+  qwen3_vl         patch 16: 4 frames 112x112 -> 128x128 -> grid (2, 8, 8) -> 2 timestamped spans of 16
   llava_onevision  4 frames 112x112 -> 4 * ceil(8/2)**2 + 1 newline = 65 <video>;
                    image 112x112 -> anyres 2x2 crops: 64 base + 8*8 unpadded + 8 newlines = 136 <image>
 
@@ -34,10 +35,10 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
 # Families whose config, model and tokenizer tiny builds for the engine tests, without a saved
-# processor directory: OfflineProcessor has no video processor for them (the real ones need torchvision).
-ENGINE_ONLY_FAMILIES = ("qwen2_vl", "qwen3_vl")
+# processor directory: OfflineProcessor has no video processor for Qwen2-VL.
+ENGINE_ONLY_FAMILIES = ("qwen2_vl",)
 # Bump when the built directory changes for the same arguments, so `build_cached` rebuilds.
 BUILDER_VERSION = 1
 MARKER_FILE = "RANDOM_WEIGHTS.json"
@@ -379,6 +380,18 @@ def _processor_parts(family: str, max_pixels: int) -> dict[str, dict[str, Any]]:
             "video_processor": dict(vision, do_sample_frames=False, video_processor_type="Qwen2VLVideoProcessor"),
             "processor": dict(processor_class="Qwen2_5_VLProcessor"),
         }
+    if family == "qwen3_vl":
+        # Qwen3-VL's video budget covers t * h * w: up to 32 frames of max_pixels each.
+        vision = dict(patch_size=QWEN3_VL_PATCH_SIZE, temporal_patch_size=2, merge_size=2,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return {
+            "image_processor": dict(vision, size={"shortest_edge": 64 * 64, "longest_edge": max_pixels},
+                                    image_processor_type="Qwen2VLImageProcessor"),
+            "video_processor": dict(vision, size={"shortest_edge": 64 * 64, "longest_edge": 32 * max_pixels},
+                                    do_sample_frames=False, cap_pixels_per_frame=False,
+                                    video_processor_type="Qwen3VLVideoProcessor"),
+            "processor": dict(processor_class="Qwen3VLProcessor"),
+        }
     size = {"height": IMAGE_SIZE_PX, "width": IMAGE_SIZE_PX}
     return {
         "image_processor": dict(
@@ -410,23 +423,18 @@ def has_video_processor_backend() -> bool:
 
 def build_processor(family: str, tokenizer: Any, *, max_pixels: int = 224 * 224) -> Any:
     """The family's real processor; needs torchvision (see `has_video_processor_backend`)."""
-    from transformers import (
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    import transformers
 
+    processor_name, image_name, video_name = {
+        "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor"),
+        "qwen3_vl": ("Qwen3VLProcessor", "Qwen2VLImageProcessor", "Qwen3VLVideoProcessor"),
+        "llava_onevision": ("LlavaOnevisionProcessor", "LlavaOnevisionImageProcessor", "LlavaOnevisionVideoProcessor"),
+    }[family]
     parts = _processor_parts(family, max_pixels)
-    qwen = family == "qwen2_5_vl"
-    image = (Qwen2VLImageProcessor if qwen else LlavaOnevisionImageProcessor)(**_without_type(parts["image_processor"]))
-    video = (Qwen2VLVideoProcessor if qwen else LlavaOnevisionVideoProcessor)(**_without_type(parts["video_processor"]))
-    return (Qwen2_5_VLProcessor if qwen else LlavaOnevisionProcessor)(
-        image_processor=image,
+    return getattr(transformers, processor_name)(
+        image_processor=getattr(transformers, image_name)(**_without_type(parts["image_processor"])),
         tokenizer=tokenizer,
-        video_processor=video,
+        video_processor=getattr(transformers, video_name)(**_without_type(parts["video_processor"])),
         chat_template=_chat_template(family),
         **_without_type(parts["processor"]),
     )
@@ -442,7 +450,7 @@ def _write_processor_files(family: str, tokenizer: Any, out_dir: Path, *, max_pi
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     parts = _processor_parts(family, max_pixels)
-    image_cls = Qwen2VLImageProcessorPil if family == "qwen2_5_vl" else LlavaOnevisionImageProcessorPil
+    image_cls = Qwen2VLImageProcessorPil if family.startswith("qwen") else LlavaOnevisionImageProcessorPil
     image = image_cls(**_without_type(parts["image_processor"]))
     image.save_pretrained(out_dir)
     owner = {"processor_class": parts["processor"]["processor_class"]}

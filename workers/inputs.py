@@ -103,9 +103,11 @@ def chat_text(processor: Any, prompt: str, system: str | None) -> str:
 
 
 def video_metadata(row: Mapping[str, Any], frames: np.ndarray) -> dict[str, Any]:
-    """What the video processor needs about frames we already sampled: their count and rate."""
+    """What the video processor needs about frames we already sampled: their count and rate, and
+    their indices among them (Qwen3-VL writes each frame pair's time, index / fps, into the prompt)."""
     num_frames, height, width, _ = frames.shape
-    return {"total_num_frames": num_frames, "fps": clip_fps(row), "height": height, "width": width}
+    return {"total_num_frames": num_frames, "fps": clip_fps(row), "frames_indices": list(range(num_frames)),
+            "height": height, "width": width}
 
 
 def build_inputs(processor: Any, items: Sequence[Item], system: str | None = None) -> Any:

@@ -6,7 +6,7 @@ output row (`model_id`, `model_revision`, `model_random_weights`):
 
 | source                         | resolved to                                   | random weights |
 |--------------------------------|-----------------------------------------------|----------------|
-| `tiny:qwen2_5_vl`              | `<cache_dir>/tiny/...` built offline          | yes            |
+| `tiny:qwen2_5_vl` (`qwen3_vl`, `llava_onevision`) | `<cache_dir>/tiny/...` built offline | yes |
 | `s3://bucket/models/qwen7b`    | `<cache_dir>/s3/<hash>/`, downloaded once     | if tiny-built  |
 | `/models/qwen7b`, `./m`, `~/m` | that folder (must exist)                      | if tiny-built  |
 | `Qwen/Qwen2.5-VL-7B-Instruct`  | the hub cache snapshot (revision = its commit)| no             |

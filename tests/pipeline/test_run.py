@@ -346,18 +346,19 @@ def test_model_that_cannot_load_is_a_systemic_error(ray_cluster: None, shared_vi
 
 
 @pytest.mark.slow
-def test_real_tiny_model_captions_and_answers(ray_cluster: None, videos: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["tiny:qwen2_5_vl", "tiny:qwen3_vl"])
+def test_real_tiny_model_captions_and_answers(ray_cluster: None, videos: Path, tmp_path: Path, model: str) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("nasa_13013.mp4", "av1.webm", "thin.mp4", "h265_video.mp4", "corrupted.mp4"):
         (folder / name).symlink_to(videos / name)
-    summary = run(offline("qa.yaml", tmp_path / "out", f"input.uri={folder}"))
+    summary = run(offline("qa.yaml", tmp_path / "out", f"input.uri={folder}", f"model.source={model}"))
     rows = read_rows(tmp_path / "out").to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == (3 + 1 + 1) * 3  # (nasa_13013: 3 clips, av1: 1, corrupted: 1) x 3 questions; thin fails
     damaged = [r for r in ok if r["video_uri"].endswith("corrupted.mp4")]
     assert len(damaged) == 3 and all(r["partial_reason"] and r["last_frame_s"] < r["end_s"] for r in damaged)
-    assert all(r["model_random_weights"] and r["output_tokens"] >= 1 for r in ok)
+    assert all(r["model_random_weights"] and r["output_tokens"] >= 1 and r["model_id"] == model for r in ok)
     assert all(r["visual_tokens_per_stage"] and r["retention_achieved"] < 1 for r in ok)
     thin = [r for r in rows if r["video_uri"].endswith("thin.mp4")]
     assert thin and all(r["status"] == "error" and r["error_stage"] == "model" for r in thin)

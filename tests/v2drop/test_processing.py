@@ -3,6 +3,8 @@
 Token counts (tiny models: patch 14, merge 2, temporal patch 2; LLaVA-OV 112 px frames, 8x8 patches):
   qwen2_5_vl       3 frames 90x120 -> 84x112, padded to 4 frames -> grid (2, 6, 8) -> 2*6*8/4 = 24 tokens
                    4 frames 112x112 -> grid (2, 8, 8) -> 32 tokens
+  qwen3_vl         patch 16, sides rounded to multiples of 32: 3 frames 90x120 -> 96x128 -> grid (2, 6, 8) -> 24;
+                   4 frames 112x112 -> 128x128 -> grid (2, 8, 8) -> 32, in one timestamped span per temporal patch
   llava_onevision  4 frames of any size, resized to 112x112 -> 4 * 4*4 + 1 newline = 65 tokens
 """
 
@@ -19,11 +21,12 @@ from v2drop.processing import OfflineProcessor, has_torchvision, load_processor,
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # OPENAI_CLIP, saved by tiny.build
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "llava_onevision": "<video>"}
-IMAGE_TOKEN = {"qwen2_5_vl": "<|image_pad|>", "llava_onevision": "<image>"}
+VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen3_vl": "<|video_pad|>", "llava_onevision": "<video>"}
+IMAGE_TOKEN = {"qwen2_5_vl": "<|image_pad|>", "qwen3_vl": "<|image_pad|>", "llava_onevision": "<image>"}
 # (frames, height, width) per video and the placeholder tokens each must expand to (module docstring).
 VIDEOS = {
     "qwen2_5_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),
+    "qwen3_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),  # sides to multiples of 32: 96x128, 128x128
     "llava_onevision": ([(4, 90, 120), (4, 112, 112)], [65, 65]),
 }
 QUESTIONS = ("Describe this video.", "What is happening in the video? Describe the main events in detail.")
@@ -103,7 +106,7 @@ def test_qwen_video_settings_fall_back_to_the_image_config_as_released_checkpoin
 
 def test_unknown_model_is_refused_with_the_supported_families(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="qwen2_5_vl, llava_onevision"):
+    with pytest.raises(ValueError, match="qwen2_5_vl, qwen3_vl, llava_onevision"):
         OfflineProcessor.from_pretrained(tmp_path)
 
 
@@ -199,6 +202,19 @@ def test_qwen_patch_order_equals_a_loop_over_merge_windows(processors):
                         rows.append(patch.transpose(1, 0, 2, 3).reshape(-1))
     assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]
     np.testing.assert_allclose(inputs["pixel_values_videos"].numpy(), np.stack(rows), atol=1e-5)
+
+
+def test_qwen3_pixels_and_spans_of_a_solid_video_equal_the_formula(processors):
+    """Patch 16 and mean/std 0.5; 64x64 frames are kept (multiple of 32), so 2 frames -> grid (1, 4, 4)."""
+    processor = processors["qwen3_vl"]
+    video = np.stack([np.pad(frame, ((0, 8), (0, 8), (0, 0)), mode="edge") for frame in _solid_video()])  # 64x64
+    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[video], video_metadata=video_metadata([2], 2.0))
+    assert inputs["video_grid_thw"].tolist() == [[1, 4, 4]]
+    assert _count(processor, inputs, "<|video_pad|>") == [4]
+    assert "<0.2 seconds><|vision_start|><|video_pad|>" in processor.tokenizer.decode(inputs["input_ids"][0])
+    frames = [(np.array(rgb, np.float32) / 255 - 0.5) / 0.5 for rgb in ((255, 0, 0), (0, 128, 255))]
+    row = np.stack([np.stack([np.full(256, frames[t][channel]) for t in range(2)]) for channel in range(3)])
+    np.testing.assert_allclose(inputs["pixel_values_videos"].numpy(), np.tile(row.reshape(-1), (16, 1)), atol=1e-5)
 
 
 def test_llava_onevision_pixels_of_a_solid_video_equal_the_formula(processors):

@@ -25,11 +25,11 @@ from v2drop import tiny  # noqa: E402
 
 NUM_LAYERS = 3
 # 4 frames of 112x112 and one 112x112 image; see the module docstring of v2drop.tiny for the arithmetic.
-EXPECTED_TOKENS = {"qwen2_5_vl": {"video": 32, "image": 16}, "llava_onevision": {"video": 65, "image": 136}}
-PAD_TOKENS = {
-    "qwen2_5_vl": {"video": "<|video_pad|>", "image": "<|image_pad|>"},
-    "llava_onevision": {"video": "<video>", "image": "<image>"},
-}
+# Qwen3-VL: patch 16, sides rounded to multiples of 32 (112 -> 128): the same counts as Qwen2.5-VL's 112 / 14.
+EXPECTED_TOKENS = {"qwen2_5_vl": {"video": 32, "image": 16}, "qwen3_vl": {"video": 32, "image": 16},
+                   "llava_onevision": {"video": 65, "image": 136}}
+QWEN_PADS = {"video": "<|video_pad|>", "image": "<|image_pad|>"}
+PAD_TOKENS = {"qwen2_5_vl": QWEN_PADS, "qwen3_vl": QWEN_PADS, "llava_onevision": {"video": "<video>", "image": "<image>"}}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _messages() -> list[dict]:
 def test_build_saves_real_model_whose_token_ids_match_the_tokenizer(built: dict[str, Path], family: str) -> None:
     model = tiny.load_model(built[family])
     tokenizer = _tokenizer(built[family])
-    expected_class = {"qwen2_5_vl": "Qwen2_5_VL", "llava_onevision": "LlavaOnevision"}[family]
+    expected_class = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "llava_onevision": "LlavaOnevision"}[family]
     assert type(model).__name__ == f"{expected_class}ForConditionalGeneration"
     assert model.config.text_config.num_hidden_layers == NUM_LAYERS
     assert model.config.text_config.vocab_size >= len(tokenizer)
@@ -78,10 +78,14 @@ def test_qwen_special_ids_and_mrope_section(built: dict[str, Path]) -> None:
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_chat_template_renders_family_tokens(built: dict[str, Path], family: str) -> None:
     rendered = _tokenizer(built[family]).apply_chat_template(_messages(), tokenize=False, add_generation_prompt=True)
-    expected = {
-        "qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    qwen = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
-        "Describe this video in detail.<|im_end|>\n<|im_start|>assistant\n",
+        "Describe this video in detail.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    expected = {
+        "qwen2_5_vl": qwen,
+        "qwen3_vl": qwen,
         "llava_onevision": "<|im_start|>user\n<image>\n<video>\nDescribe this video in detail.<|im_end|>\n"
         "<|im_start|>assistant\n",
     }
@@ -133,7 +137,7 @@ def test_7b_shaped_overrides_reach_the_text_config() -> None:
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="supported: qwen2_5_vl, llava_onevision"):
+    with pytest.raises(ValueError, match="supported: qwen2_5_vl, qwen3_vl, llava_onevision"):
         tiny.build("llama", tmp_path)
     with pytest.raises(TypeError, match="num_head"):
         tiny.build("qwen2_5_vl", tmp_path, num_head=4)
@@ -207,7 +211,8 @@ def _prompt_ids(family: str, path: Path, counts: dict[str, int]) -> tuple[torch.
     return input_ids, types
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+# Qwen3-VL's per-frame spans are checked through its processor in test_real_processor_round_trip.
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_processor_counts_equal_model_features(built: dict[str, Path], family: str) -> None:
     """The model raises unless every placeholder gets exactly one visual feature, so a generate and a
     forward that succeed prove the processor's counts and the model's feature counts agree."""
@@ -248,9 +253,12 @@ def test_real_processor_round_trip(built: dict[str, Path], family: str) -> None:
     for kind in ("image", "video"):
         pad_id = processor.tokenizer.convert_tokens_to_ids(PAD_TOKENS[family][kind])
         assert int((ids == pad_id).sum()) == EXPECTED_TOKENS[family][kind]
-    if family == "qwen2_5_vl":
+    if family != "llava_onevision":
         assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]] and inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
-        assert "second_per_grid_ts" in inputs and "mm_token_type_ids" in inputs
+        assert "mm_token_type_ids" in inputs and ("second_per_grid_ts" in inputs) == (family == "qwen2_5_vl")
+    if family == "qwen3_vl":  # one span per temporal patch, behind its time: frames 0-1 and 2-3 at 2 fps
+        text = processor.tokenizer.decode(ids)
+        assert "<0.2 seconds><|vision_start|>" in text and "<1.2 seconds><|vision_start|>" in text
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape[1] == ids.shape[0] + 3

@@ -251,3 +251,15 @@ def test_s3_model_is_downloaded_once_into_the_node_cache_and_captions(cache_dir,
     assert first.model_id == uri and first.random_weights is True  # the tiny marker travelled with the files
     out = Captioner(model_cfg(uri), GREEDY, CAPTION, str(node_cache), storage_cfg=storage_cfg)(as_batch(THREE_CLIPS[:1]))
     assert out["status"] == ["ok"] and out["model_id"] == [uri]
+
+
+def test_qwen3_vl_runs_through_the_same_captioner(cache_dir: str) -> None:
+    qwen3 = Captioner(model_cfg("tiny:qwen3_vl", retention=0.25), GREEDY, CAPTION, cache_dir)
+    clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 6, 84, 140, 1)]
+    out = qwen3(as_batch(clips))
+
+    assert out["status"] == ["ok"] * 2 and all(text.strip() for text in out["output_text"])
+    assert out["model_id"] == ["tiny:qwen3_vl"] * 2 and out["model_random_weights"] == [True] * 2
+    # 112x112 -> 128x128 (multiples of 32): 2 temporal patches x 8x8 / 4; 84x140 -> 96x128: 3 x 6x8 / 4.
+    assert [stages[0] for stages in out["visual_tokens_per_stage"]] == [32, 36]
+    assert all(stages[-1] < stages[0] for stages in out["visual_tokens_per_stage"])

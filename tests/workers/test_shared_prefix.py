@@ -23,6 +23,7 @@ QA = {"task": "qa", "caption": "", "questions": QUESTIONS[:2], "system": "Be bri
 # ones (84 x 56 px -> 3 x 2 merged patches): the case where Qwen's stored rope deltas are off by one.
 CLIPS = {
     "qwen2_5_vl": (clip_row("a", 4, 56, 56, seed=1), clip_row("b", 6, 84, 56, seed=2)),
+    "qwen3_vl": (clip_row("a", 4, 64, 64, seed=1), clip_row("b", 6, 96, 64, seed=2)),  # timestamped frame spans
     "llava_onevision": (clip_row("a", 4, 56, 56, seed=1), clip_row("b", 4, 84, 56, seed=2)),  # equal frame counts
 }
 GENERATE = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
