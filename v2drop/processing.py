@@ -399,7 +399,7 @@ class _FramesVideoProcessor(BaseVideoProcessor):
                 "and pass video_metadata=v2drop.processing.video_metadata(frame_counts, fps)"
             )
         if options.get("do_center_crop"):
-            raise NotImplementedError("OfflineProcessor video processors do not center-crop (neither family does)")
+            raise NotImplementedError("OfflineProcessor video processors do not center-crop (none of these families does)")
         from transformers.video_utils import make_batched_metadata, make_batched_videos
 
         batch = make_batched_videos(videos)
