@@ -377,7 +377,8 @@ class _FramesVideoProcessor(BaseVideoProcessor):
     """A `BaseVideoProcessor` (so the real processor accepts it) whose `preprocess` runs on numpy + PIL.
     Class attributes mirror the torchvision class's defaults; `from_pretrained` is the inherited one, so the
     saved config is found exactly as transformers finds it (processor_config.json "video_processor", then
-    video_preprocessor_config.json, then preprocessor_config.json)."""
+    video_preprocessor_config.json, then preprocessor_config.json). Each family's subclass defines
+    `_pixels(videos, options)`: uint8 [T, H, W, 3] videos -> that family's pixel tensors."""
 
     resample = BICUBIC
     image_mean = OPENAI_CLIP_MEAN
@@ -394,12 +395,12 @@ class _FramesVideoProcessor(BaseVideoProcessor):
         (the Qwen processor reads the fps from it)."""
         options = self._standardize_kwargs(**self._options(kwargs))
         if options["do_sample_frames"]:
-            raise NotImplementedError(
+            raise ValueError(
                 "OfflineProcessor takes frames already sampled (do_sample_frames=False); sample while decoding "
                 "and pass video_metadata=v2drop.processing.video_metadata(frame_counts, fps)"
             )
         if options.get("do_center_crop"):
-            raise NotImplementedError("OfflineProcessor video processors do not center-crop (none of these families does)")
+            raise ValueError("do_center_crop: OfflineProcessor video processors do not center-crop (none of these families does)")
         from transformers.video_utils import make_batched_metadata, make_batched_videos
 
         batch = make_batched_videos(videos)
@@ -421,10 +422,6 @@ class _FramesVideoProcessor(BaseVideoProcessor):
         rescale = options["rescale_factor"] if options["do_rescale"] else None
         mean, std = (options["image_mean"], options["image_std"]) if options["do_normalize"] else (None, None)
         return rescale_normalize(frames, rescale, mean, std)
-
-    def _pixels(self, videos: list[np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
-        """uint8 [T, H, W, 3] videos -> this family's pixel tensors; each family's subclass defines it."""
-        raise NotImplementedError(f"{type(self).__name__} must define _pixels")
 
 
 class QwenVideoFramesProcessor(_FramesVideoProcessor):

@@ -202,14 +202,18 @@ def run_items(
     Example (unshared, one prompt per clip): frame counts [16, 16, 8, 16], chunk 2 -> calls
     [0, 1], [3], [2].
     """
-    share = bool(generation_cfg.get("share_video_prefix", True))
     results: list[GenResult | None] = [None] * len(items)
     for indices in batch_groups(loaded.model, items):
-        for part in call_groups(items, indices, chunk, share):
+        for part in call_groups(items, indices, chunk, shares_video_prefix(generation_cfg)):
             outcomes = generate_with_fallback(loaded, [items[i] for i in part], system, generation_cfg)
             for i, outcome in zip(part, outcomes):
                 results[i] = outcome
     return results  # type: ignore[return-value] - every index was filled
+
+
+def shares_video_prefix(generation_cfg: Mapping[str, Any]) -> bool:
+    """generation.share_video_prefix; on unless a config says otherwise (pipeline.config's default)."""
+    return bool(generation_cfg.get("share_video_prefix", True))
 
 
 def call_groups(items: Sequence[Item], indices: list[int], chunk: int, share: bool) -> list[list[int]]:
@@ -260,7 +264,7 @@ def generate_items(
     loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any]
 ) -> list[GenResult]:
     """One generate call; clips with several prompts share their video prefill when allowed."""
-    if generation_cfg.get("share_video_prefix", True) and shared_prefix.has_shared_clips(items):
+    if shares_video_prefix(generation_cfg) and shared_prefix.has_shared_clips(items):
         results = shared_prefix.generate_shared(loaded.model, loaded.processor, items, system, generation_cfg)
         if results is not None:
             return results

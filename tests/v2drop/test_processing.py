@@ -296,3 +296,12 @@ def test_offline_processor_matches_the_real_processor(built, processors, family)
             torch.testing.assert_close(got[key], expected[key], atol=0.02, rtol=0)
         else:
             assert torch.equal(got[key], expected[key]), key
+
+
+def test_frame_sampling_and_center_crop_are_refused_with_what_to_do_instead(processors):
+    processor = processors["qwen2_5_vl"]
+    text, video = [_prompt(processor, "video", "Hi")], [_random_video((4, 56, 56), 0)]
+    with pytest.raises(ValueError, match="already sampled.*video_metadata"):
+        processor(text=text, videos=video, do_sample_frames=True)
+    with pytest.raises(ValueError, match="do_center_crop"):
+        processor(text=text, videos=video, do_center_crop=True)
