@@ -31,6 +31,7 @@ import torch
 
 import v2drop
 from v2drop import tiny
+from v2drop.compat import output_cache
 
 VARIANTS = ("full", "v2drop", "random")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -169,7 +170,7 @@ def measure(args) -> dict:
 def variant_details(model, variant, out, args) -> dict:
     stats = v2drop.last_stats(model)[0] if v2drop.is_enabled(model) else None
     details = {
-        "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
+        "kv_cache_bytes": kv_cache_bytes(output_cache(out)),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
     }
     if stats:

@@ -18,7 +18,7 @@ import torch
 import transformers
 from torch import nn
 
-from v2drop import loop
+from v2drop import compat, loop
 from v2drop.adapters import adapter_for
 from v2drop.adapters.base import FamilyAdapter
 from v2drop.flops import TextShape
@@ -164,31 +164,19 @@ def _record_input_ids(model: nn.Module):
 def _patched_text_forward(model: nn.Module):
     model_ref = weakref.ref(model)
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, **kwargs):
         state: DropState = getattr(model_ref(), _STATE_ATTR)
         token_ids = state.pending_input_ids if input_ids is None else input_ids
         state.pending_input_ids = None
+        cache = compat.pop_cache(kwargs)  # whichever name the caller used (see v2drop.compat)
         stock = type(self).forward.__get__(self)
-        call = dict(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        call = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                    **compat.cache_kwarg(cache), **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         if past_length == 0:
             visual = _visual_mask(state, token_ids, inputs_embeds)
@@ -196,10 +184,10 @@ def _patched_text_forward(model: nn.Module):
                 state.cache_ref, state.stage_masks = None, None
                 return stock(inputs_embeds=inputs_embeds, **call)
             return _dropping_prefill(self, state, inputs_embeds, visual, attention_mask, position_ids,
-                                     past_key_values, use_cache, kwargs)
-        if state.owns(past_key_values):
+                                     cache, use_cache, kwargs)
+        if state.owns(cache):
             return _continuation(self, state, inputs_embeds, attention_mask, position_ids,
-                                 past_key_values, use_cache, kwargs)
+                                 cache, use_cache, kwargs)
         return stock(inputs_embeds=inputs_embeds, **call)
 
     return forward

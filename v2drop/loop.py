@@ -1,6 +1,6 @@
 """The generic decoder loop with progressive visual-token dropping.
 
-Written against the text-model forward of transformers 5.23 (Qwen2_5_VLTextModel, Qwen2Model):
+Written against the text-model forward of transformers 5.23-5.24 (Qwen2_5_VLTextModel, Qwen2Model):
 one visible loop over `text_model.layers`, rotary cos/sin computed once, masks built per layer
 type. What changes here:
 
@@ -12,6 +12,8 @@ type. What changes here:
 * Later forwards on that cache (decode, or a continuation chunk): one 2-D key mask per stage,
   grown by the new tokens, sized against that stage's own cache length. Positions come from
   the caller and continue from the unpruned length.
+* The cache reaches layers and mask builders under the installed transformers' keyword
+  (`v2drop.compat.cache_kwarg`: `cache` from 5.24, `past_key_values` before), never both.
 * Decoder layers get `position_ids=None`. Positions already live in the gathered cos/sin, and
   flash-attention reads the gapped positions of a pruned sequence as packed sequences
   (transformers' `_is_packed_sequence`), which would split one sample into several.
@@ -30,6 +32,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from v2drop.adapters.base import FamilyAdapter
+from v2drop.compat import cache_kwarg
 from v2drop.flops import TextShape, prefill_flops
 from v2drop.schedule import Schedule
 from v2drop.select import compact, keep_counts, select_visual, variation_scores
@@ -70,8 +73,8 @@ def causal_mask(text_model, hidden: torch.Tensor, valid: torch.Tensor, cache, la
         config=text_model.config,
         inputs_embeds=hidden,
         attention_mask=valid,
-        past_key_values=cache,
         layer_idx=layer_idx,
+        **cache_kwarg(cache),
     )
 
 
@@ -145,8 +148,8 @@ def prefill_with_drops(
             attention_mask=mask,
             position_embeddings=(state.cos, state.sin),
             position_ids=None,  # positions live in cos/sin; see the module docstring
-            past_key_values=cache,
             use_cache=use_cache,
+            **cache_kwarg(cache),
             **kwargs,
         )
         add_after_layer(state, i)
@@ -187,8 +190,8 @@ def continue_on_dropped_cache(
                 attention_mask=mask,
                 position_embeddings=(cos, sin),
                 position_ids=None,  # positions live in cos/sin; see the module docstring
-                past_key_values=cache,
                 use_cache=use_cache,
+                **cache_kwarg(cache),
                 **kwargs,
             )
         if use_cache:
@@ -252,4 +255,4 @@ def initial_token_state(
 
 
 def output(hidden: torch.Tensor, cache, use_cache: bool) -> BaseModelOutputWithPast:
-    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwarg(cache if use_cache else None))

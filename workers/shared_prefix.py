@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import v2drop
+from v2drop.compat import cache_kwarg, output_cache
 from v2drop.flops import TextShape, continuation_flops
 from workers.drop_stats import engine_stats, stats_marker, stock_stats, visual_token_ids
 from workers.generation import GenResult, move_inputs, pad_token_id, results_for, timed_generate
@@ -180,10 +181,11 @@ def prefill_and_fork(model: Any, processor: Any, call: SharedCall, prefix: Mappi
     marker = stats_marker(model)
     out = model(**prefix, use_cache=True, logits_to_keep=1)
     stats = prefix_stats(model, prefix, marker)
-    fork_prefix_cache(model, out.past_key_values, call.owner, continuation_rope_deltas(model, prefix))
+    cache = output_cache(out)
+    fork_prefix_cache(model, cache, call.owner, continuation_rope_deltas(model, prefix))
     ids, mask = continuation_batch(prefix["input_ids"], prefix["attention_mask"], call.suffix_ids, call.owner,
                                    pad_token_id(model, processor))
-    return {"input_ids": ids, "attention_mask": mask, "past_key_values": out.past_key_values}, stats
+    return {"input_ids": ids, "attention_mask": mask, **cache_kwarg(cache)}, stats
 
 
 def prefix_stats(model: Any, prefix: Mapping[str, Any], marker: object | None) -> list[dict]:

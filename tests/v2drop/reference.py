@@ -89,7 +89,6 @@ def forward_last_logits(model, schedule: Schedule, embeds, positions, visual, de
             attention_mask=_causal_mask(hidden.shape[1], hidden.dtype),
             position_embeddings=(cos, sin),
             position_ids=None,
-            past_key_values=None,
             use_cache=False,
         )
         for t, src in enumerate(source):

@@ -6,6 +6,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import v2drop
 from tests.v2drop import models
+from v2drop.compat import output_cache
 
 
 def test_unsupported_family_names_the_supported_ones():
@@ -83,7 +84,7 @@ def test_select_cache_rows_takes_the_stage_masks_along():
     samples = [models.Sample("Hi?", models.Visual("video", (2, 4, 4))),
                models.Sample("A longer question?", models.Visual("video", (2, 8, 4)))]
     with torch.no_grad():
-        cache = model(**models.batch(family, samples), use_cache=True).past_key_values
+        cache = output_cache(model(**models.batch(family, samples), use_cache=True))
     state = model._v2drop_state
     masks, keys = [m.clone() for m in state.stage_masks.masks], [layer.keys.clone() for layer in cache.layers]
     index = torch.tensor([1, 0, 1])

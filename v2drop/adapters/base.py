@@ -23,7 +23,7 @@ class FamilyAdapter:
     model_types: tuple[str, ...]  # config.model_type values this adapter accepts
     # transformers versions the patched text-model forward was written against and tested with
     tested_transformers: tuple[str, ...]
-    # (text_model, inputs_embeds, position_ids, past_key_values) -> the position ids rotary_emb takes
+    # (text_model, inputs_embeds, position_ids, cache) -> the position ids rotary_emb takes
     positions: Callable[..., torch.Tensor]
     # (text-forward kwargs, inputs_embeds) -> [B, L, K, D] or None: per-token inputs the family adds to
     # the residual stream after its first K layers. Pops the family's own kwargs, so the decoder
@@ -44,10 +44,10 @@ class FamilyAdapter:
         return tuple(int(getattr(config, key)) for key in ("image_token_id", "video_token_id"))
 
 
-def default_positions(text_model, inputs_embeds, position_ids, past_key_values):
+def default_positions(text_model, inputs_embeds, position_ids, cache):
     """1-D RoPE (Qwen2, Llama): positions continue from the cache when not given."""
     if position_ids is None:
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
         position_ids = position_ids.unsqueeze(0)
     return position_ids.expand(inputs_embeds.shape[0], -1)

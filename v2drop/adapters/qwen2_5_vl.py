@@ -14,10 +14,10 @@ import torch
 from v2drop.adapters.base import FamilyAdapter
 
 
-def mrope_positions(text_model, inputs_embeds, position_ids, past_key_values):
+def mrope_positions(text_model, inputs_embeds, position_ids, cache):
     batch, length = inputs_embeds.shape[:2]
     if position_ids is None:
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(length, device=inputs_embeds.device) + past
         position_ids = position_ids.view(1, 1, -1).expand(3, batch, -1)
     elif position_ids.ndim == 2:
