@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# Idempotent set-up of .venv, sourced by the README's two commands.
-# Installs the CPU build of torch first where there is no GPU: an unpinned torch
-# would otherwise pull several GB of CUDA packages.
+# Idempotent set-up of .venv, sourced by the README's two commands. Installs exactly the stack
+# the suite passed on (requirements.lock, pip constraints), torch first: the CPU build where there
+# is no GPU (an unconstrained torch would pull several GB of CUDA packages), the CUDA build of the
+# same version where there is one. Then the oldest declared transformers, beside the locked one,
+# for the suite's version-range tests (requirements-oldest.txt).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    pip install -q torch
-  else
-    pip install -q torch==2.13.0
-  fi
-fi
-stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+stamp=".venv/.installed-$(cat pyproject.toml requirements.lock requirements-oldest.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  pip install -q -e '.[dev]'
+  pip install -q -c requirements.lock torch
+  pip install -q -c requirements.lock -e '.[dev]'
+  rm -rf .venv/transformers-oldest
+  pip install -q --no-deps --target .venv/transformers-oldest -r requirements-oldest.txt
+  rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -6,11 +6,17 @@
     v2drop.last_stats(model)         # per-sample token counts, retention, FLOPs
     v2drop.select_cache_rows(model, cache, index)   # fork a prefilled cache, e.g. per question
     v2drop.disable(model)
+    v2drop.self_check(model)         # the patched forward vs the stock model and a slow reference
+
+enable() refuses a transformers release outside `v2drop.compat.TESTED_TRANSFORMERS` unless the
+caller opts in, and self-checks each family once per process before patching it.
 
 Knows nothing of Ray.
 """
 
 from v2drop.api import disable, enable, is_enabled, last_stats, select_cache_rows
 from v2drop.schedule import Schedule
+from v2drop.runtime_check import SelfCheckError, SelfCheckResult, self_check
 
-__all__ = ["Schedule", "enable", "disable", "is_enabled", "last_stats", "select_cache_rows"]
+__all__ = ["Schedule", "enable", "disable", "is_enabled", "last_stats", "select_cache_rows",
+           "self_check", "SelfCheckError", "SelfCheckResult"]

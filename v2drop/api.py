@@ -53,13 +53,30 @@ class DropState:
 SCORERS = ("variation", "random")
 
 
-def enable(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", seed: int = 0) -> nn.Module:
+def enable(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", seed: int = 0,
+           allow_untested: bool = False) -> nn.Module:
     """Patch `model` to drop visual tokens per `schedule`; returns the model. Idempotent:
     enabling again replaces the schedule and scorer.
 
     scorer "variation" is V²Drop; "random" keeps a seeded random subset at the same schedule,
     the control baseline for benchmarks.
+
+    A transformers version outside `v2drop.compat.TESTED_TRANSFORMERS` is refused with a
+    ValueError unless `allow_untested` (or V2DROP_ALLOW_UNTESTED_TRANSFORMERS=1). Either way, the
+    first enable() of a family in a process runs `v2drop.self_check` (about a second on CPU) and
+    raises `SelfCheckError` if the patched forward is not the stock model at keep 1.0 or not the
+    slow reference with drops.
     """
+    compat.check_transformers(allow_untested)
+    adapter_for(model)  # refuse an unsupported family before building anything for the check
+    from v2drop.runtime_check import self_check  # the check patches tiny models through patch()
+
+    self_check(model)
+    return patch(model, schedule, scorer=scorer, seed=seed)
+
+
+def patch(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", seed: int = 0) -> nn.Module:
+    """enable() without the version check and the self-check: what the self-check itself runs."""
     adapter = adapter_for(model)
     text_model = adapter.text_model(model)
     _check_text_model(text_model, adapter)
@@ -137,18 +154,11 @@ def _check_text_model(text_model: nn.Module, adapter: FamilyAdapter) -> None:
             raise ValueError(
                 f"{type(text_model).__name__} has no `{attribute}`: this transformers "
                 f"{transformers.__version__} does not match the {adapter.name} adapter "
-                f"(tested with {', '.join(adapter.tested_transformers)})"
+                f"(tested with {', '.join(compat.TESTED_TRANSFORMERS)})"
             )
     layer_types = set(getattr(text_model.config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
         raise ValueError(f"v2drop supports full-attention decoders only; layer types: {sorted(layer_types)}")
-    if not transformers.__version__.startswith(adapter.tested_transformers):
-        logger.warning(
-            "v2drop's %s adapter was tested with transformers %s; installed %s",
-            adapter.name,
-            ", ".join(adapter.tested_transformers),
-            transformers.__version__,
-        )
 
 
 def _record_input_ids(model: nn.Module):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import v2drop
-from tests.v2drop import models, reference
-from tests.v2drop.models import Sample, Visual
+from v2drop import reference
+from v2drop import testing as models
+from v2drop.testing import Sample, Visual
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision")
 IDENTITY = v2drop.Schedule(layers=(1, 4, 6), keep=(1.0, 1.0, 1.0))

@@ -21,8 +21,6 @@ def no_layer_additions(kwargs: dict, inputs_embeds: torch.Tensor) -> None:
 class FamilyAdapter:
     name: str
     model_types: tuple[str, ...]  # config.model_type values this adapter accepts
-    # transformers versions the patched text-model forward was written against and tested with
-    tested_transformers: tuple[str, ...]
     # (text_model, inputs_embeds, position_ids, cache) -> the position ids rotary_emb takes
     positions: Callable[..., torch.Tensor]
     # (text-forward kwargs, inputs_embeds) -> [B, L, K, D] or None: per-token inputs the family adds to

@@ -12,6 +12,5 @@ from v2drop.adapters.base import FamilyAdapter, default_positions
 LLAVA_ONEVISION = FamilyAdapter(
     name="LLaVA-OneVision",
     model_types=("llava_onevision",),
-    tested_transformers=("5.23",),
     positions=default_positions,
 )

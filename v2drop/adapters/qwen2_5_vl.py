@@ -30,6 +30,5 @@ def mrope_positions(text_model, inputs_embeds, position_ids, cache):
 QWEN2_5_VL = FamilyAdapter(
     name="Qwen2.5-VL / Qwen2-VL",
     model_types=("qwen2_5_vl", "qwen2_vl"),
-    tested_transformers=("5.23",),
     positions=mrope_positions,
 )

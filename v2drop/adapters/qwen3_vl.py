@@ -30,7 +30,6 @@ def deepstack_additions(kwargs: dict, inputs_embeds: torch.Tensor) -> torch.Tens
 QWEN3_VL = FamilyAdapter(
     name="Qwen3-VL",
     model_types=("qwen3_vl",),
-    tested_transformers=("5.23",),
     positions=mrope_positions,
     layer_additions=deepstack_additions,
 )

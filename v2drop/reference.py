@@ -4,7 +4,8 @@ At every generation step the full sequence (prompt + tokens so far) runs through
 layers; at each drop layer the visual tokens are ranked with Python's `sorted` on
 (-score, index) and the top-k kept; positions are gathered and the rotary cos/sin recomputed
 from them; the mask is a plain causal mask built by hand. Nothing here shares code with
-`v2drop.loop` except the model's own layers.
+`v2drop.loop` except the model's own layers. The tests and the run-time self-check
+(`v2drop.self_check`) compare the engine with it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tiny real-architecture models and hand-built multimodal batches for the engine tests.
+"""Tiny real-architecture models and hand-built multimodal batches: for the engine's tests and for
+its run-time self-check (`v2drop.self_check`), which is why they live in the package.
 
 Inputs are built the way the families' processors build them (chat template, one placeholder
 token per visual feature, left padding, `mm_token_type_ids`, `second_per_grid_ts`), with random
