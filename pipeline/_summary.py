@@ -9,6 +9,7 @@ A CPU run (actors.num_gpus 0) has no GPU-hours: its video-hours per GPU-hour and
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections import Counter
@@ -20,8 +21,11 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
+from workers.provenance import engine_fingerprint, software_versions
 
 CPU_RUN = "n/a (CPU run)"
+# What the model actors ran with, as the rows say (workers.provenance); summarised per run.
+ENGINE_COLUMNS = ("engine_fingerprint", "model_dtype", "attn_implementation", "drop_layers", "drop_keep")
 
 
 @dataclass
@@ -41,7 +45,15 @@ class RunStats:
     flops_full: float = 0.0
     flops_dropped: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)  # ENGINE_COLUMNS of the first model row
+    self_checks: set[str] = field(default_factory=set)  # each actor's self-check outcome
+    fallback_calls: dict[str, set[str]] = field(default_factory=dict)  # reason -> failed generate calls
     examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fallbacks_by_reason(self) -> dict[str, int]:
+        """Failed model-stage generate calls that were retried, per reason ('model: ...')."""
+        return {f"model: {reason}": len(calls) for reason, calls in sorted(self.fallback_calls.items())}
 
     @property
     def clips_done(self) -> int:
@@ -52,6 +64,7 @@ class RunStats:
         errors = table.filter(pc.equal(table["status"], "error"))
         self.errors_by_stage.update(errors["error_stage"].to_pylist())
         self._update_clips(table)
+        self._update_engine(table)
         ok = table.filter(pc.equal(table["status"], "ok"))
         if ok.num_rows:
             self._update_model(ok)
@@ -67,6 +80,16 @@ class RunStats:
                     self.partial_clips.add(row["clip_id"])
             elif row["status"] == "error":
                 self.failed_clips.add(row["clip_id"])
+
+    def _update_engine(self, table: pa.Table) -> None:
+        for row in table.select(["self_check", "fallback_reason", "fallback_batch_id"]).to_pylist():
+            if row["self_check"]:
+                self.self_checks.add(row["self_check"])
+            if row["fallback_reason"]:
+                self.fallback_calls.setdefault(row["fallback_reason"], set()).add(row["fallback_batch_id"])
+        ran = table.filter(pc.is_valid(table["engine_fingerprint"]))
+        if ran.num_rows and not self.engine:
+            self.engine = ran.select(list(ENGINE_COLUMNS)).slice(0, 1).to_pylist()[0]
 
     def _update_model(self, ok: pa.Table) -> None:
         self.output_tokens += int(pc.sum(ok["output_tokens"]).as_py() or 0)
@@ -108,6 +131,14 @@ def build_summary(
         "model_revision": stats.model.get("model_revision", cfg.model.revision),
         "model_random_weights": stats.model.get("model_random_weights"),
         "files_written": len(files), "config_yaml": config_yaml,
+        "fallback_calls": sum(stats.fallbacks_by_reason.values()),
+        "fallbacks_by_reason": json.dumps(stats.fallbacks_by_reason),
+        "self_check": "; ".join(sorted(stats.self_checks)) or None,
+        **{name: stats.engine.get(name) for name in ("model_dtype", "attn_implementation")},
+        "engine_fingerprint": engine_fingerprint(dataclasses.asdict(cfg.model)),
+        "drop_layers": json.dumps(stats.engine.get("drop_layers")),
+        "drop_keep": json.dumps(stats.engine.get("drop_keep")),
+        **{f"driver_{name}": value for name, value in software_versions().items()},
     }
 
 
@@ -144,6 +175,8 @@ def format_summary(summary: dict[str, Any], examples: list[dict[str, Any]]) -> s
         ("run", f"{summary['job']} / {summary['run_id']}"),
         ("rows ok / error / skipped", f"{summary['rows_ok']} / {summary['rows_error']} / {summary['rows_skipped']}"),
         ("errors by stage", summary["errors_by_stage"]),
+        ("retried model calls", f"{summary['fallback_calls']} {summary['fallbacks_by_reason']}"),
+        ("engine self-check", summary["self_check"] or "not run (no model rows)"),
         ("keys already done (resume)", summary["resumed_keys_skipped"]),
         ("clips ok (partial) / failed", f"{summary['clips_ok']} ({summary['clips_partial']}) / {summary['clips_failed']}"),
         ("video seconds processed", f"{summary['video_seconds_processed']:.1f}"),

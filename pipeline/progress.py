@@ -1,6 +1,6 @@
 """A throttled progress line printed by the driver while rows arrive.
 
-    [progress  42.0 s] clips 120/400 done, 3 failed, 280 remaining | 2.86 clips/s, 91.4 output tokens/s
+    [progress  42.0 s] clips 120/400 done, 3 failed, 280 remaining, 1 model call retried | 2.86 clips/s, 91.4 output tokens/s
 """
 
 from __future__ import annotations
@@ -33,5 +33,7 @@ class Progress:
         done, failed = self.stats.clips_done, len(self.stats.failed_clips)
         rate = len(self.stats.ok_clip_seconds) / max(elapsed_s, 1e-9)
         tokens = self.stats.output_tokens / max(elapsed_s, 1e-9)
+        retried = sum(self.stats.fallbacks_by_reason.values())
         return (f"[progress {elapsed_s:6.1f} s] clips {done}/{self.total} done, {failed} failed, "
-                f"{max(self.total - done, 0)} remaining | {rate:.2f} clips/s, {tokens:.1f} output tokens/s")
+                f"{max(self.total - done, 0)} remaining, {retried} model call{'s' * (retried != 1)} retried | "
+                f"{rate:.2f} clips/s, {tokens:.1f} output tokens/s")

@@ -47,6 +47,21 @@ ROW_SCHEMA = pa.schema(
         pa.field("decoder", pa.string()),  # decord | pyav
         pa.field("last_frame_s", pa.float64()),  # time of the last frame the model saw; null unless decoded
         pa.field("partial_reason", pa.string()),  # why the frames stop before end_s (damage, file cut short); else null
+        pa.field("batch_id", pa.string()),  # the generate call that made the row: prefill_ms, generate_ms, peak_memory_bytes are per call
+        pa.field("fallback_reason", pa.string()),  # set when the row came from retrying a failed call (e.g. 'ValueError: retried item by item')
+        pa.field("fallback_batch_id", pa.string()),  # ... the id given to that failed call (the summary counts distinct ones)
+        # Provenance (workers.provenance): what produced the row. Null on rows no model actor saw.
+        pa.field("engine_fingerprint", pa.string()),  # hash of model source+revision, dtype, attention, retention, engine version: the resume key's context
+        pa.field("model_dtype", pa.string()),  # dtype the model ran in (e.g. bfloat16; float32 on CPU)
+        pa.field("attn_implementation", pa.string()),  # attention the model ran with (flash_attention_2 falls back to sdpa without CUDA)
+        pa.field("drop_layers", pa.list_(pa.int32())),  # V²Drop drop layers actually used; [] when off
+        pa.field("drop_keep", pa.list_(pa.float64())),  # relative keep per drop layer; visual_tokens_per_stage follows these
+        pa.field("self_check", pa.string()),  # v2drop.self_check outcome in the actor, e.g. 'passed (qwen2_5_vl, transformers 5.24.0, 1.2 s)'
+        pa.field("project_version", pa.string()),  # v2drop-batch version
+        pa.field("git_commit", pa.string()),  # commit of the running code ('-dirty' if changed), null when unknown
+        pa.field("torch_version", pa.string()),
+        pa.field("transformers_version", pa.string()),
+        pa.field("ray_version", pa.string()),
         pa.field("started_at", _UTC_US),  # when work on this row started (decode start)
         pa.field("finished_at", _UTC_US),  # when the row was finished
         pa.field("job", pa.string(), nullable=False),  # partition: job name

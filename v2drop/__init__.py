@@ -14,9 +14,13 @@ caller opts in, and self-checks each family once per process before patching it.
 Knows nothing of Ray.
 """
 
-from v2drop.api import disable, enable, is_enabled, last_stats, select_cache_rows
+from v2drop.api import disable, enable, is_enabled, last_stats, schedule_of, select_cache_rows
 from v2drop.schedule import Schedule
 from v2drop.runtime_check import SelfCheckError, SelfCheckResult, self_check
 
-__all__ = ["Schedule", "enable", "disable", "is_enabled", "last_stats", "select_cache_rows",
-           "self_check", "SelfCheckError", "SelfCheckResult"]
+# Bump when a change to the engine can change its outputs for the same model and inputs: rows
+# written by another engine version are redone on resume (workers.provenance.engine_fingerprint).
+ENGINE_VERSION = "2"
+
+__all__ = ["Schedule", "enable", "disable", "is_enabled", "last_stats", "schedule_of", "select_cache_rows",
+           "self_check", "SelfCheckError", "SelfCheckResult", "ENGINE_VERSION"]

@@ -116,6 +116,12 @@ def is_enabled(model: nn.Module) -> bool:
     return getattr(model, _STATE_ATTR, None) is not None
 
 
+def schedule_of(model: nn.Module) -> Schedule | None:
+    """The schedule this model drops with, or None when v2drop is off (the stock model)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.schedule
+
+
 def select_cache_rows(model: nn.Module, cache, index: torch.Tensor) -> None:
     """Keep, in place, the rows `index` of a cache this model filled (repeats allowed): e.g. one
     row per question from a prefill of one row per video. On a cache filled by a dropping

@@ -14,7 +14,13 @@ OUTPUT_COLUMNS below. `status` is 'ok' or 'error'; a failed row says why in `err
 `error_stage` 'model' (bad frame bytes, a processor or generate failure, an OOM at batch size 1).
 
 Failure handling: a failing batched generate is retried item by item so one bad clip costs
-only its own rows; a CUDA out-of-memory error halves the batch and retries both halves.
+only its own rows; a CUDA out-of-memory error halves the batch and retries both halves. Rows
+made by such a retry say so (`fallback_reason`, and `fallback_batch_id`: the failed call), so the
+run summary counts the failed calls per reason.
+
+Model loading runs `v2drop.self_check` once per actor: a failure fails the actor's construction
+(the driver exits 3) instead of writing rows. Every row carries the provenance columns of
+`workers.provenance` (versions, engine fingerprint, schedule, attention, dtype, self-check).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import dataclasses
 import datetime as dt
 import logging
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +41,7 @@ from workers import shared_prefix
 from workers.generation import GenResult, generate_batch
 from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
+from workers.provenance import engine_columns
 
 __all__ = ["Captioner", "caption_rows", "expand_prompts", "build_inputs", "generate_batch", "OUTPUT_COLUMNS"]
 
@@ -66,6 +74,9 @@ OUTPUT_COLUMNS = (
     "worker_host",
     "started_at",
     "finished_at",
+    "batch_id",
+    "fallback_reason",
+    "fallback_batch_id",
 )
 
 
@@ -77,6 +88,7 @@ class LoadedModel:
     processor: Any
     resolved: ResolvedModel
     retention_asked: float  # model.retention; 1.0 = V²Drop off, the stock model
+    provenance: dict[str, Any]  # workers.provenance.engine_columns: stamped on every row
 
 
 class Captioner:
@@ -118,7 +130,10 @@ def load_for_captioning(
     )
     retention = float(model_cfg.get("retention", 1.0))
     enable_v2drop(model, retention)
-    return LoadedModel(model, processor, resolved, retention)
+    # Also at retention 1.0: the row says which engine produced it, and a broken stack fails here.
+    check = v2drop.self_check(model)
+    log.info("v2drop self-check %s", check.describe())
+    return LoadedModel(model, processor, resolved, retention, engine_columns(model, model_cfg, check.describe()))
 
 
 def enable_v2drop(model: Any, retention: float) -> None:
@@ -250,26 +265,46 @@ def generate_with_fallback(
             return [GenResult.failed(error)]
         half = len(items) // 2
         log.warning("CUDA out of memory with %d items; retrying as %d + %d", len(items), half, len(items) - half)
-        return [*generate_with_fallback(loaded, items[:half], system, generation_cfg),
-                *generate_with_fallback(loaded, items[half:], system, generation_cfg)]
+        return retried("OutOfMemoryError: batch halved",
+                       [*generate_with_fallback(loaded, items[:half], system, generation_cfg),
+                        *generate_with_fallback(loaded, items[half:], system, generation_cfg)])
     except Exception as error:  # noqa: BLE001 - one bad clip must not fail the batch
         if len(items) == 1:
             log.warning("item failed: %s: %s", type(error).__name__, error)
             return [GenResult.failed(error)]
-        log.warning("batch of %d failed (%s); retrying each item alone", len(items), error)
-        return [result for item in items for result in generate_with_fallback(loaded, [item], system, generation_cfg)]
+        log.warning("batch of %d failed (%s: %s); retrying each item alone", len(items), type(error).__name__, error)
+        return retried(f"{type(error).__name__}: retried item by item",
+                       [r for item in items for r in generate_with_fallback(loaded, [item], system, generation_cfg)])
+
+
+def retried(reason: str, results: list[GenResult]) -> list[GenResult]:
+    """Mark results made by retrying a failed call; an inner retry's reason is kept (the first
+    cause), the outer failed call is named so the summary counts each failed call once."""
+    failed_call = new_batch_id()
+    for result in results:
+        if result.fallback_reason is None:
+            result.fallback_reason, result.fallback_batch_id = reason, failed_call
+    return results
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def generate_items(
     loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any]
 ) -> list[GenResult]:
     """One generate call; clips with several prompts share their video prefill when allowed."""
+    results = None
     if shares_video_prefix(generation_cfg) and shared_prefix.has_shared_clips(items):
         results = shared_prefix.generate_shared(loaded.model, loaded.processor, items, system, generation_cfg)
-        if results is not None:
-            return results
-    inputs = build_inputs(loaded.processor, items, system)
-    return generate_batch(loaded.model, loaded.processor, inputs, generation_cfg)
+    if results is None:
+        inputs = build_inputs(loaded.processor, items, system)
+        results = generate_batch(loaded.model, loaded.processor, inputs, generation_cfg)
+    batch_id = new_batch_id()  # prefill_ms, generate_ms and peak_memory_bytes are this call's
+    for result in results:
+        result.batch_id = batch_id
+    return results
 
 
 def _release_cuda_memory() -> None:
@@ -285,6 +320,7 @@ def identity_columns(loaded: LoadedModel) -> Row:
         "model_random_weights": loaded.resolved.random_weights,
         "retention_asked": loaded.retention_asked,
         "worker_host": socket.gethostname(),
+        **loaded.provenance,
     }
 
 

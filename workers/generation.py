@@ -44,6 +44,9 @@ class GenResult:
     flops_dropped: float | None = None  # ... with this call's drops (== flops_full when off)
     status: str = "ok"
     error: str | None = None
+    batch_id: str | None = None  # the generate call that made it (timings above are per call)
+    fallback_reason: str | None = None  # set when made by retrying a failed call (workers.captioner)
+    fallback_batch_id: str | None = None  # ... and the id given to that failed call
 
     @classmethod
     def failed(cls, error: BaseException) -> "GenResult":

@@ -377,8 +377,8 @@ def dockerfile_problems(text: str) -> list[str]:
         p.append("the project must be installed with the gpu extra (pip install .[gpu])")
     if "flash-attn" not in runs and "flash_attn" not in runs:
         p.append("flash-attn is not installed")
-    if not re.search(r"torch==\$\{?\w+\}?[^&;]*--index-url \"?https://download\.pytorch\.org/whl/", runs):
-        p.append("torch must come from a CUDA wheel index (download.pytorch.org/whl/cuXXX)")
+    if not re.search(r"-c /opt/requirements\.lock torch [^&;]*--index-url \"?https://download\.pytorch\.org/whl/", runs):
+        p.append("torch must come at the lock's version from a CUDA wheel index (download.pytorch.org/whl/cuXXX)")
     if args.get("PYTHON_VERSION") != "3.11":
         p.append("Python 3.11 expected (ARG PYTHON_VERSION=3.11)")
     cuda, torch_cuda = args.get("CUDA_VERSION", ""), args.get("TORCH_CUDA", "")
@@ -559,8 +559,11 @@ def test_images_pinned_and_consistent(launcher):
     assert image_ref_problems(image, {}) == []
     assert launcher["docker"]["image"] == image, "cluster-aws.yaml and k8s run different images"
     rc = load_one(K8S / "raycluster.yaml")
-    ray_version = re.search(r"ARG RAY_VERSION=(\S+)", (INFRA / "Dockerfile").read_text()).group(1)
+    # The image installs Ray from the lock (infra/Dockerfile), so the cluster must run the lock's Ray.
+    lock = (INFRA.parent / "requirements.lock").read_text()
+    ray_version = re.search(r"^ray==(\S+)$", lock, re.MULTILINE).group(1)
     assert rc["spec"]["rayVersion"] == ray_version
+    assert "PIP_CONSTRAINT=/opt/requirements.lock" in (INFRA / "Dockerfile").read_text()
 
 
 def test_no_inline_secrets_and_irsa():

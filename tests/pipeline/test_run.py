@@ -10,6 +10,7 @@ reach the model (too short or broken).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,12 +46,16 @@ class FrameStatsStage:
     """Stage-5 stand-in with the Captioner's row contract; answers with frame statistics."""
 
     def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
+        from workers.provenance import engine_fingerprint
+
         self.run_id, self.prompt_cfg = run_id, captioner_kwargs["prompt_cfg"]
+        self.fingerprint = engine_fingerprint(captioner_kwargs["model_cfg"])
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         from workers.captioner import batch_to_rows, passthrough_row, rows_to_columns, utc_now
 
-        stamp = {"model_id": "frame-stats", "model_random_weights": False, "started_at": utc_now(), "finished_at": utc_now()}
+        stamp = {"model_id": "frame-stats", "model_random_weights": False, "started_at": utc_now(), "finished_at": utc_now(),
+                 "engine_fingerprint": self.fingerprint}
         out = []
         for row in batch_to_rows(batch):
             out += [passthrough_row(row, stamp)] if row["status"] != "ok" else answer(row, self.prompt_cfg, stamp)
@@ -247,6 +252,25 @@ def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run
     assert rows.num_rows == before.num_rows
     assert_unique_keys(rows)
     assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
+
+
+@pytest.mark.parametrize("change", ["model.retention=0.5", "model.dtype=bfloat16"])
+def test_resume_redoes_rows_of_another_engine_configuration_once(caption_run: tuple[Path, dict, Any], change: str) -> None:
+    """Rows written with another model/engine configuration are not 'done': they are redone and
+    replaced, never duplicated (workers.provenance.engine_fingerprint)."""
+    from workers.provenance import engine_fingerprint
+
+    out, _, cfg = caption_run
+    before = read_rows(out)
+    changed = offline("caption.yaml", out, f"input.uri={cfg.input.uri}", change)
+    summary = run(changed, model_stage=FrameStatsStage)
+    assert summary["rows_ok"] == sum(counts.get("ok", 0) for counts, _ in EXPECTED.values())
+    rows = read_rows(out)
+    assert rows.num_rows == before.num_rows
+    assert_unique_keys(rows)
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    assert set(ok["engine_fingerprint"].to_pylist()) == {engine_fingerprint(dataclasses.asdict(changed.model))}
+    assert summary["engine_fingerprint"] == engine_fingerprint(dataclasses.asdict(changed.model))
 
 
 class CrashOnceStage(FrameStatsStage):

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import v2drop
+
 from workers import captioner as captioner_module
 from workers.captioner import OUTPUT_COLUMNS, Captioner
 from workers.generation import GenResult, count_output_tokens
@@ -152,6 +154,13 @@ def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> Non
     assert [r.output_text for r in results] == ["p0", "p1", None, "p3"]
     assert results[2].error == "RuntimeError: shape mismatch"
     assert calls == [["p0", "p1", "bad", "p3"], ["p0", "p1"], ["bad", "p3"], ["bad"], ["p3"]]
+    # Each row says it came from a retry, the first cause kept; one id per failed call.
+    reasons = [r.fallback_reason for r in results]
+    assert reasons == ["OutOfMemoryError: batch halved"] * 2 + ["RuntimeError: retried item by item"] * 2
+    failed_calls = {r.fallback_reason: r.fallback_batch_id for r in results}
+    assert [r.fallback_batch_id for r in results] == [failed_calls[reason] for reason in reasons]
+    assert len(set(failed_calls.values())) == 2
+    assert len({r.batch_id for r in results if r.status == "ok"}) == 3  # [p0, p1], [p3]... one id per call
 
 
 # -- the real tiny models ------------------------------------------------------------------------
@@ -206,6 +215,34 @@ def test_error_rows_pass_through_and_corrupt_frames_fail_alone(qwen: Captioner) 
     assert out["error"][2].startswith("frames: 37632 bytes do not hold frames_shape [5, 56, 56, 3]")
     assert out["error_stage"][2] == "model" and out["prompt"][2] == ""
     assert all(out["output_text"][i] for i in (0, 3))
+
+
+def test_rows_say_what_produced_them(cache_dir: str, qwen: Captioner) -> None:
+    from workers.provenance import engine_fingerprint
+
+    quarter = Captioner(model_cfg(retention=0.25), GREEDY, CAPTION, cache_dir)
+    depth = quarter.loaded.model.config.get_text_config().num_hidden_layers
+    schedule = list(v2drop.Schedule.for_retention(depth, 0.25).layers)
+    for captioner, cfg, layers in ((qwen, model_cfg(), []), (quarter, model_cfg(retention=0.25), schedule)):
+        row = captioner(as_batch(THREE_CLIPS[:1]))
+        assert row["engine_fingerprint"] == [engine_fingerprint(cfg)]
+        assert row["drop_layers"] == [layers] and len(row["drop_keep"][0]) == len(layers)
+        assert row["self_check"][0].startswith("passed (qwen2_5_vl, transformers ")
+        assert (row["model_dtype"], row["attn_implementation"]) == (["float32"], ["sdpa"])
+        assert row["transformers_version"][0] and row["torch_version"][0] and row["project_version"] == ["0.1.0"]
+    assert engine_fingerprint(model_cfg()) != engine_fingerprint(model_cfg(retention=0.25))
+
+
+def test_a_failing_self_check_fails_model_loading(cache_dir: str, monkeypatch) -> None:
+    from v2drop import compat, loop, runtime_check
+
+    monkeypatch.setattr(loop, "cache_kwarg", lambda cache: {compat.CACHE_ARG: None})  # the 5.24 breakage
+    runtime_check._cached.cache_clear()
+    try:
+        with pytest.raises(v2drop.SelfCheckError, match="keep at 1.0"):
+            Captioner(model_cfg(), GREEDY, CAPTION, cache_dir)
+    finally:
+        runtime_check._cached.cache_clear()
 
 
 def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: str, qwen: Captioner) -> None:

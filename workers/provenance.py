@@ -1,0 +1,91 @@
+"""What produced a row: the software versions, the engine configuration actually used, the
+self-check outcome, and the engine fingerprint that resume compares.
+
+    engine_fingerprint  sha256 of (model.source, model.revision, model.dtype,
+                        model.attn_implementation, model.retention, v2drop.ENGINE_VERSION), 16 hex
+                        digits. The driver computes it from the config before planning and the
+                        actors stamp it on every row, so a resume counts a key as done only when
+                        its row came from the same model and engine configuration. The schedule
+                        is a function of the retention and the model's depth, so it is covered.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import v2drop
+
+FINGERPRINT_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention")
+GIT_COMMIT_ENV = "V2DROP_GIT_COMMIT"  # set by infra/Dockerfile, where the image has no .git
+PROJECT = "v2drop-batch"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine_fingerprint(model_cfg: Mapping[str, Any]) -> str:
+    """Example: {'source': 'tiny:qwen2_5_vl', 'revision': None, 'dtype': 'float32',
+    'attn_implementation': 'sdpa', 'retention': 0.25, ...} -> '3f9c...' (16 hex digits)."""
+    identity = {key: model_cfg[key] for key in FINGERPRINT_KEYS}
+    identity["engine_version"] = v2drop.ENGINE_VERSION
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def software_versions() -> dict[str, str | None]:
+    """The versions of this process: the same columns in every row and in the run summary."""
+    import torch
+    import transformers
+
+    return {
+        "project_version": _version(PROJECT),
+        "git_commit": git_commit(),
+        # the imported modules' versions: a PYTHONPATH override can differ from what pip installed
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "ray_version": _version("ray"),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the running code: $V2DROP_GIT_COMMIT, else `git rev-parse HEAD` of this
+    checkout (with '-dirty' for uncommitted changes), else None (a `ray job submit` working dir
+    carries no .git)."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
+    try:
+        head = _git("rev-parse", "HEAD")
+        return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                          check=True, timeout=10).stdout.strip()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def engine_columns(model: Any, model_cfg: Mapping[str, Any], self_check: str) -> dict[str, Any]:
+    """The provenance columns of every row a loaded model writes (see pipeline.schema)."""
+    schedule = v2drop.schedule_of(model)
+    return {
+        **software_versions(),
+        "engine_fingerprint": engine_fingerprint(model_cfg),
+        "model_dtype": str(model.dtype).removeprefix("torch."),
+        "attn_implementation": model.config._attn_implementation,
+        "drop_layers": list(schedule.layers) if schedule else [],
+        "drop_keep": list(schedule.keep) if schedule else [],
+        "self_check": self_check,
+    }
