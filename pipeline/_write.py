@@ -44,12 +44,15 @@ def existing_files(storage: Storage, job_uri: str) -> tuple[list[str], list[str]
     return [f for f in files if not f.endswith(ERRORS_SUFFIX)], errors
 
 
-def finished_keys(storage: Storage, part_files: list[str]) -> set[tuple[str, str]]:
-    """Keys of every ok/skipped row already written: what a resumed run skips."""
+def finished_keys(storage: Storage, part_files: list[str], fingerprint: str) -> set[tuple[str, str]]:
+    """Keys a resumed run skips: skipped rows, and ok rows made by the same model and engine
+    configuration (`fingerprint`, workers.provenance). Rows of another configuration are redone."""
     keys: set[tuple[str, str]] = set()
     for uri in part_files:
-        table = storage.read_parquet(uri, columns=["clip_id", "prompt", "status"])
-        table = table.filter(pc.is_in(table["status"], pa.array(["ok", "skipped"])))
+        table = storage.read_parquet(uri, columns=["clip_id", "prompt", "status", "engine_fingerprint"])
+        same_engine = pc.fill_null(pc.equal(table["engine_fingerprint"], fingerprint), False)
+        table = table.filter(pc.or_(pc.equal(table["status"], "skipped"),
+                                    pc.and_(pc.equal(table["status"], "ok"), same_engine)))
         keys.update(key(c, p) for c, p in zip(table["clip_id"].to_pylist(), table["prompt"].to_pylist()))
     return keys
 

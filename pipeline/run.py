@@ -17,6 +17,7 @@ discover and probe, 3 after shard ([0,5) [5,10) [10,13)), 3 after decode, 6 afte
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pipeline._summary import RunStats, build_summary, format_summary, write_sum
 from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
 from pipeline.progress import Progress
 from pipeline.storage import Storage, StorageError
+from workers.provenance import engine_fingerprint
 
 VIDEOS_PER_PROBE_TASK = 4  # probing is ~0.1 s per video: a few per task amortise task overhead
 CLIPS_PER_DECODE_TASK = 2  # frames are big (16 x 448 x 448 x 3 B = 9.6 MB a clip): keep blocks small
@@ -107,7 +109,8 @@ def preflight(cfg: JobConfig, storage: Storage) -> Plan:
     try:  # the resolved config is stored first: it also proves the output is writable
         storage.write_bytes_atomic(f"{run_dir}/config.yaml", to_yaml(cfg).encode())
         parts, errors = _write.existing_files(storage, _write.job_data_uri(cfg.output.uri, cfg.job))
-        done = _write.finished_keys(storage, parts) if cfg.run.resume else set()
+        fingerprint = engine_fingerprint(dataclasses.asdict(cfg.model))
+        done = _write.finished_keys(storage, parts, fingerprint) if cfg.run.resume else set()
     except StorageError as e:
         raise ConfigError(f"output.uri: cannot use {cfg.output.uri} ({e.kind}: {e}); check the bucket/folder "
                           "exists and the credentials can write to it") from None
