@@ -21,6 +21,7 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.schema import FILE_SCHEMA, conform
 from workers.captioner import Captioner
+from workers.provenance import engine_fingerprint
 
 
 def captioner_kwargs(cfg: JobConfig) -> dict[str, Any]:
@@ -33,6 +34,11 @@ def captioner_kwargs(cfg: JobConfig) -> dict[str, Any]:
         "storage_cfg": dataclasses.asdict(cfg.storage),
         "num_gpus": cfg.actors.num_gpus,
     }
+
+
+def run_fingerprint(cfg: JobConfig) -> str:
+    """The engine fingerprint this run's actors stamp on their rows (what resume compares)."""
+    return engine_fingerprint(dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.generation), cfg.prompt.system)
 
 
 class CaptionStage(Captioner):

@@ -4,7 +4,9 @@ Columns in: PROBED_SCHEMA.
 Columns out (`CLIP_SCHEMA`): those plus clip_index, start_s, end_s, clip_id.
 
 - a probed video -> one row per clip whose (clip_id, prompt) keys are not all finished (resume);
-- a video shorter than clips.min_clip_len_s -> one 'skipped' row (error says why, stage 'shard');
+- a video shorter than clips.min_clip_len_s -> one clip covering all of it (the decoder repeats
+  frames up to decode.num_frames);
+- a readable video of no duration -> one 'skipped' row (error says why, stage 'shard');
 - a probe error -> its one error row, with a video-level clip_id so the row has a key.
 """
 
@@ -26,11 +28,12 @@ CLIP_SCHEMA = extend_schema(
 
 
 def settings_key(cfg: JobConfig) -> str:
-    """Settings that change a clip's output; part of every clip_id, so changing one re-runs clips
-    instead of resuming them. Example: 'frames=16|fps=None|px=200704|model=...@None|r=0.25|...'."""
-    d, m, g = cfg.decode, cfg.model, cfg.generation
-    return (f"frames={d.num_frames}|fps={d.fps}|px={d.max_pixels}|model={m.source}@{m.revision}|r={m.retention}"
-            f"|new={g.max_new_tokens}|t={g.temperature}|p={g.top_p}|system={cfg.prompt.system}")
+    """Settings that change what the model sees of a clip; part of every clip_id. Example:
+    'frames=16|fps=None|px=200704'. What changes the output for the same frames (model, retention,
+    sampling, system prompt) is in the rows' engine fingerprint instead (workers.provenance): a
+    re-run with other settings replaces the clip's rows rather than adding rows under new ids."""
+    d = cfg.decode
+    return f"frames={d.num_frames}|fps={d.fps}|px={d.max_pixels}"
 
 
 def key(clip: str, prompt: str | None) -> tuple[str, str]:
@@ -65,6 +68,6 @@ def shard_row(
 
 def skipped_row(row: dict[str, Any], clips: ClipsConfig, settings: str) -> dict[str, Any]:
     uri, duration_s = row["video_uri"], row["duration_s"]
-    reason = f"{uri}: video is {duration_s:.2f} s, shorter than clips.min_clip_len_s={clips.min_clip_len_s:g}"
+    reason = f"{uri}: the container opens but reports a duration of {duration_s:g} s: nothing to caption"
     return {**row, "status": "skipped", "error": reason, "error_stage": "shard", "start_s": 0.0,
             "end_s": duration_s, "clip_id": clip_id(uri, 0.0, duration_s, settings)}

@@ -9,7 +9,6 @@ A CPU run (actors.num_gpus 0) has no GPU-hours: its video-hours per GPU-hour and
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from collections import Counter
@@ -21,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
-from workers.provenance import engine_fingerprint, software_versions
+from workers.provenance import software_versions
 
 CPU_RUN = "n/a (CPU run)"
 # What the model actors ran with, as the rows say (workers.provenance); summarised per run.
@@ -108,6 +107,7 @@ class RunStats:
 def build_summary(
     stats: RunStats, cfg: JobConfig, *, run_id: str, started_at: dt.datetime, finished_at: dt.datetime,
     planned_rows: int, resumed_keys: int, cluster_cpus: float, cluster_gpus: float, files: list[str], config_yaml: str,
+    engine_fingerprint: str,
 ) -> dict[str, Any]:
     wall_s = max((finished_at - started_at).total_seconds(), 1e-9)
     video_s = sum(stats.ok_clip_seconds.values())
@@ -135,7 +135,7 @@ def build_summary(
         "fallbacks_by_reason": json.dumps(stats.fallbacks_by_reason),
         "self_check": "; ".join(sorted(stats.self_checks)) or None,
         **{name: stats.engine.get(name) for name in ("model_dtype", "attn_implementation")},
-        "engine_fingerprint": engine_fingerprint(dataclasses.asdict(cfg.model)),
+        "engine_fingerprint": engine_fingerprint,
         "drop_layers": json.dumps(stats.engine.get("drop_layers")),
         "drop_keep": json.dumps(stats.engine.get("drop_keep")),
         **{f"driver_{name}": value for name, value in software_versions().items()},

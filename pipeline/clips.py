@@ -10,6 +10,9 @@ with `stride_s=5` (overlap of 5 s):
     [0, 10) [5, 15) [10, 20) [15, 25) planning stops at the first span that reaches the end,
                                       because every later span would lie inside it
 with `min_clip_len_s=6` and `stride_s=10`: [20, 25) is 5 s long and dropped.
+`min_clip_len_s` only drops the TAIL of a longer video: a video shorter than it (a 1 s phone
+clip) is one clip covering all of it, `duration_s=1` -> [0, 1). Only a video of no duration has
+no clips.
 """
 
 from __future__ import annotations
@@ -63,16 +66,16 @@ def iter_clips(
         if start_s >= duration_s:
             return
         end_s = round(min(start_s + clip_len_s, duration_s), _TIME_DECIMALS)
-        if round(end_s - start_s, _TIME_DECIMALS) < min_clip_len_s:
-            return  # later spans are only shorter
+        if index > 0 and round(end_s - start_s, _TIME_DECIMALS) < min_clip_len_s:
+            return  # a short tail; later spans are only shorter
         yield ClipSpec(clip_id(video_uri, start_s, end_s, settings_key), index, start_s, end_s)
         if end_s >= duration_s:
             return  # reached the end: any later span would be a sub-span of this one
 
 
 def plan_clips(video_uri: str, duration_s: float, **settings) -> list[ClipSpec]:
-    """All clips of one video (same keyword settings as `iter_clips`); [] when the video is
-    shorter than `min_clip_len_s`."""
+    """All clips of one video (same keyword settings as `iter_clips`); [] only for a video of no
+    duration."""
     return list(iter_clips(video_uri, duration_s, **settings))
 
 

@@ -75,7 +75,7 @@ class StorageConfig:
 class ClipsConfig:
     clip_len_s: float = 10.0
     stride_s: float = 10.0  # < clip_len_s means overlap
-    min_clip_len_s: float = 2.0  # a shorter tail is dropped; a shorter video gets one 'skipped' row
+    min_clip_len_s: float = 2.0  # a shorter tail is dropped; a shorter video is one clip of its whole length
     max_clips_per_video: Optional[int] = None
 
     def __post_init__(self) -> None:

@@ -17,7 +17,6 @@ discover and probe, 3 after shard ([0,5) [5,10) [10,13)), 3 after decode, 6 afte
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import uuid
 from dataclasses import dataclass
@@ -28,14 +27,13 @@ import pyarrow as pa
 from pipeline import _write
 from pipeline._decode import decode_batch
 from pipeline._inputs import discover
-from pipeline._model import CaptionStage, captioner_kwargs, to_output_table
+from pipeline._model import CaptionStage, captioner_kwargs, run_fingerprint, to_output_table
 from pipeline._probe import probe_batch
 from pipeline._shard import settings_key, shard_batch
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
 from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
 from pipeline.progress import Progress
 from pipeline.storage import Storage, StorageError
-from workers.provenance import engine_fingerprint
 
 VIDEOS_PER_PROBE_TASK = 4  # probing is ~0.1 s per video: a few per task amortise task overhead
 CLIPS_PER_DECODE_TASK = 2  # frames are big (16 x 448 x 448 x 3 B = 9.6 MB a clip): keep blocks small
@@ -109,8 +107,7 @@ def preflight(cfg: JobConfig, storage: Storage) -> Plan:
     try:  # the resolved config is stored first: it also proves the output is writable
         storage.write_bytes_atomic(f"{run_dir}/config.yaml", to_yaml(cfg).encode())
         parts, errors = _write.existing_files(storage, _write.job_data_uri(cfg.output.uri, cfg.job))
-        fingerprint = engine_fingerprint(dataclasses.asdict(cfg.model))
-        done = _write.finished_keys(storage, parts, fingerprint) if cfg.run.resume else set()
+        done = _write.finished_keys(storage, parts, run_fingerprint(cfg)) if cfg.run.resume else set()
     except StorageError as e:
         raise ConfigError(f"output.uri: cannot use {cfg.output.uri} ({e.kind}: {e}); check the bucket/folder "
                           "exists and the credentials can write to it") from None
@@ -200,7 +197,7 @@ def summarize(cfg: JobConfig, storage: Storage, plan: Plan, stats: RunStats, fil
     summary = build_summary(
         stats, cfg, run_id=plan.run_id, started_at=plan.started_at, finished_at=dt.datetime.now(dt.timezone.utc),
         planned_rows=total, resumed_keys=len(plan.done), cluster_cpus=resources.get("CPU", 0.0),
-        cluster_gpus=resources.get("GPU", 0.0), files=files, config_yaml=to_yaml(cfg),
+        cluster_gpus=resources.get("GPU", 0.0), files=files, config_yaml=to_yaml(cfg), engine_fingerprint=run_fingerprint(cfg),
     )
     write_summary(storage, _write.run_dir_uri(cfg.output.uri, cfg.job, plan.run_id), summary)
     return summary

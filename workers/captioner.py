@@ -41,7 +41,7 @@ from workers import shared_prefix
 from workers.generation import GenResult, generate_batch
 from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
-from workers.provenance import engine_columns
+from workers.provenance import engine_columns, engine_fingerprint
 
 __all__ = ["Captioner", "caption_rows", "expand_prompts", "build_inputs", "generate_batch", "OUTPUT_COLUMNS"]
 
@@ -105,7 +105,8 @@ class Captioner:
         num_gpus: float | None = None,
     ) -> None:
         self.model_cfg, self.generation_cfg, self.prompt_cfg = map(_as_dict, (model_cfg, generation_cfg, prompt_cfg))
-        self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage_cfg, num_gpus)
+        fingerprint = engine_fingerprint(self.model_cfg, self.generation_cfg, self.prompt_cfg["system"])
+        self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage_cfg, num_gpus, fingerprint)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
         rows = batch_to_rows(batch)
@@ -114,9 +115,11 @@ class Captioner:
 
 
 def load_for_captioning(
-    model_cfg: Mapping[str, Any], cache_dir: str | None, storage_cfg: Any = None, num_gpus: float | None = None
+    model_cfg: Mapping[str, Any], cache_dir: str | None, storage_cfg: Any = None, num_gpus: float | None = None,
+    fingerprint: str | None = None,
 ) -> LoadedModel:
-    """Resolve, load, and switch V²Drop on when model.retention < 1."""
+    """Resolve, load, switch V²Drop on when model.retention < 1, and self-check the engine.
+    `fingerprint` (workers.provenance.engine_fingerprint) is stamped on every row."""
     source = str(model_cfg["source"])
     storage = _storage(storage_cfg) if source.startswith("s3://") else None
     resolved = resolve_model_source(
@@ -133,7 +136,7 @@ def load_for_captioning(
     # Also at retention 1.0: the row says which engine produced it, and a broken stack fails here.
     check = v2drop.self_check(model)
     log.info("v2drop self-check %s", check.describe())
-    return LoadedModel(model, processor, resolved, retention, engine_columns(model, model_cfg, check.describe()))
+    return LoadedModel(model, processor, resolved, retention, engine_columns(model, fingerprint, check.describe()))
 
 
 def enable_v2drop(model: Any, retention: float) -> None:

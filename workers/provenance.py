@@ -1,12 +1,16 @@
 """What produced a row: the software versions, the engine configuration actually used, the
 self-check outcome, and the engine fingerprint that resume compares.
 
-    engine_fingerprint  sha256 of (model.source, model.revision, model.dtype,
-                        model.attn_implementation, model.retention, v2drop.ENGINE_VERSION), 16 hex
-                        digits. The driver computes it from the config before planning and the
-                        actors stamp it on every row, so a resume counts a key as done only when
-                        its row came from the same model and engine configuration. The schedule
-                        is a function of the retention and the model's depth, so it is covered.
+    engine_fingerprint  sha256 of everything besides the clip itself that changes a row's output:
+                        model.source, .revision, .dtype, .attn_implementation, .retention, the
+                        sampling settings (generation.max_new_tokens, .temperature, .top_p), the
+                        system prompt and v2drop.ENGINE_VERSION; 16 hex digits. The driver computes
+                        it from the config before planning and the actors stamp it on every row,
+                        so a resume counts a key (clip_id, prompt) as done only when its row came
+                        from the same configuration; other rows are redone and replaced. The
+                        schedule is a function of the retention and the model's depth: covered.
+                        (clip_id itself depends only on the video, the span and the frames the
+                        model sees: pipeline._shard.settings_key.)
 """
 
 from __future__ import annotations
@@ -22,17 +26,22 @@ from typing import Any, Mapping
 
 import v2drop
 
-FINGERPRINT_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention")
+MODEL_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention")
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p")
 GIT_COMMIT_ENV = "V2DROP_GIT_COMMIT"  # set by infra/Dockerfile, where the image has no .git
 PROJECT = "v2drop-batch"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def engine_fingerprint(model_cfg: Mapping[str, Any]) -> str:
-    """Example: {'source': 'tiny:qwen2_5_vl', 'revision': None, 'dtype': 'float32',
-    'attn_implementation': 'sdpa', 'retention': 0.25, ...} -> '3f9c...' (16 hex digits)."""
-    identity = {key: model_cfg[key] for key in FINGERPRINT_KEYS}
-    identity["engine_version"] = v2drop.ENGINE_VERSION
+def engine_fingerprint(model_cfg: Mapping[str, Any], generation_cfg: Mapping[str, Any], system: str | None) -> str:
+    """Example: ({'source': 'tiny:qwen2_5_vl', 'retention': 0.25, ...}, {'max_new_tokens': 512, ...},
+    None) -> '3f9c0d...' (16 hex digits); the same arguments always give the same digits."""
+    identity = {
+        "model": {key: model_cfg[key] for key in MODEL_KEYS},
+        "generation": {key: generation_cfg[key] for key in GENERATION_KEYS},
+        "system": system,
+        "engine_version": v2drop.ENGINE_VERSION,
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,12 +86,12 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def engine_columns(model: Any, model_cfg: Mapping[str, Any], self_check: str) -> dict[str, Any]:
+def engine_columns(model: Any, fingerprint: str, self_check: str) -> dict[str, Any]:
     """The provenance columns of every row a loaded model writes (see pipeline.schema)."""
     schedule = v2drop.schedule_of(model)
     return {
         **software_versions(),
-        "engine_fingerprint": engine_fingerprint(model_cfg),
+        "engine_fingerprint": fingerprint,
         "model_dtype": str(model.dtype).removeprefix("torch."),
         "attn_implementation": model.config._attn_implementation,
         "drop_layers": list(schedule.layers) if schedule else [],

@@ -39,10 +39,11 @@ def test_a_tail_shorter_than_min_clip_len_is_dropped():
     assert spans(plan(22.0)) == [(0.0, 10.0), (10.0, 20.0), (20.0, 22.0)]  # exactly the minimum stays
 
 
-def test_a_video_shorter_than_min_clip_len_gets_no_clips():
-    assert plan(1.0) == []
-    assert plan(0.0) == []
+def test_a_video_shorter_than_min_clip_len_is_one_clip_of_its_whole_length():
+    assert spans(plan(1.0)) == [(0.0, 1.0)]
+    assert spans(plan(0.1)) == [(0.0, 0.1)]
     assert spans(plan(1.0, min_clip_len_s=0.5)) == [(0.0, 1.0)]
+    assert plan(0.0) == []  # only a video of no duration has nothing to caption
 
 
 def test_max_clips_caps_the_plan():

@@ -10,7 +10,6 @@ reach the model (too short or broken).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -49,7 +48,8 @@ class FrameStatsStage:
         from workers.provenance import engine_fingerprint
 
         self.run_id, self.prompt_cfg = run_id, captioner_kwargs["prompt_cfg"]
-        self.fingerprint = engine_fingerprint(captioner_kwargs["model_cfg"])
+        self.fingerprint = engine_fingerprint(captioner_kwargs["model_cfg"], captioner_kwargs["generation_cfg"],
+                                              captioner_kwargs["prompt_cfg"]["system"])
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         from workers.captioner import batch_to_rows, passthrough_row, rows_to_columns, utc_now
@@ -112,8 +112,8 @@ EXPECTED = {  # file -> (rows by status, error stage)
     "flipping_a_pancake.mkv": ({"ok": 2}, None),
     "long.mp4": ({"ok": 30}, None),
     "av1.webm": ({"ok": 1}, None),  # [0, 5) s; the 1 s tail is below min_clip_len_s
-    "h265_video.mp4": ({"skipped": 1}, "shard"),
-    "video_90.mov": ({"skipped": 1}, "shard"),
+    "h265_video.mp4": ({"ok": 1}, None),  # 1.0 s, shorter than min_clip_len_s: one clip of all of it
+    "video_90.mov": ({"ok": 1}, None),  # 0.1 s, 3 frames
     "corrupted.mp4": ({"ok": 1}, None),  # served from the frames before the damage: partial_reason says so
     "zero.mp4": ({"error": 1}, "probe"),
     "cut.mp4": ({"error": 1}, "probe"),  # cut before the moov atom
@@ -200,7 +200,7 @@ def test_show_prints_where_the_output_is_the_counts_and_a_partial_row(caption_ru
     show(str(out), "caption", rows=60)
     printed = capsys.readouterr().out
     assert f"{out}/data/job=caption  ({summary['rows_ok'] + summary['rows_error'] + summary['rows_skipped']} rows" in printed
-    assert f"{summary['run_id']}  rows by status: {{'ok': 37, 'error': 5, 'skipped': 2}}, partial clips: 1" in printed
+    assert f"{summary['run_id']}  rows by status: {{'ok': 39, 'error': 5, 'skipped': 0}}, partial clips: 1" in printed
     [damaged] = [line for line in printed.splitlines() if "corrupted.mp4" in line]
     assert '"partial_reason"' in damaged and '"error"' not in damaged  # null fields are left out
 
@@ -211,7 +211,7 @@ def test_summary_agrees_with_the_rows(caption_run: tuple[Path, dict, Any]) -> No
     ok = [r for r in rows if r["status"] == "ok"]
     stored = json.loads((out / "runs" / "job=caption" / summary["run_id"] / "summary.json").read_text())
     assert stored == json.loads(json.dumps(summary, default=str))
-    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (37, 5, 2)
+    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (39, 5, 0)
     assert json.loads(summary["errors_by_stage"]) == {"probe": 4, "model": 1}
     assert summary["clips_partial"] == 1  # corrupted.mp4
     [partial] = [r for r in ok if r["partial_reason"]]
@@ -258,7 +258,7 @@ def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run
 def test_resume_redoes_rows_of_another_engine_configuration_once(caption_run: tuple[Path, dict, Any], change: str) -> None:
     """Rows written with another model/engine configuration are not 'done': they are redone and
     replaced, never duplicated (workers.provenance.engine_fingerprint)."""
-    from workers.provenance import engine_fingerprint
+    from pipeline._model import run_fingerprint
 
     out, _, cfg = caption_run
     before = read_rows(out)
@@ -269,8 +269,8 @@ def test_resume_redoes_rows_of_another_engine_configuration_once(caption_run: tu
     assert rows.num_rows == before.num_rows
     assert_unique_keys(rows)
     ok = rows.filter(pc.equal(rows["status"], "ok"))
-    assert set(ok["engine_fingerprint"].to_pylist()) == {engine_fingerprint(dataclasses.asdict(changed.model))}
-    assert summary["engine_fingerprint"] == engine_fingerprint(dataclasses.asdict(changed.model))
+    assert set(ok["engine_fingerprint"].to_pylist()) == {run_fingerprint(changed)} != {run_fingerprint(cfg)}
+    assert summary["engine_fingerprint"] == run_fingerprint(changed)
 
 
 class CrashOnceStage(FrameStatsStage):
@@ -299,7 +299,7 @@ def test_a_crashed_actor_is_restarted_and_loses_or_duplicates_nothing(ray_cluste
     rows = read_rows(out)
     assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
     assert_unique_keys(rows)
-    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (37, 5, 2)
+    assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (39, 5, 0)
 
 
 # --- qa, manifest ---------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_input_and_output_on_s3(ray_cluster: None, s3_server: str, s3_bucket: st
 
     cfg = job(f"s3://{s3_bucket}/raw", "captions")
     summary = run(cfg)
-    assert (summary["rows_ok"], summary["rows_skipped"], summary["rows_error"]) == (3, 1, 0)
+    assert (summary["rows_ok"], summary["rows_skipped"], summary["rows_error"]) == (4, 0, 0)  # h265: one 1 s clip
     assert summary["model_random_weights"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="captions/")["Contents"]]
     assert sum(k.startswith("captions/data/job=caption/run_date=") and k.endswith(".parquet") for k in keys) == 1
@@ -399,7 +399,8 @@ def cli_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def short_videos(tmp_path_factory: pytest.TempPathFactory, shared_videos: Path) -> Path:
-    """Inputs that need no model (too short or broken), so the CLI tests run on any machine."""
+    """Videos shorter than clips.min_clip_len_s (each one clip of its whole length, through the
+    real tiny model) and an empty file (a probe error)."""
     folder = tmp_path_factory.mktemp("short")
     for name in ("h265_video.mp4", "video_90.mov"):
         (folder / name).symlink_to(shared_videos / name)
@@ -413,8 +414,9 @@ def test_job_file_runs_as_a_script(short_videos: Path, tmp_path: Path) -> None:
                             cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resolved config" in result.stdout and "run summary" in result.stdout
-    assert by_file(read_rows(tmp_path / "out")) == {"h265_video.mp4": {"skipped": 1}, "video_90.mov": {"skipped": 1},
-                                                    "zero.mp4": {"error": 1}}
+    rows = read_rows(tmp_path / "out")
+    assert by_file(rows) == {"h265_video.mp4": {"ok": 1}, "video_90.mov": {"ok": 1}, "zero.mp4": {"error": 1}}
+    assert all(r["output_text"] for r in rows.to_pylist() if r["status"] == "ok")
 
 
 @pytest.mark.slow
@@ -440,7 +442,7 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
     videos = tmp_path / "videos"
     videos.mkdir()
     make_video(videos / "one_clip.mp4", "libx264", 5, 4, 64, 48)  # one 5 s clip under preset=offline
-    (videos / "h265_video.mp4").symlink_to(shared_videos / "h265_video.mp4")  # 1 s: skipped
+    (videos / "h265_video.mp4").symlink_to(shared_videos / "h265_video.mp4")  # 1 s: one clip of all of it
     # A throwaway local cluster: no token auth, so the CLI needs no token file.
     env = {**cli_env(), "RAY_AUTH_MODE": "disabled"}
     ray_bin = shutil.which("ray", path=env["PATH"])
@@ -466,12 +468,12 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
                                               *form, "preset=offline", f"input.uri={videos}", f"output.uri={out}"], env)
             assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
             rows = read_rows(out)
-            assert by_file(rows) == {"one_clip.mp4": {"ok": rows_per_clip}, "h265_video.mp4": {"skipped": 1}}
+            assert by_file(rows) == {"one_clip.mp4": {"ok": rows_per_clip}, "h265_video.mp4": {"ok": rows_per_clip}}
             ok = [r for r in rows.to_pylist() if r["status"] == "ok"]
             assert all(r["model_random_weights"] and r["output_text"] and r["retention_achieved"] < 1 for r in ok)
             assert len({r["prompt"] for r in ok}) == rows_per_clip
             [summary] = (out / "runs" / f"job={job}").glob("*/summary.json")
-            assert json.loads(summary.read_text())["rows_ok"] == rows_per_clip
+            assert json.loads(summary.read_text())["rows_ok"] == 2 * rows_per_clip
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)

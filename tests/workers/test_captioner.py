@@ -225,12 +225,13 @@ def test_rows_say_what_produced_them(cache_dir: str, qwen: Captioner) -> None:
     schedule = list(v2drop.Schedule.for_retention(depth, 0.25).layers)
     for captioner, cfg, layers in ((qwen, model_cfg(), []), (quarter, model_cfg(retention=0.25), schedule)):
         row = captioner(as_batch(THREE_CLIPS[:1]))
-        assert row["engine_fingerprint"] == [engine_fingerprint(cfg)]
+        assert row["engine_fingerprint"] == [engine_fingerprint(cfg, GREEDY, None)]
         assert row["drop_layers"] == [layers] and len(row["drop_keep"][0]) == len(layers)
         assert row["self_check"][0].startswith("passed (qwen2_5_vl, transformers ")
         assert (row["model_dtype"], row["attn_implementation"]) == (["float32"], ["sdpa"])
         assert row["transformers_version"][0] and row["torch_version"][0] and row["project_version"] == ["0.1.0"]
-    assert engine_fingerprint(model_cfg()) != engine_fingerprint(model_cfg(retention=0.25))
+    assert engine_fingerprint(model_cfg(), GREEDY, None) != engine_fingerprint(model_cfg(retention=0.25), GREEDY, None)
+    assert engine_fingerprint(model_cfg(), GREEDY, None) != engine_fingerprint(model_cfg(), GREEDY, "Be brief.")
 
 
 def test_a_failing_self_check_fails_model_loading(cache_dir: str, monkeypatch) -> None:
