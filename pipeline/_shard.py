@@ -29,8 +29,10 @@ def settings_key(cfg: JobConfig) -> str:
     """Settings that change a clip's output; part of every clip_id, so changing one re-runs clips
     instead of resuming them. Example: 'frames=16|fps=None|px=200704|model=...@None|r=0.25|...'."""
     d, m, g = cfg.decode, cfg.model, cfg.generation
+    # The scorer joins the key only when it is not the default, so existing outputs keep their ids.
+    scorer = "" if m.scorer == "variation" else f"|scorer={m.scorer}"
     return (f"frames={d.num_frames}|fps={d.fps}|px={d.max_pixels}|model={m.source}@{m.revision}|r={m.retention}"
-            f"|new={g.max_new_tokens}|t={g.temperature}|p={g.top_p}|system={cfg.prompt.system}")
+            f"{scorer}|new={g.max_new_tokens}|t={g.temperature}|p={g.top_p}|system={cfg.prompt.system}")
 
 
 def key(clip: str, prompt: str | None) -> tuple[str, str]:

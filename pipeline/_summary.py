@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline._quality import QualityStats, format_quality
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
 
@@ -42,6 +43,7 @@ class RunStats:
     flops_dropped: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    quality: QualityStats = field(default_factory=QualityStats)  # the shadow rows (pipeline._quality)
 
     @property
     def clips_done(self) -> int:
@@ -55,6 +57,7 @@ class RunStats:
         ok = table.filter(pc.equal(table["status"], "ok"))
         if ok.num_rows:
             self._update_model(ok)
+            self.quality.update(ok)
 
     def _update_clips(self, table: pa.Table) -> None:
         columns = ["clip_id", "status", "start_s", "end_s", "last_frame_s", "partial_reason"]
@@ -108,6 +111,7 @@ def build_summary(
         "model_revision": stats.model.get("model_revision", cfg.model.revision),
         "model_random_weights": stats.model.get("model_random_weights"),
         "files_written": len(files), "config_yaml": config_yaml,
+        "quality": stats.quality.block(cfg.quality, stats.flops_dropped),
     }
 
 
@@ -155,6 +159,7 @@ def format_summary(summary: dict[str, Any], examples: list[dict[str, Any]]) -> s
          _num(summary["video_hours_per_cpu_hour"]) if cpu else f"${_num(summary['cost_per_video_hour_usd'])}"),
         ("retention asked / achieved", f"{_num(summary['retention_asked_mean'])} / {_num(summary['retention_achieved_mean'])}"),
         ("prefill FLOPs saved", _pct(summary["flops_saved_fraction"])),
+        ("quality (shadow, V²Drop off)", format_quality(summary["quality"])),
         ("model", f"{summary['model_id']} (random weights)" if summary["model_random_weights"] else summary["model_id"]),
         ("output", summary["output_uri"]),
     ]
