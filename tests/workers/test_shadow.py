@@ -104,3 +104,14 @@ def test_switching_v2drop_off_is_undone_even_when_the_block_fails(dropping: Capt
             assert not v2drop.is_enabled(model)
             raise RuntimeError("inside")
     assert v2drop.is_enabled(model)
+
+
+def test_qa_shadows_every_question_of_a_sampled_clip_against_the_stock_models_answers(
+    full: Captioner, dropping: Captioner
+) -> None:
+    qa = {"task": "qa", "caption": "", "questions": ["What happens?", "What colour is it?"], "system": None}
+    rows = caption_rows(dropping.loaded, CLIPS[:2], qa, GREEDY, ALL)  # the video prefill is shared per clip
+    reference = caption_rows(full.loaded, CLIPS[:2], qa, GREEDY, {})
+    assert [(r["clip_id"], r["prompt"]) for r in rows] == [(r["clip_id"], r["prompt"]) for r in reference]
+    assert [r["shadow_output_text"] for r in rows] == [r["output_text"] for r in reference]
+    assert all(r["shadow_lcs_ratio"] == agreement.lcs_ratio(r["shadow_output_text"], r["output_text"]) for r in rows)
