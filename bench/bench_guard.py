@@ -79,8 +79,10 @@ def run_variant(args: argparse.Namespace, variant: str, repeat: int, scratch: Pa
 
     output_dir = scratch / f"{variant}-{repeat}"
     cfg = job_config(args, variant, output_dir)
+    load_before = os.getloadavg()[0]
     summary = run(cfg, log=lambda line: print(f"  [{variant} #{repeat}] {line}", flush=True))
-    measured = {"wall_s": summary["wall_s"], "quality": summary["quality"]}
+    measured = {"wall_s": summary["wall_s"], "quality": summary["quality"],
+                "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
     if variant == "all":
         measured.update(shadow_costs(bench_pipeline.read_rows(output_dir, cfg.job)))
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -109,8 +111,14 @@ def markdown(report: dict[str, Any]) -> str:
         *[f"| {f:g} | {100 * f * time_ratio:.1f} % | {100 * f * flop_ratio:.1f} % |" for f in FRACTIONS],
         "",
         f"Items shadowed in the `all` run: {every[0]['items_shadowed']} of {every[0]['items']}; its mean agreement "
-        f"(random weights) {every[0]['agreement_mean']:.3f}. Wall s per run: "
-        + "; ".join(f"{name} " + ", ".join(f"{r['wall_s']:.1f}" for r in rs) for name, rs in runs.items()) + ".",
+        f"(random weights) {every[0]['agreement_mean']:.3f}. The FLOP ratio is analytic and exact; the time ratio "
+        f"moves with other work on the machine (1-minute load average around each run below).",
+        "",
+        "Per run (wall s, load before -> after; time ratio of the `all` runs):",
+        *[f"- {name}: " + "; ".join(
+            f"{r['wall_s']:.1f} s (load {r.get('load_avg_1m_before', float('nan')):.1f} -> "
+            f"{r.get('load_avg_1m_after', float('nan')):.1f})" + (f", time ratio {r['time_ratio']:.2f}" if 'time_ratio' in r else "")
+            for r in rs) for name, rs in runs.items()],
     ]
     return "\n".join(lines) + "\n"
 
