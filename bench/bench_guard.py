@@ -117,7 +117,8 @@ def markdown(report: dict[str, Any]) -> str:
         "Per run (wall s, load before -> after; time ratio of the `all` runs):",
         *[f"- {name}: " + "; ".join(
             f"{r['wall_s']:.1f} s (load {r.get('load_avg_1m_before', float('nan')):.1f} -> "
-            f"{r.get('load_avg_1m_after', float('nan')):.1f})" + (f", time ratio {r['time_ratio']:.2f}" if 'time_ratio' in r else "")
+            f"{r.get('load_avg_1m_after', float('nan')):.1f})"
+            + (f", time ratio {r['time_ratio']:.2f}" if "time_ratio" in r else "")
             for r in rs) for name, rs in runs.items()],
     ]
     return "\n".join(lines) + "\n"

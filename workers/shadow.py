@@ -135,7 +135,10 @@ def compare(
     ]
 
 
-def row_columns(full: GenResult, dropped_text: str | None, top1: bool, kl: float, ms: float, dropped_flops: float) -> dict:
+def row_columns(
+    full: GenResult, dropped_text: str | None, top1: bool, kl: float, ms: float, dropped_flops: float
+) -> dict[str, Any]:
+    """One shadowed item's columns: `full` is its full-token result, `dropped_text` the row's own output."""
     return {
         "shadow_output_text": full.output_text,
         **agreement.text_measures(full.output_text, dropped_text),

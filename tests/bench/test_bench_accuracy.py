@@ -74,13 +74,15 @@ def test_the_harness_runs_every_variant_through_the_pipeline(ray_cluster: None, 
     for name, result in variants.items():
         assert result["questions"] == 3 and result["rows_error"] == 0 and result["model_random_weights"]
         assert all(g["output"] is not None for g in result["graded"])  # every question answered by a real run
-        rescored = [ba.parse_letter(g["output"], next(o for v, q, o, a in toy if q == g["question"])) for g in result["graded"]]
+        options = {q: o for _, q, o, _ in toy}
+        rescored = [ba.parse_letter(g["output"], options[g["question"]]) for g in result["graded"]]
         assert [g["chosen"] for g in result["graded"]] == rescored
         assert result["correct"] == sum(c == a for c, (*_, a) in zip(rescored, toy))
         assert result["accuracy"] == result["correct"] / 3 and result["clips_per_s"] > 0
     assert variants["full"]["retention_achieved"] == 1.0 and variants["full"]["flops_saved"] == 0
     for name in ("v2drop-0.25", "random-0.25"):
-        assert variants[name]["retention_achieved"] == pytest.approx(0.25, abs=0.05) and variants[name]["flops_saved"] > 0
+        assert variants[name]["retention_achieved"] == pytest.approx(0.25, abs=0.05)
+        assert variants[name]["flops_saved"] > 0
         assert variants[name]["scorer"] == ("random" if name.startswith("random") else "variation")
     # the same schedule costs the same, whichever tokens it keeps
     assert variants["random-0.25"]["flops_saved"] == pytest.approx(variants["v2drop-0.25"]["flops_saved"])
