@@ -1,7 +1,9 @@
 """CLI: ``python -m pipeline JOB.yaml [key=value ...]`` (also what a job file's shebang runs).
 
 Exit codes: 0 the run finished (bad videos are rows with status 'error', not failures);
-2 invalid configuration or unusable input/output; 3 no actor could load the model.
+2 invalid configuration or unusable input/output; 3 no actor could load the model;
+4 the shadow quality guard failed (agreement below quality.min_agreement with quality.enforce),
+after everything was written.
 
     python -m pipeline jobs/caption.yaml preset=offline input.uri=/data/videos
     ./jobs/caption.yaml preset=offline                                   # the shebang form
@@ -21,7 +23,7 @@ import sys
 from pipeline.config import ConfigError, JobConfig, check_local_input, load_job, to_yaml, with_absolute_paths
 
 USAGE = "usage: python -m pipeline JOB.yaml [key=value ...]   e.g. preset=offline model.retention=0.5"
-EXIT_CONFIG, EXIT_MODEL = 2, 3
+EXIT_CONFIG, EXIT_MODEL, EXIT_QUALITY = 2, 3, 4
 LOCAL_ONLY_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
 
 
@@ -46,13 +48,16 @@ def _run(cfg: JobConfig) -> int:
 
     connect_ray(cfg.run.ray_address)
     try:
-        run(cfg)
+        summary = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except ModelLoadError as e:
         print(f"model error: {e}", file=sys.stderr)
         return EXIT_MODEL
+    if summary["quality"]["verdict"] == "fail":  # pipeline._quality; the rows are already written
+        print("quality error: shadow agreement below quality.min_agreement (quality.enforce=true)", file=sys.stderr)
+        return EXIT_QUALITY
     return 0
 
 

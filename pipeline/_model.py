@@ -33,6 +33,7 @@ def captioner_kwargs(cfg: JobConfig) -> dict[str, Any]:
         "cache_dir": cfg.model.cache_dir,
         "storage_cfg": dataclasses.asdict(cfg.storage),
         "num_gpus": cfg.actors.num_gpus,
+        "quality_cfg": dataclasses.asdict(cfg.quality),
     }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline._quality import QualityStats, format_quality
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
 from workers.provenance import software_versions
@@ -48,6 +49,7 @@ class RunStats:
     self_checks: set[str] = field(default_factory=set)  # each actor's self-check outcome
     fallback_calls: dict[str, set[str]] = field(default_factory=dict)  # reason -> failed generate calls
     examples: list[dict[str, Any]] = field(default_factory=list)
+    quality: QualityStats = field(default_factory=QualityStats)  # the shadow rows (pipeline._quality)
 
     @property
     def fallbacks_by_reason(self) -> dict[str, int]:
@@ -67,6 +69,7 @@ class RunStats:
         ok = table.filter(pc.equal(table["status"], "ok"))
         if ok.num_rows:
             self._update_model(ok)
+            self.quality.update(ok)
 
     def _update_clips(self, table: pa.Table) -> None:
         columns = ["clip_id", "status", "start_s", "end_s", "last_frame_s", "partial_reason"]
@@ -139,6 +142,7 @@ def build_summary(
         "drop_layers": json.dumps(stats.engine.get("drop_layers")),
         "drop_keep": json.dumps(stats.engine.get("drop_keep")),
         **{f"driver_{name}": value for name, value in software_versions().items()},
+        "quality": stats.quality.block(cfg.quality, stats.flops_dropped),
     }
 
 
@@ -188,6 +192,7 @@ def format_summary(summary: dict[str, Any], examples: list[dict[str, Any]]) -> s
          _num(summary["video_hours_per_cpu_hour"]) if cpu else f"${_num(summary['cost_per_video_hour_usd'])}"),
         ("retention asked / achieved", f"{_num(summary['retention_asked_mean'])} / {_num(summary['retention_achieved_mean'])}"),
         ("prefill FLOPs saved", _pct(summary["flops_saved_fraction"])),
+        ("quality (shadow, V²Drop off)", format_quality(summary["quality"])),
         ("model", f"{summary['model_id']} (random weights)" if summary["model_random_weights"] else summary["model_id"]),
         ("output", summary["output_uri"]),
     ]

@@ -116,6 +116,8 @@ class ModelConfig:
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32
     attn_implementation: str = "flash_attention_2"  # flash_attention_2 | sdpa | eager
     retention: float = 0.25  # V²Drop layer-averaged visual-token retention; 1.0 = off
+    # variation = V²Drop; random = a seeded random subset at the same schedule (the control baseline)
+    scorer: str = "variation"
     cache_dir: Optional[str] = None  # node-local cache; None = ~/.cache/v2drop-batch
 
     def __post_init__(self) -> None:
@@ -123,6 +125,7 @@ class ModelConfig:
         _require_choice(self.dtype, "model.dtype", ("bfloat16", "float16", "float32"))
         _require_choice(self.attn_implementation, "model.attn_implementation", ("flash_attention_2", "sdpa", "eager"))
         _require(0 < self.retention <= 1, "model.retention", f"must be in (0, 1] (1.0 = no dropping), got {self.retention}")
+        _require_choice(self.scorer, "model.scorer", ("variation", "random"))
 
 
 @dataclass
@@ -171,6 +174,23 @@ class GenerationConfig:
 
 
 @dataclass
+class QualityConfig:
+    """The shadow quality guard (workers.shadow): a sample of clips also run with V²Drop off."""
+
+    shadow_fraction: float = 0.02  # share of clips, chosen by a hash of clip_id; 0 = no shadow
+    # Mean shadow agreement (word-level LCS ratio, dropped vs full-token output) below this gives
+    # a warning. Greedy outputs that part ways keep diverging, so long captions score far below
+    # short answers at the same quality: set it from a run at a retention you trust.
+    min_agreement: float = 0.5
+    enforce: bool = False  # true: below min_agreement the run exits non-zero, after writing everything
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.shadow_fraction <= 1, "quality.shadow_fraction",
+                 f"must be in [0, 1] (0 = no shadow), got {self.shadow_fraction}")
+        _require(0 <= self.min_agreement <= 1, "quality.min_agreement", f"must be in [0, 1], got {self.min_agreement}")
+
+
+@dataclass
 class RunConfig:
     resume: bool = True
     ray_address: Optional[str] = None  # None: the cluster `ray job submit` runs in, else a new local Ray
@@ -193,6 +213,7 @@ class JobConfig:
     actors: ActorsConfig = field(default_factory=ActorsConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

@@ -68,6 +68,16 @@ ROW_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),  # the run that wrote the row
         pa.field("run_date", pa.string(), nullable=False),  # partition: UTC date of the run, YYYY-MM-DD
         pa.field("metadata", pa.map_(pa.string(), pa.string())),  # manifest columns other than uri/questions
+        # The shadow quality guard (workers.shadow): null unless the clip is in quality.shadow_fraction's sample.
+        pa.field("shadow_output_text", pa.string()),  # the same item's output with V²Drop off
+        pa.field("shadow_exact_match", pa.bool_()),  # output_text == shadow_output_text (trimmed)
+        pa.field("shadow_token_f1", pa.float64()),  # bag-of-words F1 of the two outputs, in [0, 1]
+        pa.field("shadow_lcs_ratio", pa.float64()),  # 2 * longest common word subsequence / total words, in [0, 1]
+        pa.field("shadow_first_diff_word", pa.int32()),  # first word index where they differ; null when equal
+        pa.field("shadow_top1_agree", pa.bool_()),  # same most likely first token, dropped and full
+        pa.field("shadow_kl_first_token", pa.float64()),  # KL(full || dropped) of the first-token distributions, nats
+        pa.field("shadow_ms", pa.float64()),  # the shadow's wall time, this row's equal share of its call
+        pa.field("shadow_flops", pa.float64()),  # analytic prefill FLOPs the shadow spent on this row
     ]
 )
 

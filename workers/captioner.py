@@ -6,6 +6,8 @@
 Cardinality: 1:N. A clip row becomes one row per prompt (caption: 1; qa: one per question);
 a row whose incoming `status` is not 'ok' (an upstream 'error' or 'skipped') passes through as
 one row with prompt '' (pipeline.schema: '' marks a clip-level row; prompt is never null).
+Clips in the shadow sample (`quality.shadow_fraction`, workers.shadow) also run with V²Drop off;
+their rows carry the full-token output and the agreement measures (shadow.SHADOW_COLUMNS).
 
 Columns in: every column of the clip row; read are `frames`, `frames_shape`, `frames_dtype`,
 `timestamps_s` (see workers.inputs), optional `questions`, `status`.
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 import v2drop
-from workers import shared_prefix
+from workers import shadow, shared_prefix
 from workers.generation import GenResult, generate_batch
 from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
@@ -77,6 +79,7 @@ OUTPUT_COLUMNS = (
     "batch_id",
     "fallback_reason",
     "fallback_batch_id",
+    *shadow.SHADOW_COLUMNS,
 )
 
 
@@ -89,6 +92,7 @@ class LoadedModel:
     resolved: ResolvedModel
     retention_asked: float  # model.retention; 1.0 = V²Drop off, the stock model
     provenance: dict[str, Any]  # workers.provenance.engine_columns: stamped on every row
+    scorer: str = "variation"  # model.scorer: how V²Drop ranks visual tokens (v2drop.SCORERS)
 
 
 class Captioner:
@@ -103,14 +107,16 @@ class Captioner:
         *,
         storage_cfg: Any = None,
         num_gpus: float | None = None,
+        quality_cfg: Mapping[str, Any] | None = None,
     ) -> None:
         self.model_cfg, self.generation_cfg, self.prompt_cfg = map(_as_dict, (model_cfg, generation_cfg, prompt_cfg))
+        self.quality_cfg = _as_dict(quality_cfg)  # {} (no shadow) when a caller passes none
         fingerprint = engine_fingerprint(self.model_cfg, self.generation_cfg, self.prompt_cfg["system"])
         self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage_cfg, num_gpus, fingerprint)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
         rows = batch_to_rows(batch)
-        out = caption_rows(self.loaded, rows, self.prompt_cfg, self.generation_cfg)
+        out = caption_rows(self.loaded, rows, self.prompt_cfg, self.generation_cfg, self.quality_cfg)
         return rows_to_columns(out)
 
 
@@ -132,21 +138,22 @@ def load_for_captioning(
         device=choose_device(num_gpus),
     )
     retention = float(model_cfg.get("retention", 1.0))
-    enable_v2drop(model, retention)
+    scorer = str(model_cfg.get("scorer") or "variation")
+    enable_v2drop(model, retention, scorer)
     # Also at retention 1.0: the row says which engine produced it, and a broken stack fails here.
     check = v2drop.self_check(model)
     log.info("v2drop self-check %s", check.describe())
-    return LoadedModel(model, processor, resolved, retention, engine_columns(model, fingerprint, check.describe()))
+    return LoadedModel(model, processor, resolved, retention, engine_columns(model, fingerprint, check.describe()), scorer)
 
 
-def enable_v2drop(model: Any, retention: float) -> None:
+def enable_v2drop(model: Any, retention: float, scorer: str = "variation") -> None:
     """Retention 1.0 leaves the stock model alone; below it, the layer-averaged schedule."""
     if retention >= 1.0:
         return
     num_layers = model.config.get_text_config().num_hidden_layers
     schedule = v2drop.Schedule.for_retention(num_layers, retention)
-    v2drop.enable(model, schedule)
-    log.info("V²Drop on: %s over %d layers (retention %.3f)", schedule, num_layers, retention)
+    v2drop.enable(model, schedule, scorer=scorer)
+    log.info("V²Drop on (%s): %s over %d layers (retention %.3f)", scorer, schedule, num_layers, retention)
 
 
 def _storage(storage_cfg: Any) -> Any:
@@ -169,14 +176,18 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
 
 
 def caption_rows(
-    loaded: LoadedModel, rows: Sequence[Row], prompt_cfg: Mapping[str, Any], generation_cfg: Mapping[str, Any]
+    loaded: LoadedModel, rows: Sequence[Row], prompt_cfg: Mapping[str, Any], generation_cfg: Mapping[str, Any],
+    quality_cfg: Mapping[str, Any] | None = None,
 ) -> list[Row]:
     """Output rows for a batch of clip rows, in input order (see the module docstring)."""
     started_at = utc_now()
     plan = [(row, None if is_passthrough(row) else row_problem(row, prompt_cfg)) for row in rows]
     runnable = [row for row, problem in plan if problem is None and not is_passthrough(row)]
     items = expand_prompts(runnable, prompt_cfg)
-    results = iter(run_items(loaded, items, prompt_cfg.get("system"), generation_cfg, chunk=max(1, len(rows))))
+    chunk = max(1, len(rows))
+    generated = run_items(loaded, items, prompt_cfg.get("system"), generation_cfg, chunk=chunk)
+    shadows = iter(run_shadow(loaded, items, generated, prompt_cfg.get("system"), generation_cfg, quality_cfg, chunk))
+    results = iter(generated)
     finished_at = utc_now()
     stamp = {**identity_columns(loaded), "started_at": started_at, "finished_at": finished_at}
     out: list[Row] = []
@@ -186,8 +197,22 @@ def caption_rows(
         elif problem is not None:
             out.append(result_row(row, CLIP_LEVEL_PROMPT, GenResult(status="error", error=problem), stamp))
         else:
-            out.extend(result_row(row, prompt, next(results), stamp) for prompt in prompts_for_row(row, prompt_cfg))
+            out.extend({**result_row(row, prompt, next(results), stamp), **next(shadows)}
+                       for prompt in prompts_for_row(row, prompt_cfg))
     return out
+
+
+def run_shadow(
+    loaded: LoadedModel, items: Sequence[Item], results: Sequence[GenResult], system: str | None,
+    generation_cfg: Mapping[str, Any], quality_cfg: Mapping[str, Any] | None, chunk: int,
+) -> list[Row]:
+    """Per item, the shadow columns of workers.shadow ({} outside the sample); the shadow runs
+    after the batch's own generate, so the row's timings do not include it."""
+    fraction = float((quality_cfg or {}).get("shadow_fraction") or 0.0)
+    return shadow.shadow_columns(
+        loaded.model, loaded.processor, items, results, system, generation_cfg, fraction=fraction, chunk=chunk,
+        reenable=lambda model: enable_v2drop(model, loaded.retention_asked, loaded.scorer),
+    )
 
 
 def is_passthrough(row: Mapping[str, Any]) -> bool:

@@ -2,7 +2,7 @@
 self-check outcome, and the engine fingerprint that resume compares.
 
     engine_fingerprint  sha256 of everything besides the clip itself that changes a row's output:
-                        model.source, .revision, .dtype, .attn_implementation, .retention, the
+                        model.source, .revision, .dtype, .attn_implementation, .retention, .scorer, the
                         sampling settings (generation.max_new_tokens, .temperature, .top_p), the
                         system prompt and v2drop.ENGINE_VERSION; 16 hex digits. The driver computes
                         it from the config before planning and the actors stamp it on every row,
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import v2drop
 
-MODEL_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention")
+MODEL_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention", "scorer")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p")
 GIT_COMMIT_ENV = "V2DROP_GIT_COMMIT"  # set by infra/Dockerfile, where the image has no .git
 PROJECT = "v2drop-batch"

@@ -58,7 +58,10 @@ def test_job_files_start_with_the_shebang() -> None:
         ({"prompt": {"task": "qa"}}, "prompt.questions: task qa needs at least one question"),
         ({"prompt": {"task": "summarise"}}, "prompt.task: must be one of caption | qa"),
         ({"actors": {"batch_size": "eight"}}, "actors.batch_size: Value 'eight' of type 'str' could not be converted to Integer"),
-        ({"model": {"retnetion": 0.5}}, "model.retnetion: unknown key; valid keys here are: source, revision, dtype, attn_implementation, retention, cache_dir"),
+        ({"model": {"retnetion": 0.5}}, "model.retnetion: unknown key; valid keys here are: source, revision, dtype, attn_implementation, retention, scorer, cache_dir"),
+        ({"model": {"scorer": "entropy"}}, "model.scorer: must be one of variation | random, got 'entropy'"),
+        ({"quality": {"shadow_fraction": 1.5}}, "quality.shadow_fraction: must be in [0, 1] (0 = no shadow), got 1.5"),
+        ({"quality": {"min_agreement": -0.1}}, "quality.min_agreement: must be in [0, 1], got -0.1"),
         ({"modle": {}}, "modle: unknown key; valid keys here are: job, preset, input, output"),
     ],
 )

@@ -30,7 +30,7 @@ GREEDY = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "top_p": 1.0}
 
 def model_cfg(source: str = "tiny:qwen2_5_vl", retention: float = 1.0) -> dict[str, Any]:
     return {"source": source, "revision": None, "dtype": "float32", "attn_implementation": "sdpa",
-            "retention": retention, "cache_dir": None}
+            "retention": retention, "scorer": "variation", "cache_dir": None}
 
 
 def clip_row(clip_id: str, num_frames: int, height: int, width: int, seed: int = 0) -> dict[str, Any]:
