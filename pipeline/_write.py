@@ -1,32 +1,73 @@
-"""Stage 6, write (driver): Parquet parts under Hive partitions, atomically, and resume.
+"""Stage 6, write (driver): Parquet parts under Hive partitions; what a run finds, adds and replaces.
 
 Layout (docs/architecture.md, "Output layout and resume")::
 
     <output>/data/job=<job>/run_date=<YYYY-MM-DD>/part-<run_id>-<seq>.parquet         ok + skipped
     <output>/data/job=<job>/run_date=<YYYY-MM-DD>/part-<run_id>-<seq>-errors.parquet  error rows
+    <output>/unreadable/job=<job>/...                                                 files set aside
 
-Each file goes through `Storage.write_parquet_atomic` (temp + rename locally, one PUT on S3), so
-a reader or a re-run never sees half a file. Resume: `finished_keys` reads the keys
-(clip_id, prompt) of ok/skipped rows; the earlier error files are deleted once the run is
-planned (their keys are simply not finished, so this run retries them); `PartWriter` drops any
-row whose key is already written, so no key appears twice.
+The life of a run's rows, all under the job's lease (`pipeline.lease`):
+
+1. `read_state`: list the job's files; remove temporaries a crash left; move unreadable files
+   aside (their keys are then simply not done); read each file's keys. `finished_keys` is what
+   this run skips: the keys with a row that `is_done` accepts.
+2. `PartWriter`: rows reach storage at least every `run.flush_interval_s` or `run.flush_rows`,
+   each file written atomically (fsync + rename locally, one PUT on S3).
+3. `consolidate`, after every row of the run is written: this run's small files are compacted
+   into files of up to ROWS_PER_FILE rows, then every older row whose key this run wrote again
+   (an earlier error, `resume=false`, a row `is_done` refuses) is removed, and keys that older
+   versions left duplicated keep one row. A file is rewritten by writing its replacement first
+   and deleting it second, so a crash at any point leaves every key readable at least once, and
+   the next run's step 3 leaves it exactly once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import posixpath
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline._shard import key
+from pipeline.redact import redact
 from pipeline.schema import FILE_SCHEMA
-from pipeline.storage import Storage
+from pipeline.storage import Storage, StorageError
 
 ERRORS_SUFFIX = "-errors.parquet"
-ROWS_PER_FILE = 20_000  # one file per this many rows ...
-SECONDS_PER_FILE = 120.0  # ... or per this many seconds, so a crash loses little finished work
+ROWS_PER_FILE = 20_000  # compacted files hold up to this many rows: large enough for readers
+DONE_STATUSES = ("ok", "skipped")
+# Columns `read_state` reads from every file: the key, and what `is_done` judges.
+STATE_COLUMNS = ("clip_id", "prompt", "status")
+REDACTED_COLUMNS = ("error", "partial_reason")  # free text that may quote a URL or an SDK message
+
+Key = tuple[str, str]
+
+
+class OutputError(RuntimeError):
+    """The output stopped accepting writes mid-run (CLI exit code 6); what was written stays."""
+
+
+@contextlib.contextmanager
+def _writing(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError as e:
+        raise OutputError(f"output.uri: cannot write {uri} ({e.kind}: {e.reason}); the files written "
+                          "before stay, and a re-run resumes from them") from None
+
+
+def is_done(table: pa.Table) -> pa.ChunkedArray:
+    """Which rows (of STATE_COLUMNS) count as finished, so a resumed run skips their keys.
+
+    The one place that decides it: a provenance filter (e.g. the current engine fingerprint)
+    adds its column to STATE_COLUMNS and one more condition here.
+    """
+    return pc.is_in(table["status"], pa.array(DONE_STATUSES))
 
 
 def job_data_uri(output_uri: str, job: str) -> str:
@@ -37,55 +78,115 @@ def run_dir_uri(output_uri: str, job: str, run_id: str) -> str:
     return f"{output_uri.rstrip('/')}/runs/job={job}/{run_id}"
 
 
-def existing_files(storage: Storage, job_uri: str) -> tuple[list[str], list[str]]:
-    """(part files, error files) already under the job's data folder."""
-    files = storage.list_files(job_uri, suffix=".parquet")
-    errors = [f for f in files if f.endswith(ERRORS_SUFFIX)]
-    return [f for f in files if not f.endswith(ERRORS_SUFFIX)], errors
+def aside_uri(output_uri: str, job: str) -> str:
+    return f"{output_uri.rstrip('/')}/unreadable/job={job}"
 
 
-def finished_keys(storage: Storage, part_files: list[str]) -> set[tuple[str, str]]:
-    """Keys of every ok/skipped row already written: what a resumed run skips."""
-    keys: set[tuple[str, str]] = set()
-    for uri in part_files:
-        table = storage.read_parquet(uri, columns=["clip_id", "prompt", "status"])
-        table = table.filter(pc.is_in(table["status"], pa.array(["ok", "skipped"])))
-        keys.update(key(c, p) for c, p in zip(table["clip_id"].to_pylist(), table["prompt"].to_pylist()))
-    return keys
+# --- 1. what the output holds ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileKeys:
+    """The keys of one existing file, row by row."""
+
+    uri: str
+    keys: list[Key]
+    done: list[bool]  # is_done per row
+
+
+@dataclass
+class OutputState:
+    files: list[FileKeys]  # every readable data file of the job when the run started
+    set_aside: list[str] = field(default_factory=list)  # unreadable files moved under unreadable/
+    temps_removed: list[str] = field(default_factory=list)
+
+
+def read_state(storage: Storage, output_uri: str, job: str, log: Callable[[str], None] = print) -> OutputState:
+    """The job's files and their keys; temporaries removed, unreadable files moved aside (named)."""
+    data_uri = job_data_uri(output_uri, job)
+    state = OutputState([], temps_removed=storage.remove_temporaries(data_uri))
+    for uri in state.temps_removed:
+        log(f"[resume] removed {uri}, a temporary file a crashed writer left")
+    for uri in storage.list_files(data_uri, suffix=".parquet"):
+        try:
+            table = storage.read_parquet(uri, columns=list(STATE_COLUMNS))
+        except StorageError as e:
+            if e.kind != "invalid":
+                raise
+            target = aside_uri(output_uri, job) + uri[len(data_uri):]
+            storage.move(uri, target)
+            state.set_aside.append(uri)
+            log(f"[resume] {uri} is not a readable Parquet file ({e.reason}); moved it to {target}; "
+                "the keys it held are run again")
+            continue
+        keys = [key(c, p) for c, p in zip(table["clip_id"].to_pylist(), table["prompt"].to_pylist())]
+        state.files.append(FileKeys(uri, keys, is_done(table).to_pylist()))
+    return state
+
+
+def finished_keys(state: OutputState) -> set[Key]:
+    """Keys with a finished row (`is_done`): what a resumed run skips."""
+    return {k for f in state.files for k, done in zip(f.keys, f.done) if done}
+
+
+# --- 2. writing this run's rows ----------------------------------------------------------------
 
 
 @dataclass
 class PartWriter:
-    """Buffers output rows and writes them as numbered part files (ok+skipped / errors apart)."""
+    """Buffers output rows and writes them as numbered part files (ok+skipped / errors apart).
+
+    `flush_if_due` is called by the driver for every block and by a timer thread, so no finished
+    row waits longer than `flush_interval_s` (or beyond `flush_rows` rows) in memory.
+    """
 
     storage: Storage
     partition_uri: str  # <output>/data/job=<job>/run_date=<date>
     run_id: str
-    done: set[tuple[str, str]]  # keys already written (earlier runs, then this one)
+    done: set[Key]  # keys already written (earlier runs, then this one)
+    flush_interval_s: float = 30.0
+    flush_rows: int = 2000
+    before_write: Callable[[], None] = lambda: None  # e.g. Lease.check: stop once the lease is lost
     files: list[str] = field(default_factory=list)
+    written: set[Key] = field(default_factory=set)  # keys this run wrote
     _buffer: list[pa.Table] = field(default_factory=list)
     _buffered_rows: int = 0
+    _first_buffered_at: float | None = None
     _seq: int = 0
-    _last_flush: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, table: pa.Table) -> pa.Table:
         """Queue a FILE_SCHEMA table; returns the rows actually kept (new keys only)."""
-        table = self._new_rows(table)
-        self._buffer.append(table)
-        self._buffered_rows += table.num_rows
-        if self._buffered_rows >= ROWS_PER_FILE or time.monotonic() - self._last_flush >= SECONDS_PER_FILE:
-            self.flush()
+        with self._lock:
+            table = self._new_rows(table)
+            if table.num_rows:
+                self._buffer.append(table)
+                self._buffered_rows += table.num_rows
+                self._first_buffered_at = self._first_buffered_at or time.monotonic()
+        self.flush_if_due()
         return table
 
+    def flush_if_due(self) -> None:
+        with self._lock:
+            first = self._first_buffered_at
+            if first is not None and (self._buffered_rows >= self.flush_rows
+                                      or time.monotonic() - first >= self.flush_interval_s):
+                self._flush_locked()
+
     def flush(self) -> None:
-        self._last_flush = time.monotonic()
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         if not self._buffered_rows:
             return
-        table = pa.concat_tables(self._buffer).cast(FILE_SCHEMA)
-        self._buffer, self._buffered_rows = [], 0
+        table = redact_text_columns(pa.concat_tables(self._buffer).cast(FILE_SCHEMA))
+        self.before_write()
         is_error = pc.equal(table["status"], "error")
-        self._write(table.filter(pc.invert(is_error)), ".parquet")
-        self._write(table.filter(is_error), ERRORS_SUFFIX)
+        with _writing(self.partition_uri):
+            self._write(table.filter(pc.invert(is_error)), ".parquet")
+            self._write(table.filter(is_error), ERRORS_SUFFIX)
+        self._buffer, self._buffered_rows, self._first_buffered_at = [], 0, None
         self._seq += 1
 
     def _write(self, table: pa.Table, suffix: str) -> None:
@@ -93,6 +194,7 @@ class PartWriter:
             uri = f"{self.partition_uri}/part-{self.run_id}-{self._seq:05d}{suffix}"
             self.storage.write_parquet_atomic(table, uri)
             self.files.append(uri)
+            self.written.update(key(c, p) for c, p in zip(table["clip_id"].to_pylist(), table["prompt"].to_pylist()))
 
     def _new_rows(self, table: pa.Table) -> pa.Table:
         keep = []
@@ -101,3 +203,113 @@ class PartWriter:
             keep.append(k not in self.done)
             self.done.add(k)
         return table.filter(pa.array(keep, pa.bool_())) if not all(keep) else table
+
+
+def redact_text_columns(table: pa.Table) -> pa.Table:
+    """Rows never carry credentials: free-text columns go through `redact`."""
+    for name in REDACTED_COLUMNS:
+        index = table.schema.get_field_index(name)
+        if index >= 0:
+            cleaned = [redact(v) if v else v for v in table[name].to_pylist()]
+            table = table.set_column(index, table.schema.field(index), pa.array(cleaned, table.schema.field(index).type))
+    return table
+
+
+class FlushTimer:
+    """A daemon thread calling `writer.flush_if_due()` every second; its first error is kept for
+    the driver to raise (`check`), since an exception in a thread would otherwise be lost."""
+
+    def __init__(self, writer: PartWriter, period_s: float = 1.0):
+        self.writer, self.period_s, self.error = writer, period_s, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="part-flush", daemon=True)
+
+    def __enter__(self) -> FlushTimer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s) and self.error is None:
+            try:
+                self.writer.flush_if_due()
+            except Exception as e:  # noqa: BLE001 - handed to the driver thread by check()
+                self.error = e
+
+
+# --- 3. after the run: compact, replace, repair --------------------------------------------------
+
+
+def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool) -> dict[str, list[int]]:
+    """Row indices to remove per older file: every row when `replace_all` (resume=false), else
+    rows whose key this run wrote again, and all but one row of a key duplicated among them (the
+    kept one: a done row before an error, then the newest file name, i.e. the latest run_id).
+
+    Example: a.parquet holds k1 (error), k2 (ok); b.parquet holds k2 (ok); this run wrote k1 ->
+    {'a.parquet': [0, 1]} (k1 rewritten; k2 kept in b, the newer name).
+    """
+    drops: dict[str, list[int]] = {}
+    best: dict[Key, tuple[tuple[bool, str, int], str, int]] = {}
+    for f in files:
+        for row, (k, done) in enumerate(zip(f.keys, f.done)):
+            if replace_all or k in written:
+                drops.setdefault(f.uri, []).append(row)
+                continue
+            rank = (done, posixpath.basename(f.uri), row)
+            if k in best:
+                loser = min(best[k], (rank, f.uri, row))
+                drops.setdefault(loser[1], []).append(loser[2])
+                best[k] = max(best[k], (rank, f.uri, row))
+            else:
+                best[k] = (rank, f.uri, row)
+    return {uri: sorted(rows) for uri, rows in drops.items()}
+
+
+def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replace_all: bool,
+                log: Callable[[str], None] = print) -> list[str]:
+    """Compact this run's files, then drop the older rows it replaces; returns this run's files."""
+    with _writing(writer.partition_uri):
+        files = compact(storage, writer.files, writer.run_id, writer.partition_uri)
+    drops = rows_to_drop(state.files, writer.written, replace_all)
+    total = {f.uri: len(f.keys) for f in state.files}
+    for seq, (uri, rows) in enumerate(sorted(drops.items())):
+        with _writing(uri):
+            remove_rows(storage, uri, rows, total[uri], f"part-{writer.run_id}-r{seq:05d}")
+    if drops:
+        log(f"[write] replaced {sum(map(len, drops.values()))} older rows in {len(drops)} files")
+    return files
+
+
+def compact(storage: Storage, files: list[str], run_id: str, partition_uri: str) -> list[str]:
+    """This run's small files (one per flush) as files of up to ROWS_PER_FILE rows: new first."""
+    result = []
+    for suffix, group in ((ERRORS_SUFFIX, [f for f in files if f.endswith(ERRORS_SUFFIX)]),
+                          (".parquet", [f for f in files if not f.endswith(ERRORS_SUFFIX)])):
+        if len(group) <= 1:
+            result += group
+            continue
+        table = pa.concat_tables([storage.read_parquet(f) for f in group])
+        for n, start in enumerate(range(0, table.num_rows, ROWS_PER_FILE)):
+            uri = f"{partition_uri}/part-{run_id}-c{n:05d}{suffix}"
+            storage.write_parquet_atomic(table.slice(start, ROWS_PER_FILE), uri)
+            result.append(uri)
+        for f in group:
+            storage.delete(f)
+    return result
+
+
+def remove_rows(storage: Storage, uri: str, rows: list[int], num_rows: int, new_stem: str) -> None:
+    """Rewrite `uri` without `rows` (beside it, under `new_stem`), then delete it."""
+    if len(rows) < num_rows:
+        table = storage.read_parquet(uri)
+        keep = pc.invert(pc.is_in(pa.array(range(table.num_rows)), pa.array(rows)))
+        suffix = ERRORS_SUFFIX if uri.endswith(ERRORS_SUFFIX) else ".parquet"
+        storage.write_parquet_atomic(table.filter(keep), f"{posixpath.dirname(uri)}/{new_stem}{suffix}")
+    storage.delete(uri)
