@@ -21,11 +21,12 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
 from pipeline import _write
-from pipeline._inputs import discover
+from pipeline._inputs import list_videos, videos_table
 from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
 from pipeline.lease import Lease, lease_uri
 from pipeline.storage import Storage, StorageError
@@ -52,7 +53,7 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
     naming the key, or lease.LeaseHeld (exit 5) naming the run that holds the output."""
     check_local_input(cfg)
     check_model_source(cfg, storage)
-    videos = discover_inputs(cfg, storage)
+    videos = discover_inputs(cfg, storage)  # 1
     started_at = dt.datetime.now(dt.timezone.utc)
     run_id = f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     with _output_errors(cfg):  # the resolved config is stored first: it also proves the output is writable
@@ -68,7 +69,7 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
         lease.release()
         raise
     done = _write.finished_keys(state) if cfg.run.resume else set()
-    return Plan(run_id, f"{started_at:%Y-%m-%d}", started_at, done, state, videos, lease)
+    return Plan(run_id, f"{started_at:%Y-%m-%d}", started_at, done, state, videos_table(videos), lease)
 
 
 class _output_errors:
@@ -89,12 +90,12 @@ class _output_errors:
         return False
 
 
-def discover_inputs(cfg: JobConfig, storage: Storage) -> pa.Table:
+def discover_inputs(cfg: JobConfig, storage: Storage) -> list[dict[str, Any]]:
     try:
-        videos = discover(cfg.input, storage)
+        videos = list_videos(cfg.input, storage)
     except StorageError as e:
         raise ConfigError(f"input.uri: cannot list {cfg.input.uri} ({e.kind}: {e})") from None
-    if videos.num_rows == 0:
+    if not videos:
         raise ConfigError(f"input.uri: no videos with extensions {cfg.input.extensions} under {cfg.input.uri}")
     return videos
 
