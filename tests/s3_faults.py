@@ -94,7 +94,9 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             for name, value in answer.getheaders():
                 if name.lower() not in HOP_BY_HOP | {"content-length"}:
                     self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
+            # a HEAD has no body but announces the object's size: pass that through
+            size = answer.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", size or str(len(data)))
             if cut:
                 self.send_header("Connection", "close")
             self.end_headers()
