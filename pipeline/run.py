@@ -169,8 +169,16 @@ def _model_load_error(error: Exception) -> ModelLoadError | None:
     text = f"{type(error).__name__}: {error}"
     if "CaptionStage.__init__" in text or "creation task" in text or "ActorDiedError" in text:
         return ModelLoadError(f"the model could not be loaded by any actor (model.source, model.dtype, "
-                              f"model.attn_implementation): {text[-2000:]}")
+                              f"model.attn_implementation): {_tail_lines(text, 2000)}")
     return None
+
+
+def _tail_lines(text: str, max_chars: int) -> str:
+    """The last whole lines of `text` within `max_chars` (the cause is at the end of a traceback)."""
+    lines, kept = text.strip().splitlines(), []
+    while lines and sum(map(len, kept)) + len(lines[-1]) <= max_chars:
+        kept.insert(0, lines.pop())
+    return "\n".join(kept) or text[-max_chars:]
 
 
 # --- 7. summary -----------------------------------------------------------------------------

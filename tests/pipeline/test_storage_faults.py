@@ -98,6 +98,21 @@ def test_a_fifo_named_like_a_video_is_listed_and_refused_by_name(tmp_path, form)
     assert info.value.kind == "invalid"
 
 
+def test_a_fifo_becomes_an_error_row_naming_it_from_a_folder_and_a_manifest(tmp_path):
+    """Stage 2 never opens it (opening a FIFO blocks): the row says what the file is."""
+    from pipeline._inputs import discover
+    from pipeline._probe import probe_batch
+    from pipeline.config import InputConfig
+
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "list.jsonl").write_text('{"uri": "pipe.mp4"}\n')
+    for uri in (str(tmp_path), str(tmp_path / "list.jsonl")):
+        probed = probe_batch(discover(InputConfig(uri=uri), Storage()), storage=Storage(),
+                             cache_dir=str(tmp_path / "cache"), timeout_s=10).to_pylist()
+        assert [(r["status"], r["error"]) for r in probed] == [
+            ("error", f"{tmp_path / 'pipe.mp4'}: is a FIFO, not a regular file (invalid)")]
+
+
 def test_temporaries_of_a_crashed_writer_are_removed_and_files_move(tmp_path):
     storage = Storage()
     data = tmp_path / "data" / "job=x" / "run_date=2026-11-29"
