@@ -109,8 +109,10 @@ class Lease:
                         who = record.describe() if record else "an unreadable lease"
                         self.log(f"[lease] took over {self.uri} from {who}: its holder stopped renewing")
                 elif time.monotonic() >= deadline:
-                    raise LeaseHeld(f"{self.uri} is held by {record.describe()}; another run of this job is "
-                                    f"writing to this output. Wait for it, or raise run.lease_wait_s")
+                    expires_s = record.renewed_at + record.ttl_s - time.time()
+                    raise LeaseHeld(f"{self.uri} is held by {record.describe()}: another run of this job is "
+                                    f"writing to this output. If that run is dead, its lease expires in "
+                                    f"{max(expires_s, 0):.0f} s; wait for it with run.lease_wait_s")
             if self._etag:
                 self._start_renewing()
                 return
