@@ -53,7 +53,8 @@ class OutputError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _writing(uri: str) -> Iterator[None]:
+def writing(uri: str) -> Iterator[None]:
+    """StorageError while writing `uri` -> OutputError naming it (one line for the CLI)."""
     try:
         yield
     except StorageError as e:
@@ -183,7 +184,7 @@ class PartWriter:
         table = redact_text_columns(pa.concat_tables(self._buffer).cast(FILE_SCHEMA))
         self.before_write()
         is_error = pc.equal(table["status"], "error")
-        with _writing(self.partition_uri):
+        with writing(self.partition_uri):
             self._write(table.filter(pc.invert(is_error)), ".parquet")
             self._write(table.filter(is_error), ERRORS_SUFFIX)
         self._buffer, self._buffered_rows, self._first_buffered_at = [], 0, None
@@ -275,12 +276,12 @@ def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool) ->
 def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replace_all: bool,
                 log: Callable[[str], None] = print) -> list[str]:
     """Compact this run's files, then drop the older rows it replaces; returns this run's files."""
-    with _writing(writer.partition_uri):
+    with writing(writer.partition_uri):
         files = compact(storage, writer.files, writer.run_id, writer.partition_uri)
     drops = rows_to_drop(state.files, writer.written, replace_all)
     total = {f.uri: len(f.keys) for f in state.files}
     for seq, (uri, rows) in enumerate(sorted(drops.items())):
-        with _writing(uri):
+        with writing(uri):
             remove_rows(storage, uri, rows, total[uri], f"part-{writer.run_id}-r{seq:05d}")
     if drops:
         log(f"[write] replaced {sum(map(len, drops.values()))} older rows in {len(drops)} files")

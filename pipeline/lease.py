@@ -150,17 +150,8 @@ class Lease:
         while not self._stop.wait(self.ttl_s / 3) and not self._lost:
             try:
                 self.renew()
-            except StorageError as e:  # transient: the next tick tries again while the ttl lasts
+            except Exception as e:  # noqa: BLE001 - the next tick tries again while the ttl lasts
                 self.log(f"[lease] could not renew {self.uri}: {e}")
-
-
-@contextlib.contextmanager
-def held(lease: Lease, wait_s: float) -> Iterator[Lease]:
-    lease.acquire(wait_s)
-    try:
-        yield lease
-    finally:
-        lease.release()
 
 
 # --- conditional writes: S3 preconditions, or a flock'd local file ----------------------------
@@ -226,20 +217,17 @@ def delete_if_match(storage: Storage, uri: str, etag: str) -> None:
 def _conditional_put(storage: Storage, uri: str, put: Callable[[], Any]) -> str | None:
     import botocore.exceptions as bex
 
-    try:
-        with _translated(uri):
-            try:
-                return put()["ETag"]
-            except bex.ClientError as e:
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                code = e.response.get("Error", {}).get("Code")
-                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
-                    return None  # another writer won the race, or the object is gone
-                raise
-    except StorageError as e:
-        if e.kind == "missing":
-            return None
-        raise
+    with _translated(uri):
+        try:
+            return put()["ETag"]
+        except bex.ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code")
+            # 412: another writer won the race; 409: a concurrent conditional write; NoSuchKey: an
+            # If-Match on a lease that is gone. NoSuchBucket and the rest are real errors.
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return None
+            raise
 
 
 def _local_etag(data: bytes) -> str:

@@ -56,14 +56,13 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
     videos = discover_inputs(cfg, storage)  # 1
     started_at = dt.datetime.now(dt.timezone.utc)
     run_id = f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    with _output_errors(cfg):  # the resolved config is stored first: it also proves the output is writable
-        storage.write_bytes_atomic(f"{_write.run_dir_uri(cfg.output.uri, cfg.job, run_id)}/config.yaml",
-                                   to_yaml(cfg).encode())
     lease = Lease(storage, lease_uri(cfg.output.uri, cfg.job), run_id, cfg.run.lease_ttl_s, log)
-    with _output_errors(cfg):
+    with _output_errors(cfg):  # the first write: it also proves the output exists and is writable
         lease.acquire(cfg.run.lease_wait_s)
     try:
         with _output_errors(cfg):
+            storage.write_bytes_atomic(f"{_write.run_dir_uri(cfg.output.uri, cfg.job, run_id)}/config.yaml",
+                                       to_yaml(cfg).encode())
             state = _write.read_state(storage, cfg.output.uri, cfg.job, log)
     except BaseException:
         lease.release()

@@ -29,6 +29,7 @@ from pipeline._probe import probe_batch
 from pipeline._shard import settings_key, shard_batch
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
 from pipeline.config import JobConfig, to_yaml
+from pipeline.lease import LeaseLost
 from pipeline.preflight import Plan, prepare
 from pipeline.progress import Progress
 from pipeline.redact import redact
@@ -154,7 +155,7 @@ def write_rows(
                 stats.update(writer.add(batch))
                 progress.tick()
         except Exception as e:
-            if not isinstance(e, _write.OutputError):
+            if not isinstance(e, _write.OutputError | LeaseLost):
                 writer.flush()  # keep what finished; a re-run resumes from it
             raise _model_load_error(e) or e
         writer.flush()
@@ -194,5 +195,7 @@ def summarize(cfg: JobConfig, storage: Storage, plan: Plan, stats: RunStats, fil
         cluster_gpus=resources.get("GPU", 0.0), files=files, config_yaml=to_yaml(cfg),
     )
     summary = {k: redact(v) if isinstance(v, str) else v for k, v in summary.items()}  # error examples
-    write_summary(storage, _write.run_dir_uri(cfg.output.uri, cfg.job, plan.run_id), summary)
+    run_dir = _write.run_dir_uri(cfg.output.uri, cfg.job, plan.run_id)
+    with _write.writing(run_dir):
+        write_summary(storage, run_dir, summary)
     return summary
