@@ -67,7 +67,7 @@ def error_fraction(summary: dict[str, Any]) -> float:
 
     A resume that retries 5 failed keys of 44 and fails them again is at 5/44, not 5/5.
     """
-    rows = summary["rows_ok"] + summary["rows_error"] + summary["rows_skipped"] + summary["resumed_keys"]
+    rows = summary["rows_ok"] + summary["rows_error"] + summary["rows_skipped"] + summary["resumed_keys_skipped"]
     return summary["rows_error"] / rows if rows else 0.0
 
 

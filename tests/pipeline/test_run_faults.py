@@ -20,7 +20,7 @@ import pytest
 
 from pipeline._write import job_data_uri
 from pipeline.lease import LeaseHeld, lease_uri
-from pipeline.run import run
+from pipeline.run import error_fraction, run
 from pipeline.storage import Storage
 from tests.pipeline.test_run import FrameStatsStage, by_file, cli_env, make_video, offline, read_rows
 from tests.s3_faults import FaultProxy
@@ -187,3 +187,10 @@ def test_a_run_whose_videos_all_fail_exits_4_after_writing_every_row(tmp_path: P
     assert result.stderr.strip().splitlines()[-1] == ("too many errors: 2 error rows, 100% of the job's keys, above "
                                                       "run.max_error_fraction=0.5; every row was written")
     assert by_file(read_rows(tmp_path / "out")) == {"zero.mp4": {"error": 1}, "notes.mp4": {"error": 1}}
+
+
+def test_error_fraction_counts_the_keys_finished_before() -> None:
+    counts = {"rows_ok": 0, "rows_error": 5, "rows_skipped": 0}
+    assert error_fraction({**counts, "resumed_keys_skipped": 39}) == pytest.approx(5 / 44)  # a resume retrying errors
+    assert error_fraction({**counts, "resumed_keys_skipped": 0}) == 1.0
+    assert error_fraction({"rows_ok": 0, "rows_error": 0, "rows_skipped": 0, "resumed_keys_skipped": 0}) == 0.0
