@@ -154,6 +154,8 @@ def _classify(exc: BaseException) -> tuple[str, str] | None:
                   | bex.IncompleteReadError | RetriesExceededError | b3ex.RetriesExceededError
                   | b3ex.S3UploadFailedError | TimeoutError):
         return "transient", f"network error: {exc}"
+    if isinstance(exc, bex.BotoCoreError | bex.ParamValidationError):  # e.g. an invalid bucket name
+        return "invalid", str(exc).replace("\n", " ")
     if isinstance(exc, FileNotFoundError):
         return "missing", "does not exist"
     if isinstance(exc, PermissionError):
@@ -162,6 +164,8 @@ def _classify(exc: BaseException) -> tuple[str, str] | None:
         return _classify_arrow_message(str(exc))
     if type(exc).__name__ == "ArrowInvalid":
         return "invalid", f"not readable: {exc}"
+    if any(c.__name__ == "ArrowException" for c in type(exc).__mro__):  # any other pyarrow failure
+        return "invalid", f"{type(exc).__name__}: {exc}"
     return None
 
 

@@ -69,6 +69,14 @@ def test_read_timeout_fails_an_attempt_that_goes_silent(s3_server, objects):
         assert proxy.hits["raw/hang.mp4"] >= 2  # botocore retried the silent request
 
 
+def test_an_invalid_bucket_name_is_an_invalid_storage_error_not_a_crash(s3_server, tmp_path):
+    """A manifest may name anything: botocore refuses the name before sending (ParamValidationError)."""
+    storage = Storage(StorageOptions(endpoint_url=s3_server, max_attempts=1))
+    with pytest.raises(StorageError, match="Invalid bucket name") as info:
+        storage.local_copy("s3://Bad_Bucket!/a.mp4", str(tmp_path))
+    assert info.value.kind == "invalid" and info.value.uri == "s3://Bad_Bucket!/a.mp4"
+
+
 def test_credentials_in_the_endpoint_never_reach_a_message(s3_server, objects):
     host = s3_server.removeprefix("http://")
     storage = Storage(StorageOptions(endpoint_url=f"http://ana:{PASSWORD}@{host}", max_attempts=1))
