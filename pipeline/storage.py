@@ -56,6 +56,7 @@ ADDRESSING_STYLES = ("auto", "path", "virtual")
 MANIFEST_URI_COLUMNS = ("uri", "video", "path")  # first one present names the video
 COMPLETE_MARKER = ".v2drop-download-complete"  # written last by download_prefix
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_OTHER_SCHEME = re.compile(r"^(?!s3://|file://)[A-Za-z][A-Za-z0-9+.-]*://", re.I)  # gs://, abfs://, http://, ...
 _BACKOFF_BASE_S = 0.2
 _BACKOFF_CAP_S = 20.0
 
@@ -351,8 +352,9 @@ def _metadata_str(value: Any) -> str:
 
 
 def _resolve_video_uri(value: str, manifest_uri: str) -> str:
-    """Absolute paths and s3:// URIs as given; relative ones against the manifest's folder."""
-    if Storage.is_s3(value):
+    """Absolute paths and s3:// URIs as given; relative ones against the manifest's folder.
+    Another scheme (gs://) is kept as given, for local_copy to refuse by name in its row."""
+    if Storage.is_s3(value) or _OTHER_SCHEME.match(value):
         return value
     if Storage.is_s3(manifest_uri):
         if value.startswith("/"):
@@ -657,6 +659,8 @@ class Storage:
         is fetched again; a file lock plus tmp+rename mean concurrent processes download once
         and never see half a file.
         """
+        if _OTHER_SCHEME.match(uri):
+            raise StorageError(uri, f"{uri.split(':', 1)[0]}:// is not supported; use s3:// or a local path", "invalid")
         if not self.is_s3(uri):
             kind = _not_regular(_local_path(uri))
             if kind:

@@ -77,6 +77,16 @@ def test_an_invalid_bucket_name_is_an_invalid_storage_error_not_a_crash(s3_serve
     assert info.value.kind == "invalid" and info.value.uri == "s3://Bad_Bucket!/a.mp4"
 
 
+def test_a_manifest_entry_with_another_scheme_is_refused_by_name(tmp_path):
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text('{"uri": "gs://bucket/a.mp4"}\n')
+    storage = Storage()
+    [record] = storage.read_manifest(str(manifest))
+    assert record["uri"] == "gs://bucket/a.mp4"  # not a local file named gs:/bucket/a.mp4
+    with pytest.raises(StorageError, match=r"^gs://bucket/a.mp4: gs:// is not supported; use s3:// or a local path$"):
+        storage.local_copy(record["uri"], str(tmp_path / "cache"))
+
+
 def test_credentials_in_the_endpoint_never_reach_a_message(s3_server, objects):
     host = s3_server.removeprefix("http://")
     storage = Storage(StorageOptions(endpoint_url=f"http://ana:{PASSWORD}@{host}", max_attempts=1))

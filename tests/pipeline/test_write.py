@@ -1,6 +1,7 @@
 """pipeline._write without Ray: what a run finds, how its rows reach storage, what they replace.
 
-Rows are real FILE_SCHEMA tables written as real Parquet files in a local output folder.
+Rows are real FILE_SCHEMA tables written as real Parquet files in a local output folder, and
+once in a bucket of the test S3 server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline import _write
 from pipeline._write import FileKeys, OutputError, PartWriter, consolidate, read_state, rows_to_drop
 from pipeline.schema import FILE_SCHEMA
 from pipeline.storage import Storage
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 JOB = "caption"
 
@@ -207,3 +209,31 @@ def test_an_unwritable_output_is_an_output_error_naming_it(tmp_path: Path) -> No
     writer.add(rows(("k1", "ok")))
     with pytest.raises(OutputError, match=r"output.uri: cannot write .*/out/data/job=caption/run_date=2026-11-29"):
         writer.flush()
+
+
+def test_replacement_compaction_and_set_aside_on_s3(s3_server: str, s3_bucket: str) -> None:
+    """The same life on HTTP S3: no rename there, so moving aside is copy + delete, and every
+    file is one PUT."""
+    from pipeline.storage import StorageOptions
+
+    storage = Storage(StorageOptions(endpoint_url=s3_server))
+    out = f"s3://{s3_bucket}/out"
+    folder = f"{_write.job_data_uri(out, JOB)}/run_date=2026-11-28"
+    storage.write_parquet_atomic(rows(("k1", "ok"), ("k2", "ok")), f"{folder}/part-r1-00000.parquet")
+    storage.write_parquet_atomic(rows(("k1", "ok")), f"{folder}/part-r2-00000.parquet")  # k1 twice
+    storage.write_parquet_atomic(rows(("k3", "error")), f"{folder}/part-r2-00000-errors.parquet")
+    storage.write_bytes_atomic(f"{folder}/part-r2-00001.parquet", b"")  # a 0-byte part
+    logged: list[str] = []
+    state = read_state(storage, out, JOB, log=logged.append)
+    assert storage.exists(f"{_write.aside_uri(out, JOB)}/run_date=2026-11-28/part-r2-00001.parquet")
+    assert any("part-r2-00001.parquet is not a readable Parquet file" in line for line in logged)
+
+    writer = PartWriter(storage, f"{_write.job_data_uri(out, JOB)}/run_date=2026-11-29", "r3",
+                        _write.finished_keys(state), flush_rows=1)
+    writer.add(rows(("k3", "ok")))
+    writer.add(rows(("k4", "ok")))
+    writer.flush()
+    files = consolidate(storage, writer, state, replace_all=False)
+    table = storage.read_parquet(_write.job_data_uri(out, JOB), columns=["clip_id", "status"]).to_pydict()
+    assert sorted(zip(table["clip_id"], table["status"])) == [("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "ok")]
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-r3-c00000.parquet"]
