@@ -92,7 +92,9 @@ class StorageConfig:
     object_timeout_s: float = 600.0  # one object (all attempts together) gives up after this: error row
 
     def __post_init__(self) -> None:
-        _require_choice(self.addressing_style, "storage.addressing_style", ("auto", "path", "virtual"))
+        # Not echoed: a value typed into the wrong storage key may be a secret.
+        _require(self.addressing_style in ("auto", "path", "virtual"), "storage.addressing_style",
+                 "must be one of auto | path | virtual (the value given is not shown)")
         _require(self.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {self.max_attempts}")
         for name in ("connect_timeout_s", "read_timeout_s", "object_timeout_s"):
             _require(getattr(self, name) > 0, f"storage.{name}", f"must be > 0, got {getattr(self, name)}")
