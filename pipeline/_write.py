@@ -15,10 +15,11 @@ The life of a run's rows, all under the job's lease (`pipeline.lease`):
    each file written atomically (fsync + rename locally, one PUT on S3).
 3. `consolidate`, after every row of the run is written: this run's small files are compacted
    into files of up to ROWS_PER_FILE rows, then every older row whose key this run wrote again
-   (an earlier error, `resume=false`, a row `is_done` refuses) is removed, and keys that older
-   versions left duplicated keep one row. A file is rewritten by writing its replacement first
-   and deleting it second, so a crash at any point leaves every key readable at least once, and
-   the next run's step 3 leaves it exactly once.
+   (an earlier error, `resume=false`, a row `is_done` refuses) is removed, keys that older
+   versions left duplicated keep one row, and older small files of one folder (a killed run's
+   flushes) are merged. A file is rewritten by writing its replacement first and deleting it
+   second, so a crash at any point leaves every key readable at least once, and the next run's
+   step 3 leaves it exactly once.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pipeline.storage import Storage, StorageError
 
 ERRORS_SUFFIX = "-errors.parquet"
 ROWS_PER_FILE = 20_000  # compacted files hold up to this many rows: large enough for readers
+SMALL_FILE_ROWS = ROWS_PER_FILE // 4  # older files below this are merged with their neighbours
 DONE_STATUSES = ("ok", "skipped")
 # Columns `read_state` reads from every file: the key, and what `is_done` judges.
 STATE_COLUMNS = ("clip_id", "prompt", "status")
@@ -275,42 +277,61 @@ def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool) ->
 
 def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replace_all: bool,
                 log: Callable[[str], None] = print) -> list[str]:
-    """Compact this run's files, then drop the older rows it replaces; returns this run's files."""
-    with writing(writer.partition_uri):
-        files = compact(storage, writer.files, writer.run_id, writer.partition_uri)
+    """Compact this run's files, drop the older rows it replaces, merge older small files (those a
+    killed run left, one per flush); returns this run's files. Every change writes first."""
+    stem = f"{writer.partition_uri}/part-{writer.run_id}"
+    files = []
+    for suffix, group in _by_kind(writer.files).items():
+        with writing(writer.partition_uri):
+            files += rewrite(storage, group, {}, f"{stem}-c", suffix) if len(group) > 1 else group
     drops = rows_to_drop(state.files, writer.written, replace_all)
-    total = {f.uri: len(f.keys) for f in state.files}
-    for seq, (uri, rows) in enumerate(sorted(drops.items())):
-        with writing(uri):
-            remove_rows(storage, uri, rows, total[uri], f"part-{writer.run_id}-r{seq:05d}")
+    for n, (group, suffix) in enumerate(older_rewrites(state.files, drops)):
+        folder = posixpath.dirname(group[0])
+        with writing(folder):
+            rewrite(storage, group, drops, f"{folder}/part-{writer.run_id}-r{n:05d}-", suffix)
     if drops:
         log(f"[write] replaced {sum(map(len, drops.values()))} older rows in {len(drops)} files")
     return files
 
 
-def compact(storage: Storage, files: list[str], run_id: str, partition_uri: str) -> list[str]:
-    """This run's small files (one per flush) as files of up to ROWS_PER_FILE rows: new first."""
-    result = []
-    for suffix, group in ((ERRORS_SUFFIX, [f for f in files if f.endswith(ERRORS_SUFFIX)]),
-                          (".parquet", [f for f in files if not f.endswith(ERRORS_SUFFIX)])):
-        if len(group) <= 1:
-            result += group
-            continue
-        table = pa.concat_tables([storage.read_parquet(f) for f in group])
-        for n, start in enumerate(range(0, table.num_rows, ROWS_PER_FILE)):
-            uri = f"{partition_uri}/part-{run_id}-c{n:05d}{suffix}"
-            storage.write_parquet_atomic(table.slice(start, ROWS_PER_FILE), uri)
-            result.append(uri)
-        for f in group:
-            storage.delete(f)
-    return result
+def older_rewrites(files: list[FileKeys], drops: dict[str, list[int]]) -> list[tuple[list[str], str]]:
+    """(files, suffix) to rewrite as one: each file losing rows, merged with the other small files
+    (< SMALL_FILE_ROWS rows left) of its folder and kind, so killed runs' flushes do not pile up."""
+    left = {f.uri: len(f.keys) - len(drops.get(f.uri, [])) for f in files}
+    small: dict[tuple[str, str], list[str]] = {}
+    for f in files:
+        if 0 < left[f.uri] < SMALL_FILE_ROWS:
+            small.setdefault((posixpath.dirname(f.uri), _suffix(f.uri)), []).append(f.uri)
+    merged = [(group, suffix) for (_, suffix), group in sorted(small.items()) if len(group) > 1]
+    in_merge = {uri for group, _ in merged for uri in group}
+    return merged + [([uri], _suffix(uri)) for uri in sorted(drops) if uri not in in_merge]
 
 
-def remove_rows(storage: Storage, uri: str, rows: list[int], num_rows: int, new_stem: str) -> None:
-    """Rewrite `uri` without `rows` (beside it, under `new_stem`), then delete it."""
-    if len(rows) < num_rows:
+def rewrite(storage: Storage, sources: list[str], drops: dict[str, list[int]], stem: str, suffix: str) -> list[str]:
+    """`sources` without their `drops` rows as files `<stem>00000<suffix>`... of up to
+    ROWS_PER_FILE rows, written before the sources are deleted; returns the files written."""
+    tables = []
+    for uri in sources:
         table = storage.read_parquet(uri)
-        keep = pc.invert(pc.is_in(pa.array(range(table.num_rows)), pa.array(rows)))
-        suffix = ERRORS_SUFFIX if uri.endswith(ERRORS_SUFFIX) else ".parquet"
-        storage.write_parquet_atomic(table.filter(keep), f"{posixpath.dirname(uri)}/{new_stem}{suffix}")
-    storage.delete(uri)
+        if drops.get(uri):
+            table = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows)), pa.array(drops[uri]))))
+        tables.append(table)
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    written = []
+    for n, start in enumerate(range(0, table.num_rows if table is not None else 0, ROWS_PER_FILE)):
+        written.append(f"{stem}{n:05d}{suffix}")
+        storage.write_parquet_atomic(table.slice(start, ROWS_PER_FILE), written[-1])
+    for uri in sources:
+        storage.delete(uri)
+    return written
+
+
+def _suffix(uri: str) -> str:
+    return ERRORS_SUFFIX if uri.endswith(ERRORS_SUFFIX) else ".parquet"
+
+
+def _by_kind(files: list[str]) -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {}
+    for uri in files:
+        kinds.setdefault(_suffix(uri), []).append(uri)
+    return dict(sorted(kinds.items()))

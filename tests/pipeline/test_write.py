@@ -93,6 +93,26 @@ def test_a_resumed_run_replaces_error_rows_and_repairs_duplicates(tmp_path: Path
     assert not any(Path(f).exists() for f in writer.files[:2])  # the small files were compacted
 
 
+def test_small_files_a_killed_run_left_are_merged_by_the_next_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for n, key in enumerate(("k1", "k2", "k3")):  # one file per flush, then the kill
+        put(out, f"part-r1-0000{n}.parquet", rows((key, "ok")))
+    put(out, "part-r1-00000-errors.parquet", rows(("k4", "error")))
+    put(out, "part-r1-00001-errors.parquet", rows(("k5", "error")))
+    put(out, "part-r0-00000.parquet", rows(("k0", "ok")), run_date="2026-11-27")  # alone in its folder: kept
+    state = read_state(Storage(), str(out), JOB)
+    writer = writer_for(out, "r2", _write.finished_keys(state))
+    writer.add(rows(("k5", "ok")))
+    writer.flush()
+    consolidate(Storage(), writer, state, replace_all=False)
+    assert all_rows(out) == [("k0", "ok"), ("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "error"), ("k5", "ok")]
+    by_folder = {p.parent.name: sorted(q.name for q in p.parent.glob("*.parquet")) for p in (out / "data").rglob("*.parquet")}
+    assert by_folder == {"run_date=2026-11-27": ["part-r0-00000.parquet"],
+                         # the three ok files merged; k5's error row replaced, so k4's file is left alone
+                         "run_date=2026-11-28": ["part-r1-00000-errors.parquet", "part-r2-r00000-00000.parquet"],
+                         "run_date=2026-11-29": ["part-r2-00000.parquet"]}
+
+
 def test_resume_false_keeps_every_old_row_until_the_new_rows_are_written(tmp_path: Path) -> None:
     out = tmp_path / "out"
     old = put(out, "part-r1-00000.parquet", rows(("k1", "ok"), ("k2", "ok"), ("gone", "ok")))
