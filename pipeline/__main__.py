@@ -6,9 +6,10 @@ Exit codes (docs/architecture.md, "Exit codes"); every non-zero one prints one l
     1  an unexpected failure (a bug): the traceback is printed
     2  invalid configuration or unusable input/output/model source, found before Ray starts
     3  no actor could load the model
-    4  finished and wrote every row, but more than run.max_error_fraction of them are errors
-    5  another run of this job holds the output's lease (named); nothing was done
-    6  the output stopped accepting writes mid-run, or this run lost its lease; what was
+    4  (kept for the shadow quality guard of quality.enforce, on main)
+    5  finished and wrote every row, but more than run.max_error_fraction of them are errors
+    6  another run of this job holds the output's lease (named); nothing was done
+    7  the output stopped accepting writes mid-run, or this run lost its lease; what was
        written stays and a re-run resumes from it
 
     python -m pipeline jobs/caption.yaml preset=offline input.uri=/data/videos
@@ -30,7 +31,7 @@ from pipeline.config import ConfigError, JobConfig, load_job, to_yaml, with_abso
 from pipeline.redact import redact
 
 USAGE = "usage: python -m pipeline JOB.yaml [key=value ...]   e.g. preset=offline model.retention=0.5"
-EXIT_OK, EXIT_CONFIG, EXIT_MODEL, EXIT_TOO_MANY_ERRORS, EXIT_BUSY, EXIT_OUTPUT = 0, 2, 3, 4, 5, 6
+EXIT_OK, EXIT_CONFIG, EXIT_MODEL, EXIT_TOO_MANY_ERRORS, EXIT_BUSY, EXIT_OUTPUT = 0, 2, 3, 5, 6, 7
 LOCAL_ONLY_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
 
 

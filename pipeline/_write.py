@@ -10,12 +10,12 @@ The life of a run's rows, all under the job's lease (`pipeline.lease`):
 
 1. `read_state`: list the job's files; remove temporaries a crash left; move unreadable files
    aside (their keys are then simply not done); read each file's keys. `finished_keys` is what
-   this run skips: the keys with a row that `is_done` accepts.
+   this run skips: the keys with a row that the `DoneRule` accepts.
 2. `PartWriter`: rows reach storage at least every `run.flush_interval_s` or `run.flush_rows`,
    each file written atomically (fsync + rename locally, one PUT on S3).
 3. `consolidate`, after every row of the run is written: this run's small files are compacted
    into files of up to ROWS_PER_FILE rows, then every older row whose key this run wrote again
-   (an earlier error, `resume=false`, a row `is_done` refuses) is removed, keys that older
+   (an earlier error, `resume=false`, a row the `DoneRule` refuses) is removed, keys that older
    versions left duplicated keep one row, and older small files of one folder (a killed run's
    flushes) are merged. A file is rewritten by writing its replacement first and deleting it
    second, so a crash at any point leaves every key readable at least once, and the next run's
@@ -43,15 +43,14 @@ ERRORS_SUFFIX = "-errors.parquet"
 ROWS_PER_FILE = 20_000  # compacted files hold up to this many rows: large enough for readers
 SMALL_FILE_ROWS = ROWS_PER_FILE // 4  # older files below this are merged with their neighbours
 DONE_STATUSES = ("ok", "skipped")
-# Columns `read_state` reads from every file: the key, and what `is_done` judges.
-STATE_COLUMNS = ("clip_id", "prompt", "status")
+KEY_COLUMNS = ("clip_id", "prompt")
 REDACTED_COLUMNS = ("error", "partial_reason")  # free text that may quote a URL or an SDK message
 
 Key = tuple[str, str]
 
 
 class OutputError(RuntimeError):
-    """The output stopped accepting writes mid-run (CLI exit code 6); what was written stays."""
+    """The output stopped accepting writes mid-run (CLI exit code 7); what was written stays."""
 
 
 @contextlib.contextmanager
@@ -64,13 +63,19 @@ def writing(uri: str) -> Iterator[None]:
                           "before stay, and a re-run resumes from them") from None
 
 
-def is_done(table: pa.Table) -> pa.ChunkedArray:
-    """Which rows (of STATE_COLUMNS) count as finished, so a resumed run skips their keys.
+@dataclass(frozen=True)
+class DoneRule:
+    """Which rows count as finished, so a resumed run skips their keys and keeps their rows.
 
-    The one place that decides it: a provenance filter (e.g. the current engine fingerprint)
-    adds its column to STATE_COLUMNS and one more condition here.
+    The one place that decides it. A provenance filter (e.g. "ok rows only with this run's
+    engine fingerprint") is a subclass that adds its column to `columns` and a condition to
+    `__call__`; a file written before that column existed reads it as null.
     """
-    return pc.is_in(table["status"], pa.array(DONE_STATUSES))
+
+    columns: tuple[str, ...] = ("status",)  # read from every file, besides the key
+
+    def __call__(self, table: pa.Table) -> pa.ChunkedArray:
+        return pc.is_in(table["status"], pa.array(DONE_STATUSES))
 
 
 def job_data_uri(output_uri: str, job: str) -> str:
@@ -94,7 +99,7 @@ class FileKeys:
 
     uri: str
     keys: list[Key]
-    done: list[bool]  # is_done per row
+    done: list[bool]  # DoneRule per row
 
 
 @dataclass
@@ -104,7 +109,8 @@ class OutputState:
     temps_removed: list[str] = field(default_factory=list)
 
 
-def read_state(storage: Storage, output_uri: str, job: str, log: Callable[[str], None] = print) -> OutputState:
+def read_state(storage: Storage, output_uri: str, job: str, log: Callable[[str], None] = print,
+               rule: DoneRule = DoneRule()) -> OutputState:
     """The job's files and their keys; temporaries removed, unreadable files moved aside (named)."""
     data_uri = job_data_uri(output_uri, job)
     state = OutputState([], temps_removed=storage.remove_temporaries(data_uri))
@@ -112,7 +118,7 @@ def read_state(storage: Storage, output_uri: str, job: str, log: Callable[[str],
         log(f"[resume] removed {uri}, a temporary file a crashed writer left")
     for uri in storage.list_files(data_uri, suffix=".parquet"):
         try:
-            table = storage.read_parquet(uri, columns=list(STATE_COLUMNS))
+            table = storage.read_parquet(uri, columns=[*KEY_COLUMNS, *rule.columns], absent_as_null=True)
         except StorageError as e:
             if e.kind != "invalid":
                 raise
@@ -123,12 +129,12 @@ def read_state(storage: Storage, output_uri: str, job: str, log: Callable[[str],
                 "the keys it held are run again")
             continue
         keys = [key(c, p) for c, p in zip(table["clip_id"].to_pylist(), table["prompt"].to_pylist())]
-        state.files.append(FileKeys(uri, keys, is_done(table).to_pylist()))
+        state.files.append(FileKeys(uri, keys, rule(table).to_pylist()))
     return state
 
 
 def finished_keys(state: OutputState) -> set[Key]:
-    """Keys with a finished row (`is_done`): what a resumed run skips."""
+    """Keys with a finished row (`DoneRule`): what a resumed run skips."""
     return {k for f in state.files for k, done in zip(f.keys, f.done) if done}
 
 

@@ -206,12 +206,12 @@ class RunConfig:
     resume: bool = True
     ray_address: Optional[str] = None  # None: the cluster `ray job submit` runs in, else a new local Ray
     gpu_hourly_usd: float = 3.0  # for cost per video-hour in the summary
-    # More error rows than this fraction of the job's keys: exit code 4 after writing everything.
+    # More error rows than this fraction of the job's keys: exit code 5 after writing everything.
     max_error_fraction: float = 0.5
     flush_interval_s: float = 30.0  # finished rows reach storage within this long (bounded loss on a crash)
     flush_rows: int = 2000  # ... or as soon as this many are buffered
     lease_ttl_s: float = 120.0  # one writer per (output, job): a lease not renewed this long is taken over
-    lease_wait_s: float = 0.0  # a run finding the lease held waits this long for it, then exits 5
+    lease_wait_s: float = 0.0  # a run finding the lease held waits this long for it, then exits 6
 
     def __post_init__(self) -> None:
         _require(self.gpu_hourly_usd >= 0, "run.gpu_hourly_usd", f"must be >= 0, got {self.gpu_hourly_usd}")

@@ -2,7 +2,7 @@
 
 Why: two runs of one job into one output both read the same finished keys, both run every
 missing key and both write it: every key twice. The lease makes the second run wait
-(`run.lease_wait_s`) and then refuse (exit 5) with a message naming the holder.
+(`run.lease_wait_s`) and then refuse (exit 6) with a message naming the holder.
 
 The lease is a small JSON object at ``<output>/runs/job=<job>/lease.json``::
 
@@ -42,11 +42,11 @@ _POLL_S = 1.0  # how often a waiting run looks at the lease again
 
 
 class LeaseHeld(Exception):
-    """Another live run holds the lease (CLI exit code 5)."""
+    """Another live run holds the lease (CLI exit code 6)."""
 
 
 class LeaseLost(Exception):
-    """This run's lease expired and was taken, or vanished: it must stop writing (exit code 6)."""
+    """This run's lease expired and was taken, or vanished: it must stop writing (exit code 7)."""
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,11 @@ class Plan:
         self.lease.release()
 
 
-def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print) -> Plan:
+def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print,
+            rule: _write.DoneRule = _write.DoneRule()) -> Plan:
     """All checks, the lease, the resume state and the list of videos; raises ConfigError (exit 2)
-    naming the key, or lease.LeaseHeld (exit 5) naming the run that holds the output."""
+    naming the key, or lease.LeaseHeld (exit 6) naming the run that holds the output.
+    `rule` decides which rows are finished (`_write.DoneRule`)."""
     check_local_input(cfg)
     check_model_source(cfg, storage)
     videos = discover_inputs(cfg, storage)  # 1
@@ -63,7 +65,7 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
         with _output_errors(cfg):
             storage.write_bytes_atomic(f"{_write.run_dir_uri(cfg.output.uri, cfg.job, run_id)}/config.yaml",
                                        to_yaml(cfg).encode())
-            state = _write.read_state(storage, cfg.output.uri, cfg.job, log)
+            state = _write.read_state(storage, cfg.output.uri, cfg.job, log, rule)
     except BaseException:
         lease.release()
         raise

@@ -748,12 +748,14 @@ class Storage:
             handle.flush()
             os.fsync(handle.fileno())  # else a crash after the rename can leave a 0-byte part file
 
-    def read_parquet(self, uri_or_prefix: str, columns: Sequence[str] | None = None) -> pyarrow.Table:
+    def read_parquet(self, uri_or_prefix: str, columns: Sequence[str] | None = None,
+                     absent_as_null: bool = False) -> pyarrow.Table:
         """One .parquet file, or every .parquet under a folder/prefix concatenated.
 
         Files are read one by one, so Hive folder names (job=x/run_date=y) add no columns. With
         columns=None schemas are unified (a column absent from one file is null there); a
-        requested column absent from a file raises kind=invalid naming it. A folder or prefix
+        requested column absent from a file raises kind=invalid naming it, or reads as nulls
+        with `absent_as_null` (files written before the column existed). A folder or prefix
         with no files gives an empty table of the requested columns (null type); a missing
         .parquet file raises kind=missing.
         """
@@ -765,17 +767,22 @@ class Storage:
             files = self.list_files(uri_or_prefix, suffix=".parquet")
         if not files:
             return pa.table({c: pa.array([], pa.null()) for c in columns or []})
-        tables = [self._read_parquet_file(f, columns) for f in files]
+        tables = [self._read_parquet_file(f, columns, absent_as_null) for f in files]
         return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
-    def _read_parquet_file(self, uri: str, columns: Sequence[str] | None) -> pyarrow.Table:
+    def _read_parquet_file(self, uri: str, columns: Sequence[str] | None,
+                           absent_as_null: bool = False) -> pyarrow.Table:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         filesystem, path = self.arrow_filesystem(uri)
         with _translated(uri), filesystem.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)
-            absent = sorted(set(columns or []) - set(parquet.schema_arrow.names))
-            if absent:
-                raise StorageError(uri, f"no column(s) {absent}; has {parquet.schema_arrow.names}",
-                                   "invalid")
-            return parquet.read(columns=list(columns) if columns is not None else None)
+            names = parquet.schema_arrow.names
+            absent = sorted(set(columns or []) - set(names))
+            if absent and not absent_as_null:
+                raise StorageError(uri, f"no column(s) {absent}; has {names}", "invalid")
+            table = parquet.read(columns=[c for c in columns if c in names] if columns is not None else None)
+        for name in absent:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        return table.select(list(columns)) if columns is not None else table

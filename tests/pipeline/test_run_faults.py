@@ -174,7 +174,7 @@ def test_s3_objects_that_break_or_hang_become_error_rows_and_no_password_leaves(
 
 
 @pytest.mark.slow
-def test_a_run_whose_videos_all_fail_exits_4_after_writing_every_row(tmp_path: Path) -> None:
+def test_a_run_whose_videos_all_fail_exits_5_after_writing_every_row(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "zero.mp4").write_bytes(b"")
@@ -183,7 +183,7 @@ def test_a_run_whose_videos_all_fail_exits_4_after_writing_every_row(tmp_path: P
                              f"input.uri={folder}", f"output.uri={tmp_path / 'out'}"],
                             cwd=tmp_path, env={**cli_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 4, result.stderr[-3000:]
+    assert result.returncode == 5, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == ("too many errors: 2 error rows, 100% of the job's keys, above "
                                                       "run.max_error_fraction=0.5; every row was written")
     assert by_file(read_rows(tmp_path / "out")) == {"zero.mp4": {"error": 1}, "notes.mp4": {"error": 1}}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -257,3 +259,30 @@ def test_replacement_compaction_and_set_aside_on_s3(s3_server: str, s3_bucket: s
     table = storage.read_parquet(_write.job_data_uri(out, JOB), columns=["clip_id", "status"]).to_pydict()
     assert sorted(zip(table["clip_id"], table["status"])) == [("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "ok")]
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-r3-c00000.parquet"]
+
+
+@dataclass(frozen=True)
+class EngineBOnly(_write.DoneRule):
+    """A provenance rule of the kind issue 8 plugs in: ok rows count only from engine 'B'."""
+
+    columns: tuple[str, ...] = ("status", "engine")
+
+    def __call__(self, table: pa.Table) -> pa.ChunkedArray:
+        return pc.fill_null(pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["engine"], "B")), False)
+
+
+def test_a_done_rule_with_a_new_column_reads_older_files_as_null_and_their_keys_are_redone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    put(out, "part-r1-00000.parquet", rows(("k1", "ok")))  # written before the column existed
+    with_b = rows(("k2", "ok"))
+    put(out, "part-r2-00000.parquet", with_b.append_column("engine", pa.array(["B"])))
+    logged: list[str] = []
+    state = read_state(Storage(), str(out), JOB, log=logged.append, rule=EngineBOnly())
+    assert len(state.files) == 2 and not state.set_aside and not logged  # an old file is not "unreadable"
+    assert _write.finished_keys(state) == {("k2", "p")}
+    writer = writer_for(out, "r3", _write.finished_keys(state))
+    writer.add(rows(("k1", "ok")))
+    writer.flush()
+    consolidate(Storage(), writer, state, replace_all=False)
+    assert all_rows(out) == [("k1", "ok"), ("k2", "ok")]
+    assert not (out / "data" / f"job={JOB}" / "run_date=2026-11-28" / "part-r1-00000.parquet").exists()
