@@ -48,11 +48,18 @@ class Plan:
         self.lease.release()
 
 
+def default_rule(cfg: JobConfig) -> _write.DoneRule:
+    return _write.DoneRule()
+
+
 def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print,
-            rule: _write.DoneRule = _write.DoneRule()) -> Plan:
+            rule_for: Callable[[JobConfig], _write.DoneRule] = default_rule) -> Plan:
     """All checks, the lease, the resume state and the list of videos; raises ConfigError (exit 2)
     naming the key, or lease.LeaseHeld (exit 6) naming the run that holds the output.
-    `rule` decides which rows are finished (`_write.DoneRule`)."""
+
+    `rule_for(cfg)` says which rows are finished (`_write.DoneRule`); it is called only after
+    every check passed, so a rule that needs heavy imports (an engine fingerprint) does not slow
+    down a job that fails its checks."""
     check_local_input(cfg)
     check_model_source(cfg, storage)
     videos = discover_inputs(cfg, storage)  # 1
@@ -65,7 +72,7 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
         with _output_errors(cfg):
             storage.write_bytes_atomic(f"{_write.run_dir_uri(cfg.output.uri, cfg.job, run_id)}/config.yaml",
                                        to_yaml(cfg).encode())
-            state = _write.read_state(storage, cfg.output.uri, cfg.job, log, rule)
+            state = _write.read_state(storage, cfg.output.uri, cfg.job, log, rule_for(cfg))
     except BaseException:
         lease.release()
         raise
