@@ -1,9 +1,17 @@
 """CLI: ``python -m pipeline JOB.yaml [key=value ...]`` (also what a job file's shebang runs).
 
-Exit codes: 0 the run finished (bad videos are rows with status 'error', not failures);
-2 invalid configuration or unusable input/output; 3 no actor could load the model;
-4 the shadow quality guard failed (agreement below quality.min_agreement with quality.enforce),
-after everything was written.
+Exit codes (docs/architecture.md, "Exit codes"); every non-zero one prints one line to stderr:
+
+    0  finished; error rows at most run.max_error_fraction of the job's keys
+    1  an unexpected failure (a bug): the traceback is printed
+    2  invalid configuration or unusable input/output/model source, found before Ray starts
+    3  no actor could load the model
+    4  finished and wrote every row, but the shadow quality guard failed (agreement below
+       quality.min_agreement with quality.enforce=true)
+    5  finished and wrote every row, but more than run.max_error_fraction of them are errors
+    6  another run of this job holds the output's lease (named); nothing was done
+    7  the output stopped accepting writes mid-run, or this run lost its lease; what was
+       written stays and a re-run resumes from it
 
     python -m pipeline jobs/caption.yaml preset=offline input.uri=/data/videos
     ./jobs/caption.yaml preset=offline                                   # the shebang form
@@ -20,10 +28,11 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.config import ConfigError, JobConfig, check_local_input, load_job, to_yaml, with_absolute_paths
+from pipeline.config import ConfigError, JobConfig, load_job, to_yaml, with_absolute_paths
+from pipeline.redact import redact
 
 USAGE = "usage: python -m pipeline JOB.yaml [key=value ...]   e.g. preset=offline model.retention=0.5"
-EXIT_CONFIG, EXIT_MODEL, EXIT_QUALITY = 2, 3, 4
+EXIT_OK, EXIT_CONFIG, EXIT_MODEL, EXIT_QUALITY, EXIT_TOO_MANY_ERRORS, EXIT_BUSY, EXIT_OUTPUT = 0, 2, 3, 4, 5, 6, 7
 LOCAL_ONLY_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
 
 
@@ -34,31 +43,54 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else EXIT_CONFIG
     try:
         cfg = with_absolute_paths(load_job(args[0], args[1:]))
-        check_local_input(cfg)  # before any cluster work
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(EXIT_CONFIG, "config error", e)
     _warn_if_in_ray_working_dir(cfg)
     print(f"resolved config ({args[0]}):\n{to_yaml(cfg)}", flush=True)
     return _run(cfg)
 
 
 def _run(cfg: JobConfig) -> int:
-    from pipeline.run import ModelLoadError, run
+    from pipeline.lease import LeaseHeld, LeaseLost
+    from pipeline.preflight import prepare
+    from pipeline.storage import Storage
 
-    connect_ray(cfg.run.ray_address)
-    try:
-        summary = run(cfg)
+    try:  # stage 0-1 before Ray: a bad job fails in about a second, without a cluster
+        plan = prepare(cfg, Storage.from_config(cfg.storage), log=lambda text: print(redact(text), flush=True))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(EXIT_CONFIG, "config error", e)
+    except LeaseHeld as e:
+        return _fail(EXIT_BUSY, "output busy", e)
+    try:
+        connect_ray(cfg.run.ray_address)
+        from pipeline._write import OutputError
+        from pipeline.run import ModelLoadError, error_fraction, run
+
+        summary = run(cfg, plan=plan)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, "config error", e)
     except ModelLoadError as e:
-        print(f"model error: {e}", file=sys.stderr)
-        return EXIT_MODEL
+        return _fail(EXIT_MODEL, "model error", e)
+    except (OutputError, LeaseLost) as e:
+        return _fail(EXIT_OUTPUT, "output error", e)
+    finally:
+        plan.release()  # run() releases it too; a second release is a no-op
     if summary["quality"]["verdict"] == "fail":  # pipeline._quality; the rows are already written
-        print("quality error: shadow agreement below quality.min_agreement (quality.enforce=true)", file=sys.stderr)
-        return EXIT_QUALITY
-    return 0
+        return _fail(EXIT_QUALITY, "quality error", "shadow agreement below quality.min_agreement "
+                     "(quality.enforce=true); every row was written")
+    fraction = error_fraction(summary)
+    if fraction > cfg.run.max_error_fraction:
+        return _fail(EXIT_TOO_MANY_ERRORS, "too many errors",
+                     f"{summary['rows_error']} error rows, {fraction:.0%} of the job's keys, above "
+                     f"run.max_error_fraction={cfg.run.max_error_fraction:g}; every row was written")
+    return EXIT_OK
+
+
+def _fail(code: int, what: str, error: object) -> int:
+    """One line on stderr, credentials removed, and the exit code."""
+    text = " ".join(str(error).split())
+    print(redact(f"{what}: {text}"), file=sys.stderr, flush=True)
+    return code
 
 
 def connect_ray(address: str | None) -> None:

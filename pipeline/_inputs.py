@@ -23,12 +23,21 @@ VIDEO_SCHEMA = pa.schema(
 
 def discover(cfg: InputConfig, storage: Storage) -> pa.Table:
     """Sorted, de-duplicated videos of the input, at most `cfg.limit` of them."""
+    return videos_table(list_videos(cfg, storage))
+
+
+def list_videos(cfg: InputConfig, storage: Storage) -> list[dict[str, Any]]:
+    """The rows of `discover` as dicts: cheap to check for emptiness before pyarrow builds a table
+    (building the first table imports pandas, a second or more of a preflight that should fail fast)."""
     records = storage.read_manifest(cfg.uri) if cfg.is_manifest else [{"uri": u} for u in storage.list_videos(cfg.uri, cfg.extensions)]
     rows = {}
     for record in records:
         rows.setdefault(record["uri"], video_row(record))  # a repeated uri would repeat its keys
-    ordered = [rows[uri] for uri in sorted(rows)]
-    return to_table(ordered[: cfg.limit], VIDEO_SCHEMA)
+    return [rows[uri] for uri in sorted(rows)][: cfg.limit]
+
+
+def videos_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return to_table(rows, VIDEO_SCHEMA)
 
 
 def video_row(record: dict[str, Any]) -> dict[str, Any]:

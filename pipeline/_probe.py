@@ -2,7 +2,8 @@
 
 Columns in: VIDEO_SCHEMA (video_uri, questions, metadata_json).
 Columns out (`PROBED_SCHEMA`): those plus duration_s, status ('ok' | 'error'), error, error_stage.
-A missing, empty or unreadable file becomes an error row naming it (error_stage 'probe').
+A missing, empty or unreadable file, or one that is no regular file (a FIFO, a device: never
+opened, since opening a FIFO blocks), becomes an error row naming it (error_stage 'probe').
 """
 
 from __future__ import annotations

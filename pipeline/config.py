@@ -11,6 +11,8 @@ is allowed, e.g. ``model.retention: must be in (0, 1], got 1.5``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,7 +22,13 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from pipeline.redact import SECRET_KEY, redact, scrub_secrets
+
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+# URI schemes the storage layer reads and writes; anything else (gs://, abfs://, hdfs://) is
+# refused by name instead of being taken for a local folder called "gs:".
+SUPPORTED_SCHEMES = ("s3", "file")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class ConfigError(ValueError):
@@ -36,6 +44,18 @@ def _require_choice(value: Any, key: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, key, f"must be one of {' | '.join(allowed)}, got {value!r}")
 
 
+def uri_scheme(uri: str) -> str:
+    """'s3://b/k' -> 's3', 'GS://b' -> 'gs', '/data' and 'tiny:qwen2_5_vl' -> ''."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+def _require_supported_scheme(uri: str, key: str, allowed: tuple[str, ...] = SUPPORTED_SCHEMES) -> None:
+    scheme = uri_scheme(uri)
+    _require(not scheme or scheme in allowed, key,
+             f"{scheme}:// is not supported; give a local path or {' | '.join(s + '://' for s in allowed)}, got {redact(uri)}")
+
+
 @dataclass
 class InputConfig:
     uri: str = "../shared/videos"  # folder, glob, s3://bucket/prefix, or manifest (.csv/.jsonl/.parquet)
@@ -44,6 +64,7 @@ class InputConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.uri), "input.uri", "must name a folder, glob, s3:// prefix or manifest")
+        _require_supported_scheme(self.uri, "input.uri")
         _require(self.limit is None or self.limit >= 1, "input.limit", f"must be >= 1 or null, got {self.limit}")
 
     @property
@@ -57,6 +78,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.uri), "output.uri", "must name a local folder or s3://bucket/prefix")
+        _require_supported_scheme(self.uri, "output.uri")
 
 
 @dataclass
@@ -65,10 +87,17 @@ class StorageConfig:
     region: Optional[str] = None
     addressing_style: str = "auto"  # auto | path | virtual
     max_attempts: int = 8  # retries with backoff on throttling/transient errors
+    connect_timeout_s: float = 10.0  # per connection attempt
+    read_timeout_s: float = 60.0  # per socket read: a server that goes silent this long is retried
+    object_timeout_s: float = 600.0  # one object (all attempts together) gives up after this: error row
 
     def __post_init__(self) -> None:
-        _require_choice(self.addressing_style, "storage.addressing_style", ("auto", "path", "virtual"))
+        # Not echoed: a value typed into the wrong storage key may be a secret.
+        _require(self.addressing_style in ("auto", "path", "virtual"), "storage.addressing_style",
+                 "must be one of auto | path | virtual (the value given is not shown)")
         _require(self.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {self.max_attempts}")
+        for name in ("connect_timeout_s", "read_timeout_s", "object_timeout_s"):
+            _require(getattr(self, name) > 0, f"storage.{name}", f"must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -122,6 +151,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "model.source", "must be a hub id, local path, s3:// prefix or tiny:<family>")
+        _require_supported_scheme(self.source, "model.source", ("s3",))
+        _require_supported_scheme(self.cache_dir or "", "model.cache_dir", ("file",))
         _require_choice(self.dtype, "model.dtype", ("bfloat16", "float16", "float32"))
         _require_choice(self.attn_implementation, "model.attn_implementation", ("flash_attention_2", "sdpa", "eager"))
         _require(0 < self.retention <= 1, "model.retention", f"must be in (0, 1] (1.0 = no dropping), got {self.retention}")
@@ -195,9 +226,21 @@ class RunConfig:
     resume: bool = True
     ray_address: Optional[str] = None  # None: the cluster `ray job submit` runs in, else a new local Ray
     gpu_hourly_usd: float = 3.0  # for cost per video-hour in the summary
+    # More error rows than this fraction of the job's keys: exit code 5 after writing everything.
+    max_error_fraction: float = 0.5
+    flush_interval_s: float = 30.0  # finished rows reach storage within this long (bounded loss on a crash)
+    flush_rows: int = 2000  # ... or as soon as this many are buffered
+    lease_ttl_s: float = 120.0  # one writer per (output, job): a lease not renewed this long is taken over
+    lease_wait_s: float = 0.0  # a run finding the lease held waits this long for it, then exits 6
 
     def __post_init__(self) -> None:
         _require(self.gpu_hourly_usd >= 0, "run.gpu_hourly_usd", f"must be >= 0, got {self.gpu_hourly_usd}")
+        _require(0 <= self.max_error_fraction <= 1, "run.max_error_fraction",
+                 f"must be in [0, 1], got {self.max_error_fraction}")
+        _require(self.flush_interval_s > 0, "run.flush_interval_s", f"must be > 0, got {self.flush_interval_s}")
+        _require(self.flush_rows >= 1, "run.flush_rows", f"must be >= 1, got {self.flush_rows}")
+        _require(self.lease_ttl_s >= 1, "run.lease_ttl_s", f"must be >= 1, got {self.lease_ttl_s}")
+        _require(self.lease_wait_s >= 0, "run.lease_wait_s", f"must be >= 0, got {self.lease_wait_s}")
 
 
 @dataclass
@@ -217,6 +260,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        _require_finite_numbers(self)
         # The job name becomes a Hive partition value and a path segment.
         _require(
             re.fullmatch(r"[A-Za-z0-9_.-]+", self.job or "") is not None,
@@ -229,6 +273,18 @@ class JobConfig:
             "prompt.questions",
             "task qa needs at least one question (set prompt.questions or give a manifest with a questions column)",
         )
+
+
+def _require_finite_numbers(cfg: JobConfig) -> None:
+    """inf and nan pass every range check written as `x > 0`; refuse them once, for every key."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            _require(not isinstance(value, float) or math.isfinite(value), f"{section.name}.{item.name}",
+                     f"must be a finite number, got {value}")
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -281,9 +337,11 @@ def _load_yaml(path: Path, what: str) -> Any:
 
 
 def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
-    for item in overrides:
+    for position, item in enumerate(overrides, 1):
         if "=" not in item:
-            raise ConfigError(f"{item}: command-line overrides are dotted key=value, e.g. model.retention=0.5")
+            # A bare word may be a pasted secret: echo it only when it looks like a key.
+            shown = item if re.fullmatch(r"[A-Za-z_][\w.]*", item) and not SECRET_KEY.search(item) else f"argument {position}"
+            raise ConfigError(f"{shown}: command-line overrides are dotted key=value, e.g. model.retention=0.5")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
@@ -295,9 +353,16 @@ def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or "config"
     if isinstance(e, ConfigKeyError):
         return f"{key}: unknown key; valid keys here are: {', '.join(_valid_keys(key))}"
-    reason = str(e).splitlines()[0]
+    reason = redact(str(e).splitlines()[0])
+    if _may_hold_secret(key):  # the wrong-type value may be a secret typed into the wrong key
+        reason = "value of the wrong type (not shown: this key's section may hold secrets)"
     expected = _expected_type(key)
     return f"{key}: {reason}" + (f" (expected {expected})" if expected else "")
+
+
+def _may_hold_secret(dotted_key: str) -> bool:
+    """Keys of the storage section (endpoints, credentials by mistake) and secret-looking names."""
+    return dotted_key.split(".")[0] in ("storage", "config") or bool(SECRET_KEY.search(dotted_key))
 
 
 def _section_of(dotted_key: str) -> Any:
@@ -368,21 +433,6 @@ def _glob_folder(uri: str) -> str:
     """'/data/*/a.mp4' -> '/data'; a path without wildcards is returned unchanged."""
     wildcard = re.search(r"[*?\[]", uri)
     return os.path.dirname(uri[: wildcard.start()]) or "." if wildcard else uri
-
-
-_SECRET_KEY = re.compile(r"(secret|password|passwd|credential|key_id|access_key|(^|_)token($|_)|api_key)", re.I)
-_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def scrub_secrets(value: Any) -> Any:
-    """Copy of a plain config tree with secret-looking keys and URI user:pass@ removed."""
-    if isinstance(value, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and v is not None else scrub_secrets(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub_secrets(v) for v in value]
-    if isinstance(value, str):
-        return _URI_USERINFO.sub("***@", value)
-    return value
 
 
 def to_dict(cfg: JobConfig) -> dict[str, Any]:

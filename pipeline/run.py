@@ -1,12 +1,12 @@
 """`run(cfg)`: the whole job as numbered stages on Ray Data. Start here.
 
-    0. preflight  driver   output writable, finished keys read back (resume)
+    0. preflight  driver   checks before Ray, the output's lease, finished keys read back (resume)
     1. discover   driver   one row per video                       1:1 with the inputs
     2. probe      tasks    container metadata or an error row      1:1
     3. shard      tasks    one row per clip still to run           1:N (skipped: 1 row)
     4. decode     tasks    frames as bytes + shape + dtype         1:1
     5. model      actors   one row per (clip, prompt)              1:N (qa: one per question)
-    6. write      driver   Parquet parts, ok+skipped / errors      atomic files
+    6. write      driver   Parquet parts, ok+skipped / errors      atomic files, then the rows they replace go
     7. summary    driver   summary.json / .parquet beside the data
 
 Every column that flows between stages is listed in the stage module's docstring
@@ -18,22 +18,22 @@ discover and probe, 3 after shard ([0,5) [5,10) [10,13)), 3 after decode, 6 afte
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
 
 from pipeline import _write
 from pipeline._decode import decode_batch
-from pipeline._inputs import discover
 from pipeline._model import CaptionStage, captioner_kwargs, run_fingerprint, to_output_table
 from pipeline._probe import probe_batch
 from pipeline._shard import settings_key, shard_batch
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
-from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
+from pipeline.config import JobConfig, to_yaml
+from pipeline.lease import LeaseLost
+from pipeline.preflight import Plan, prepare
 from pipeline.progress import Progress
-from pipeline.storage import Storage, StorageError
+from pipeline.redact import redact
+from pipeline.storage import Storage
 
 VIDEOS_PER_PROBE_TASK = 4  # probing is ~0.1 s per video: a few per task amortise task overhead
 CLIPS_PER_DECODE_TASK = 2  # frames are big (16 x 448 x 448 x 3 B = 9.6 MB a clip): keep blocks small
@@ -45,25 +45,41 @@ class ModelLoadError(RuntimeError):
     """No model actor could load the model: nothing can be captioned (CLI exit code 3)."""
 
 
-@dataclass
-class Plan:
-    run_id: str
-    run_date: str  # UTC, YYYY-MM-DD: the Hive partition of this run's files
-    started_at: dt.datetime
-    done: set[tuple[str, str]]  # (clip_id, prompt) keys finished by earlier runs
-    stale_files: list[str]  # files this run replaces: earlier error files (or all, resume off)
-
-
-def run(cfg: JobConfig, *, log: Callable[[str], None] = print, model_stage: type = CaptionStage) -> dict[str, Any]:
+def run(cfg: JobConfig, *, log: Callable[[str], None] = print, model_stage: type = CaptionStage,
+        plan: Plan | None = None) -> dict[str, Any]:
     """Run the job on the connected Ray cluster (or a local one) and return the summary dict.
 
     `model_stage` is the actor class of stage 5 (constructor: run_id + `captioner_kwargs`).
+    `plan`: stages 0-1 already done by `pipeline.preflight.prepare` (the CLI does them before
+    Ray starts); its lease is released when the run ends, however it ends.
     """
+    log = _redacting(log)
+    storage = Storage.from_config(cfg.storage)
+    plan = plan or prepare(cfg, storage, log)  # 0-1
+    try:
+        return _run_stages(cfg, storage, plan, log, model_stage)
+    finally:
+        plan.release()
+
+
+def error_fraction(summary: dict[str, Any]) -> float:
+    """Error rows of this run over the job's keys (this run's rows + keys finished before it).
+
+    A resume that retries 5 failed keys of 44 and fails them again is at 5/44, not 5/5.
+    """
+    rows = summary["rows_ok"] + summary["rows_error"] + summary["rows_skipped"] + summary["resumed_keys_skipped"]
+    return summary["rows_error"] / rows if rows else 0.0
+
+
+def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda text: log(redact(text))
+
+
+def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str], None],
+                model_stage: type) -> dict[str, Any]:
     import ray
 
-    storage = Storage.from_config(cfg.storage)
-    plan = preflight(cfg, storage)  # 0
-    videos = discover_inputs(cfg, storage)  # 1
+    videos = plan.videos
     clips = (
         ray.data.from_arrow(_blocks(videos, VIDEOS_PER_PROBE_TASK))
         .map_batches(probe_batch, fn_kwargs=_io_kwargs(cfg, storage, timeout_s=cfg.decode.timeout_s),  # 2. 1:1
@@ -73,7 +89,6 @@ def run(cfg: JobConfig, *, log: Callable[[str], None] = print, model_stage: type
         .materialize()  # the plan is small (no frames) and gives an exact "remaining" count
     )
     total, to_caption = clips.count(), _count_ok(clips)
-    _delete(storage, plan.stale_files)  # after planning: their keys are retried by this run
     log(f"[plan] {videos.num_rows} videos -> {total} rows to write, {to_caption} clips to caption; "
         f"{len(plan.done)} keys already done")
     rows = clips.map_batches(to_output_table, fn_kwargs={"run_id": plan.run_id}, batch_format="pyarrow")
@@ -95,37 +110,7 @@ def run(cfg: JobConfig, *, log: Callable[[str], None] = print, model_stage: type
     return summary
 
 
-# --- 0. preflight ---------------------------------------------------------------------------
-
-
-def preflight(cfg: JobConfig, storage: Storage) -> Plan:
-    """Checks that need no cluster: input present, output writable; then the resume state."""
-    check_local_input(cfg)
-    started_at = dt.datetime.now(dt.timezone.utc)
-    run_id = f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    run_dir = _write.run_dir_uri(cfg.output.uri, cfg.job, run_id)
-    try:  # the resolved config is stored first: it also proves the output is writable
-        storage.write_bytes_atomic(f"{run_dir}/config.yaml", to_yaml(cfg).encode())
-        parts, errors = _write.existing_files(storage, _write.job_data_uri(cfg.output.uri, cfg.job))
-        done = _write.finished_keys(storage, parts, run_fingerprint(cfg)) if cfg.run.resume else set()
-    except StorageError as e:
-        raise ConfigError(f"output.uri: cannot use {cfg.output.uri} ({e.kind}: {e}); check the bucket/folder "
-                          "exists and the credentials can write to it") from None
-    stale = errors if cfg.run.resume else parts + errors  # resume off: this run replaces the job's rows
-    return Plan(run_id, f"{started_at:%Y-%m-%d}", started_at, done, stale)
-
-
-# --- 1. discover ----------------------------------------------------------------------------
-
-
-def discover_inputs(cfg: JobConfig, storage: Storage) -> pa.Table:
-    try:
-        videos = discover(cfg.input, storage)
-    except StorageError as e:
-        raise ConfigError(f"input.uri: cannot list {cfg.input.uri} ({e.kind}: {e})") from None
-    if videos.num_rows == 0:
-        raise ConfigError(f"input.uri: no videos with extensions {cfg.input.extensions} under {cfg.input.uri}")
-    return videos
+# --- 2-5. stages ---------------------------------------------------------------------------
 
 
 def _blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
@@ -150,32 +135,34 @@ def _count_ok(clips: Any) -> int:
     return sum(int((b["status"] == "ok").sum()) for b in clips.iter_batches(batch_size=None, batch_format="numpy"))
 
 
-def _delete(storage: Storage, uris: list[str]) -> None:
-    for uri in uris:
-        storage.delete(uri)
-
-
 # --- 6. write -------------------------------------------------------------------------------
 
 
 def write_rows(
     rows: Any, cfg: JobConfig, storage: Storage, plan: Plan, total: int, log: Callable[[str], None]
 ) -> tuple[RunStats, list[str]]:
-    """Pull output blocks to the driver as they finish and write them as part files."""
+    """Pull output blocks to the driver as they finish and write them as part files, at least
+    every run.flush_interval_s; then compact them and drop the older rows they replace."""
     partition = f"{_write.job_data_uri(cfg.output.uri, cfg.job)}/run_date={plan.run_date}"
-    writer = _write.PartWriter(storage, partition, plan.run_id, set(plan.done))
+    writer = _write.PartWriter(storage, partition, plan.run_id, set(plan.done), cfg.run.flush_interval_s,
+                               cfg.run.flush_rows, before_write=plan.lease.check)
     stats = RunStats()
     progress = Progress(total, stats, out=log)
-    try:
-        for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-            stats.update(writer.add(batch))
-            progress.tick()
-    except Exception as e:
-        writer.flush()  # keep what finished; a re-run resumes from it
-        raise _model_load_error(e) or e
-    writer.flush()
+    with _write.FlushTimer(writer) as timer:
+        try:
+            for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+                timer.check()
+                stats.update(writer.add(batch))
+                progress.tick()
+        except Exception as e:
+            if not isinstance(e, _write.OutputError | LeaseLost):
+                writer.flush()  # keep what finished; a re-run resumes from it
+            raise _model_load_error(e) or e
+        writer.flush()
+    timer.check()
     progress.tick(force=True)
-    return stats, writer.files
+    plan.lease.check()
+    return stats, _write.consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log)
 
 
 def _model_load_error(error: Exception) -> ModelLoadError | None:
@@ -183,8 +170,16 @@ def _model_load_error(error: Exception) -> ModelLoadError | None:
     text = f"{type(error).__name__}: {error}"
     if "CaptionStage.__init__" in text or "creation task" in text or "ActorDiedError" in text:
         return ModelLoadError(f"the model could not be loaded by any actor (model.source, model.dtype, "
-                              f"model.attn_implementation): {text[-2000:]}")
+                              f"model.attn_implementation): {_tail_lines(text, 2000)}")
     return None
+
+
+def _tail_lines(text: str, max_chars: int) -> str:
+    """The last whole lines of `text` within `max_chars` (the cause is at the end of a traceback)."""
+    lines, kept = text.strip().splitlines(), []
+    while lines and sum(map(len, kept)) + len(lines[-1]) <= max_chars:
+        kept.insert(0, lines.pop())
+    return "\n".join(kept) or text[-max_chars:]
 
 
 # --- 7. summary -----------------------------------------------------------------------------
@@ -199,5 +194,8 @@ def summarize(cfg: JobConfig, storage: Storage, plan: Plan, stats: RunStats, fil
         planned_rows=total, resumed_keys=len(plan.done), cluster_cpus=resources.get("CPU", 0.0),
         cluster_gpus=resources.get("GPU", 0.0), files=files, config_yaml=to_yaml(cfg), engine_fingerprint=run_fingerprint(cfg),
     )
-    write_summary(storage, _write.run_dir_uri(cfg.output.uri, cfg.job, plan.run_id), summary)
+    summary = {k: redact(v) if isinstance(v, str) else v for k, v in summary.items()}  # error examples
+    run_dir = _write.run_dir_uri(cfg.output.uri, cfg.job, plan.run_id)
+    with _write.writing(run_dir):
+        write_summary(storage, run_dir, summary)
     return summary

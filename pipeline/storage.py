@@ -34,6 +34,7 @@ import os
 import posixpath
 import random
 import re
+import stat
 import threading
 import time
 import uuid
@@ -41,6 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
+
+from pipeline.redact import redact
 
 if TYPE_CHECKING:
     import pyarrow
@@ -53,6 +56,7 @@ ADDRESSING_STYLES = ("auto", "path", "virtual")
 MANIFEST_URI_COLUMNS = ("uri", "video", "path")  # first one present names the video
 COMPLETE_MARKER = ".v2drop-download-complete"  # written last by download_prefix
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_OTHER_SCHEME = re.compile(r"^(?!s3://|file://)[A-Za-z][A-Za-z0-9+.-]*://", re.I)  # gs://, abfs://, http://, ...
 _BACKOFF_BASE_S = 0.2
 _BACKOFF_CAP_S = 20.0
 
@@ -72,6 +76,7 @@ class StorageError(Exception):
 
     def __init__(self, uri: str, reason: str, kind: str = "invalid"):
         assert kind in ERROR_KINDS, kind
+        uri, reason = redact(uri), redact(reason)  # SDK messages quote endpoints with user:password@
         super().__init__(f"{uri}: {reason}")
         self.uri, self.reason, self.kind = uri, reason, kind
 
@@ -87,6 +92,9 @@ class StorageOptions:
     region: str | None = None  # None = the AWS chain's region (AWS_DEFAULT_REGION, ~/.aws/config)
     addressing_style: str = "auto"  # auto (path with endpoint_url, else virtual) | path | virtual
     max_attempts: int = 8  # total attempts per request, first included
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0  # a socket silent this long fails the attempt (then retried)
+    object_timeout_s: float = 600.0  # one object's copy (every attempt) gives up after this
 
     def __post_init__(self) -> None:
         if self.addressing_style not in ADDRESSING_STYLES:
@@ -94,6 +102,8 @@ class StorageOptions:
                              f"got {self.addressing_style!r}")
         if self.max_attempts < 1:
             raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
+        if min(self.connect_timeout_s, self.read_timeout_s, self.object_timeout_s) <= 0:
+            raise ValueError("storage timeouts must be > 0")
 
 
 # ---------------------------------------------------------------- URIs and error translation
@@ -123,6 +133,7 @@ def _is_hidden(path: str) -> bool:
 
 def _classify(exc: BaseException) -> tuple[str, str] | None:
     """(kind, reason) for errors we understand, None for anything else (a bug: let it raise)."""
+    import boto3.exceptions as b3ex
     import botocore.exceptions as bex
     from s3transfer.exceptions import RetriesExceededError
 
@@ -139,9 +150,13 @@ def _classify(exc: BaseException) -> tuple[str, str] | None:
     if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
         return "denied", ("no AWS credentials found by the standard chain "
                           "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, instance or pod role)")
+    # boto3's download_file re-raises s3transfer's RetriesExceededError as its own class.
     if isinstance(exc, bex.ConnectionError | bex.HTTPClientError | bex.ResponseStreamingError
-                  | bex.IncompleteReadError | RetriesExceededError):
+                  | bex.IncompleteReadError | RetriesExceededError | b3ex.RetriesExceededError
+                  | b3ex.S3UploadFailedError | TimeoutError):
         return "transient", f"network error: {exc}"
+    if isinstance(exc, bex.BotoCoreError | bex.ParamValidationError):  # e.g. an invalid bucket name
+        return "invalid", str(exc).replace("\n", " ")
     if isinstance(exc, FileNotFoundError):
         return "missing", "does not exist"
     if isinstance(exc, PermissionError):
@@ -150,6 +165,8 @@ def _classify(exc: BaseException) -> tuple[str, str] | None:
         return _classify_arrow_message(str(exc))
     if type(exc).__name__ == "ArrowInvalid":
         return "invalid", f"not readable: {exc}"
+    if any(c.__name__ == "ArrowException" for c in type(exc).__mro__):  # any other pyarrow failure
+        return "invalid", f"{type(exc).__name__}: {exc}"
     return None
 
 
@@ -179,11 +196,56 @@ def _translated(uri: str) -> Iterator[None]:
 
 def _is_broken_stream(exc: BaseException) -> bool:
     """A body that broke mid-transfer: botocore retried the request, but not the body read."""
+    import boto3.exceptions as b3ex
     import botocore.exceptions as bex
     from s3transfer.exceptions import RetriesExceededError
 
-    return isinstance(exc, bex.ResponseStreamingError | bex.IncompleteReadError
-                      | bex.ReadTimeoutError | bex.ConnectionClosedError | RetriesExceededError)
+    return isinstance(exc, bex.ResponseStreamingError | bex.IncompleteReadError | bex.ReadTimeoutError
+                      | bex.ConnectionClosedError | RetriesExceededError | b3ex.RetriesExceededError)
+
+
+def _fsync_folder(folder: str) -> None:
+    """A rename is durable only once its folder is synced (else a crash may undo it)."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _not_regular(path: str) -> str | None:
+    """'a FIFO', 'a device', ... for a path that exists but is no regular file; None otherwise.
+    Opening a FIFO blocks until a writer appears, so such a path must never reach a decoder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None
+
+
+def _within(uri: str, timeout_s: float, fn: Callable[[], T]) -> T:
+    """`fn()` in a daemon thread, abandoned after `timeout_s`: a server that trickles or goes
+    silent costs one object at most this long, whatever the retries inside `fn` would add up to."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="storage-deadline", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise StorageError(uri, f"no complete answer within storage.object_timeout_s={timeout_s:g} s", "transient")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @contextlib.contextmanager
@@ -211,6 +273,7 @@ def _atomic_path(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+        _fsync_folder(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -289,8 +352,9 @@ def _metadata_str(value: Any) -> str:
 
 
 def _resolve_video_uri(value: str, manifest_uri: str) -> str:
-    """Absolute paths and s3:// URIs as given; relative ones against the manifest's folder."""
-    if Storage.is_s3(value):
+    """Absolute paths and s3:// URIs as given; relative ones against the manifest's folder.
+    Another scheme (gs://) is kept as given, for local_copy to refuse by name in its row."""
+    if Storage.is_s3(value) or _OTHER_SCHEME.match(value):
         return value
     if Storage.is_s3(manifest_uri):
         if value.startswith("/"):
@@ -326,8 +390,9 @@ class Storage:
     def from_config(cls, cfg: Any) -> Storage:
         """From the job YAML's `storage:` section (any object with the four attributes)."""
         return cls(StorageOptions(endpoint_url=cfg.endpoint_url, region=cfg.region,
-                                  addressing_style=cfg.addressing_style,
-                                  max_attempts=cfg.max_attempts))
+                                  addressing_style=cfg.addressing_style, max_attempts=cfg.max_attempts,
+                                  connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s,
+                                  object_timeout_s=cfg.object_timeout_s))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"options": self.options}  # clients hold sockets and threads: rebuild, never pickle
@@ -381,6 +446,8 @@ class Storage:
             retries={"total_max_attempts": self.options.max_attempts, "mode": "standard"},
             s3={"addressing_style": addressing},
             max_pool_connections=32,
+            connect_timeout=self.options.connect_timeout_s,
+            read_timeout=self.options.read_timeout_s,
         )
         session = boto3.session.Session()  # own session: the default one is not thread-safe
         return session.client("s3", endpoint_url=self.options.endpoint_url,
@@ -392,12 +459,15 @@ class Storage:
         kwargs: dict[str, Any] = {}
         if self.options.endpoint_url:
             parts = urlsplit(self.options.endpoint_url)
-            kwargs["endpoint_override"] = parts.netloc or parts.path
+            # host[:port] only: S3 signs requests, so user:password@ would only leak into messages
+            kwargs["endpoint_override"] = (parts.netloc or parts.path).rpartition("@")[2]
             kwargs["scheme"] = parts.scheme or "https"
         return fs.S3FileSystem(
             region=self._region(),
             force_virtual_addressing=self._path_style() is False,
             retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=self.options.max_attempts),
+            connect_timeout=self.options.connect_timeout_s,
+            request_timeout=self.options.read_timeout_s,
             **kwargs,
         )
 
@@ -440,8 +510,9 @@ class Storage:
         if _GLOB_CHARS.search(path):
             import glob
 
-            return [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-        if os.path.isfile(path):
+            # every non-folder match: a FIFO named *.mp4 becomes an error row, never silently dropped
+            return [p for p in glob.glob(path, recursive=True) if not os.path.isdir(p)]
+        if os.path.isfile(path) or _not_regular(path):
             return [path]
         if not os.path.isdir(path):
             if missing_ok:
@@ -523,6 +594,35 @@ class Storage:
         with _translated(uri), contextlib.suppress(FileNotFoundError):
             os.remove(_local_path(uri))
 
+    def move(self, uri: str, target: str) -> None:
+        """Move a file/object (same store): rename locally; copy then delete on S3."""
+        if self.is_s3(uri):
+            bucket, key = split_s3_uri(uri)
+            target_bucket, target_key = split_s3_uri(target)
+            with _translated(uri):
+                self.s3_client.copy_object(Bucket=target_bucket, Key=target_key,
+                                           CopySource={"Bucket": bucket, "Key": key})
+            self.delete(uri)
+            return
+        path, target_path = _local_path(uri), _local_path(target)
+        with _translated(uri):
+            os.makedirs(os.path.dirname(target_path), exist_ok=True)
+            os.replace(path, target_path)
+
+    def remove_temporaries(self, uri_prefix: str) -> list[str]:
+        """Delete the '.name.<uuid>.tmp' files `_atomic_path` leaves when a process dies while
+        writing (S3 writes are one PUT: nothing to remove). Only for a folder one writer holds."""
+        if self.is_s3(uri_prefix) or not os.path.isdir(_local_path(uri_prefix)):
+            return []
+        removed = []
+        for folder, _, files in os.walk(_local_path(uri_prefix)):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+        return sorted(removed)
+
     def read_manifest(self, uri: str) -> list[dict[str, Any]]:
         """Rows of a .csv/.jsonl/.parquet manifest: {'uri', 'questions': list[str], **metadata: str}.
 
@@ -543,13 +643,14 @@ class Storage:
 
         boto3's download_file fetches large objects in parallel ranged GETs (model weights).
         """
+        from boto3.s3.transfer import TransferConfig
+
         bucket, key = split_s3_uri(uri)
-
-        def attempt() -> None:
-            with _atomic_path(target) as tmp:
-                self.s3_client.download_file(bucket, key, tmp)
-
-        self._with_stream_retries(uri, attempt)
+        # s3transfer re-reads a body that breaks mid-stream up to num_download_attempts times (each
+        # GET retried by botocore); wrapping it in a retry loop of our own would multiply the two.
+        transfer = TransferConfig(num_download_attempts=self.options.max_attempts)
+        with _translated(uri), _atomic_path(target) as tmp:
+            self.s3_client.download_file(bucket, key, tmp, Config=transfer)
 
     def local_copy(self, uri: str, cache_dir: str) -> str:
         """A local path for `uri`: local files as they are, S3 objects downloaded once per node.
@@ -558,10 +659,18 @@ class Storage:
         is fetched again; a file lock plus tmp+rename mean concurrent processes download once
         and never see half a file.
         """
+        if _OTHER_SCHEME.match(uri):
+            raise StorageError(uri, f"{uri.split(':', 1)[0]}:// is not supported; use s3:// or a local path", "invalid")
         if not self.is_s3(uri):
+            kind = _not_regular(_local_path(uri))
+            if kind:
+                raise StorageError(uri, f"is {kind}, not a regular file", "invalid")
             if not os.path.isfile(_local_path(uri)):
                 raise StorageError(uri, "no such file", "missing")
             return uri
+        return _within(uri, self.options.object_timeout_s, lambda: self._cached_copy(uri, cache_dir))
+
+    def _cached_copy(self, uri: str, cache_dir: str) -> str:
         bucket, key = split_s3_uri(uri)
         with _translated(uri):
             head = self.s3_client.head_object(Bucket=bucket, Key=key)
@@ -634,15 +743,19 @@ class Storage:
             pq.write_table(table, buffer)
             self.write_bytes_atomic(uri, buffer.getvalue().to_pybytes())
             return
-        with _translated(uri), _atomic_path(_local_path(uri)) as tmp:
-            pq.write_table(table, tmp)
+        with _translated(uri), _atomic_path(_local_path(uri)) as tmp, open(tmp, "xb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # else a crash after the rename can leave a 0-byte part file
 
-    def read_parquet(self, uri_or_prefix: str, columns: Sequence[str] | None = None) -> pyarrow.Table:
+    def read_parquet(self, uri_or_prefix: str, columns: Sequence[str] | None = None,
+                     absent_as_null: bool = False) -> pyarrow.Table:
         """One .parquet file, or every .parquet under a folder/prefix concatenated.
 
         Files are read one by one, so Hive folder names (job=x/run_date=y) add no columns. With
         columns=None schemas are unified (a column absent from one file is null there); a
-        requested column absent from a file raises kind=invalid naming it. A folder or prefix
+        requested column absent from a file raises kind=invalid naming it, or reads as nulls
+        with `absent_as_null` (files written before the column existed). A folder or prefix
         with no files gives an empty table of the requested columns (null type); a missing
         .parquet file raises kind=missing.
         """
@@ -654,17 +767,22 @@ class Storage:
             files = self.list_files(uri_or_prefix, suffix=".parquet")
         if not files:
             return pa.table({c: pa.array([], pa.null()) for c in columns or []})
-        tables = [self._read_parquet_file(f, columns) for f in files]
+        tables = [self._read_parquet_file(f, columns, absent_as_null) for f in files]
         return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
-    def _read_parquet_file(self, uri: str, columns: Sequence[str] | None) -> pyarrow.Table:
+    def _read_parquet_file(self, uri: str, columns: Sequence[str] | None,
+                           absent_as_null: bool = False) -> pyarrow.Table:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         filesystem, path = self.arrow_filesystem(uri)
         with _translated(uri), filesystem.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)
-            absent = sorted(set(columns or []) - set(parquet.schema_arrow.names))
-            if absent:
-                raise StorageError(uri, f"no column(s) {absent}; has {parquet.schema_arrow.names}",
-                                   "invalid")
-            return parquet.read(columns=list(columns) if columns is not None else None)
+            names = parquet.schema_arrow.names
+            absent = sorted(set(columns or []) - set(names))
+            if absent and not absent_as_null:
+                raise StorageError(uri, f"no column(s) {absent}; has {names}", "invalid")
+            table = parquet.read(columns=[c for c in columns if c in names] if columns is not None else None)
+        for name in absent:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        return table.select(list(columns)) if columns is not None else table

@@ -363,8 +363,9 @@ def test_input_and_output_on_s3(ray_cluster: None, s3_server: str, s3_bucket: st
 
 
 def test_model_that_cannot_load_is_a_systemic_error(ray_cluster: None, shared_videos: Path, tmp_path: Path) -> None:
-    cfg = offline("caption.yaml", tmp_path, f"input.uri={shared_videos / 'nasa_13013.mp4'}",
-                  f"model.source={tmp_path / 'no-such-model'}")
+    (tmp_path / "empty-model").mkdir()  # a folder (a missing one is refused before Ray: test_preflight)
+    cfg = offline("caption.yaml", tmp_path / "out", f"input.uri={shared_videos / 'nasa_13013.mp4'}",
+                  f"model.source={tmp_path / 'empty-model'}")
     with pytest.raises(ModelLoadError, match="could not be loaded by any actor"):
         run(cfg)
 

@@ -15,7 +15,6 @@ import urllib.request
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import boto3
 import pyarrow as pa
@@ -24,6 +23,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from pyarrow import fs as pafs
 
+from pipeline.config import StorageConfig
 from pipeline.storage import COMPLETE_MARKER, Storage, StorageError, StorageOptions
 from tests.s3_server import s3_bucket, s3_server, seed_objects  # noqa: F401  (fixtures)
 
@@ -86,13 +86,14 @@ SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request ra
 
 
 def test_from_config_and_option_checks(s3_server):
-    cfg = SimpleNamespace(endpoint_url=s3_server, region="eu-west-1", addressing_style="path",
-                          max_attempts=3)
+    cfg = StorageConfig(endpoint_url=s3_server, region="eu-west-1", addressing_style="path", max_attempts=3,
+                        connect_timeout_s=2.0, read_timeout_s=5.0, object_timeout_s=30.0)
     storage = Storage.from_config(cfg)
-    assert storage.options == StorageOptions(s3_server, "eu-west-1", "path", 3)
+    assert storage.options == StorageOptions(s3_server, "eu-west-1", "path", 3, 2.0, 5.0, 30.0)
     config = storage.s3_client.meta.config
     assert config.s3["addressing_style"] == "path"
     assert config.retries == {"total_max_attempts": 3, "mode": "standard"}
+    assert (config.connect_timeout, config.read_timeout) == (2.0, 5.0)
     with pytest.raises(ValueError, match="storage.addressing_style"):
         StorageOptions(addressing_style="dns")
     with pytest.raises(ValueError, match="storage.max_attempts"):

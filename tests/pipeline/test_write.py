@@ -1,0 +1,288 @@
+"""pipeline._write without Ray: what a run finds, how its rows reach storage, what they replace.
+
+Rows are real FILE_SCHEMA tables written as real Parquet files in a local output folder, and
+once in a bucket of the test S3 server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import _write
+from pipeline._write import FileKeys, OutputError, PartWriter, consolidate, read_state, rows_to_drop
+from pipeline.schema import FILE_SCHEMA
+from pipeline.storage import Storage
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
+
+JOB = "caption"
+
+
+def rows(*specs: tuple[str, str]) -> pa.Table:
+    """FILE_SCHEMA rows from (clip_id, status); prompt 'p'."""
+    return pa.Table.from_pylist([{"clip_id": c, "prompt": "p", "status": s, "video_uri": f"/v/{c}.mp4", "run_id": "r",
+                                  "error": None if s != "error" else f"/v/{c}.mp4: broken"} for c, s in specs],
+                                schema=FILE_SCHEMA)
+
+
+def put(out: Path, name: str, table: pa.Table, run_date: str = "2026-11-28") -> str:
+    folder = out / "data" / f"job={JOB}" / f"run_date={run_date}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / name)
+    return str(folder / name)
+
+
+def all_rows(out: Path) -> list[tuple[str, str]]:
+    files = sorted((out / "data").rglob("*.parquet"))
+    tables = [pq.read_table(f, columns=["clip_id", "status"]).to_pydict() for f in files]
+    return sorted(pair for t in tables for pair in zip(t["clip_id"], t["status"]))
+
+
+def keys_of(out: Path) -> Counter:
+    return Counter(str(c) for c, _ in all_rows(out))
+
+
+def writer_for(out: Path, run_id: str, done: set, **kwargs) -> PartWriter:
+    partition = f"{_write.job_data_uri(str(out), JOB)}/run_date=2026-11-29"
+    return PartWriter(Storage(), partition, run_id, set(done), **kwargs)
+
+
+# --- which rows go ------------------------------------------------------------------------------
+
+
+def test_rows_to_drop_replaces_rewritten_keys_and_keeps_one_row_of_a_duplicate() -> None:
+    a = FileKeys("d/part-r1-00000.parquet", [("k1", "p"), ("k2", "p")], [False, True])
+    b = FileKeys("d/part-r2-00000.parquet", [("k2", "p"), ("k3", "p")], [True, True])
+    c = FileKeys("d/part-r3-00000-errors.parquet", [("k3", "p")], [False])
+    assert rows_to_drop([a, b, c], written={("k1", "p")}, replace_all=False) == {
+        "d/part-r1-00000.parquet": [0, 1],  # k1 rewritten; k2 also in b, the newer run
+        "d/part-r3-00000-errors.parquet": [0],  # k3 failed later but is done in b: the done row stays
+    }
+    assert rows_to_drop([a, b, c], written=set(), replace_all=True) == {
+        a.uri: [0, 1], b.uri: [0, 1], c.uri: [0]}
+    assert rows_to_drop([b], written={("k9", "p")}, replace_all=False) == {}
+
+
+# --- a run's rows, start to end ------------------------------------------------------------------
+
+
+def test_a_resumed_run_replaces_error_rows_and_repairs_duplicates(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    put(out, "part-r1-00000.parquet", rows(("k1", "ok"), ("k2", "ok")))
+    put(out, "part-r2-00000.parquet", rows(("k1", "ok"), ("k2", "ok")))  # a concurrent run of an older version
+    put(out, "part-r2-00000-errors.parquet", rows(("k3", "error")))
+    state = read_state(Storage(), str(out), JOB)
+    done = _write.finished_keys(state)
+    assert done == {("k1", "p"), ("k2", "p")}
+
+    writer = writer_for(out, "r3", done, flush_rows=1)
+    kept = writer.add(rows(("k3", "ok"), ("k1", "ok")))  # k1 again: a retried batch
+    writer.add(rows(("k5", "ok")))
+    writer.add(rows(("k4", "error")))
+    writer.flush()
+    assert kept.num_rows == 1 and len(writer.files) == 3  # one file per flush
+    files = consolidate(Storage(), writer, state, replace_all=False)
+
+    assert all_rows(out) == [("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "error"), ("k5", "ok")]
+    assert [Path(f).name for f in files] == ["part-r3-00002-errors.parquet", "part-r3-c00000.parquet"]
+    assert not any(Path(f).exists() for f in writer.files[:2])  # the small files were compacted
+
+
+def test_small_files_a_killed_run_left_are_merged_by_the_next_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for n, key in enumerate(("k1", "k2", "k3")):  # one file per flush, then the kill
+        put(out, f"part-r1-0000{n}.parquet", rows((key, "ok")))
+    put(out, "part-r1-00000-errors.parquet", rows(("k4", "error")))
+    put(out, "part-r1-00001-errors.parquet", rows(("k5", "error")))
+    put(out, "part-r0-00000.parquet", rows(("k0", "ok")), run_date="2026-11-27")  # alone in its folder: kept
+    state = read_state(Storage(), str(out), JOB)
+    writer = writer_for(out, "r2", _write.finished_keys(state))
+    writer.add(rows(("k5", "ok")))
+    writer.flush()
+    consolidate(Storage(), writer, state, replace_all=False)
+    assert all_rows(out) == [("k0", "ok"), ("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "error"), ("k5", "ok")]
+    by_folder = {p.parent.name: sorted(q.name for q in p.parent.glob("*.parquet")) for p in (out / "data").rglob("*.parquet")}
+    assert by_folder == {"run_date=2026-11-27": ["part-r0-00000.parquet"],
+                         # the three ok files merged; k5's error row replaced, so k4's file is left alone
+                         "run_date=2026-11-28": ["part-r1-00000-errors.parquet", "part-r2-r00000-00000.parquet"],
+                         "run_date=2026-11-29": ["part-r2-00000.parquet"]}
+
+
+def test_resume_false_keeps_every_old_row_until_the_new_rows_are_written(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old = put(out, "part-r1-00000.parquet", rows(("k1", "ok"), ("k2", "ok"), ("gone", "ok")))
+    state = read_state(Storage(), str(out), JOB)
+    writer = writer_for(out, "r2", set(), flush_rows=1)
+    writer.add(rows(("k1", "ok")))
+    assert Path(old).exists() and keys_of(out)["k2"] == 1  # mid-run: the old rows are all still there
+    writer.add(rows(("k2", "error")))
+    writer.flush()
+    consolidate(Storage(), writer, state, replace_all=True)
+    assert all_rows(out) == [("k1", "ok"), ("k2", "error")] and not Path(old).exists()
+
+
+class CrashAfterWrites(Storage):
+    """A real local Storage whose process 'dies' (an exception nobody catches) once it has
+    written `writes` files: every step of consolidate is interrupted in turn."""
+
+    def __init__(self, writes: int):
+        super().__init__()
+        self.writes_left = writes
+
+    def write_parquet_atomic(self, table: pa.Table, uri: str) -> None:
+        if self.writes_left == 0:
+            raise KeyboardInterrupt("killed")
+        self.writes_left -= 1
+        super().write_parquet_atomic(table, uri)
+
+    def delete(self, uri: str) -> None:
+        if self.writes_left == 0:
+            raise KeyboardInterrupt("killed")
+        super().delete(uri)
+
+
+@pytest.mark.parametrize("writes_before_crash", [0, 1, 2, 3, 4])
+def test_a_crash_anywhere_in_the_replacement_loses_no_key_and_the_next_run_repairs(
+        tmp_path: Path, writes_before_crash: int) -> None:
+    out = tmp_path / "out"
+    put(out, "part-r1-00000.parquet", rows(("k1", "ok"), ("k2", "ok")))
+    put(out, "part-r1-00000-errors.parquet", rows(("k3", "error"), ("k4", "error")))
+    state = read_state(Storage(), str(out), JOB)
+    writer = writer_for(out, "r2", set())
+    writer.storage = CrashAfterWrites(writes_before_crash + 2)  # the run's two flushes always land
+    writer.add(rows(("k1", "ok")))
+    writer.flush()
+    writer.add(rows(("k3", "ok")))
+    writer.flush()
+    try:
+        consolidate(writer.storage, writer, state, replace_all=False)
+    except KeyboardInterrupt:
+        pass
+    assert set(keys_of(out)) == {"k1", "k2", "k3", "k4"}  # every key readable at least once
+
+    # The next run (resume): k1..k3 done, k4 retried; afterwards every key exactly once.
+    state = read_state(Storage(), str(out), JOB)
+    writer = writer_for(out, "r3", _write.finished_keys(state))
+    writer.add(rows(("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "ok")))
+    writer.flush()
+    consolidate(Storage(), writer, state, replace_all=False)
+    assert all_rows(out) == [("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "ok")]
+
+
+def test_crash_leftovers_are_cleaned_and_unreadable_parts_moved_aside(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    good = put(out, "part-r1-00000.parquet", rows(("k1", "ok")))
+    folder = Path(good).parent
+    (folder / ".part-r2-00000.parquet.5e1f.tmp").write_bytes(b"")  # killed while writing
+    (folder / "part-r2-00001.parquet").write_bytes(b"")  # renamed before its bytes reached the disk
+    (folder / "part-r2-00002.parquet").write_bytes(Path(good).read_bytes()[:-20])  # cut short
+    logged: list[str] = []
+    state = read_state(Storage(), str(out), JOB, log=logged.append)
+    assert [f.uri for f in state.files] == [good]
+    assert _write.finished_keys(state) == {("k1", "p")}
+    assert not (folder / ".part-r2-00000.parquet.5e1f.tmp").exists()
+    aside = out / "unreadable" / f"job={JOB}" / "run_date=2026-11-28"
+    assert sorted(p.name for p in aside.iterdir()) == ["part-r2-00001.parquet", "part-r2-00002.parquet"]
+    assert any(".part-r2-00000.parquet.5e1f.tmp" in line for line in logged)
+    assert sum(f"{folder}/part-r2-0000{n}.parquet is not a readable Parquet file" in " ".join(logged)
+               for n in (1, 2)) == 2
+
+
+# --- flushing ------------------------------------------------------------------------------------
+
+
+def test_rows_reach_storage_within_flush_interval_without_another_block(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path / "out", "r1", set(), flush_interval_s=0.5, flush_rows=1000)
+    with _write.FlushTimer(writer, period_s=0.1):
+        writer.add(rows(("k1", "ok")))
+        assert not writer.files
+        time.sleep(1.5)
+        assert len(writer.files) == 1 and pq.read_table(writer.files[0]).num_rows == 1
+
+
+def test_flush_rows_bounds_what_waits_in_memory(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path / "out", "r1", set(), flush_interval_s=3600, flush_rows=2)
+    writer.add(rows(("k1", "ok")))
+    assert not writer.files
+    writer.add(rows(("k2", "ok")))
+    assert len(writer.files) == 1
+
+
+def test_error_text_is_redacted_before_it_is_written(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path / "out", "r1", set())
+    table = rows(("k1", "error"))
+    leaky = "s3://b/k.mp4: Could not connect to the endpoint URL: http://ana:pw-secret-1@minio:9000/b/k.mp4"
+    writer.add(table.set_column(table.schema.get_field_index("error"), "error", pa.array([leaky])))
+    writer.flush()
+    [error] = pq.read_table(writer.files[0])["error"].to_pylist()
+    assert "pw-secret-1" not in error and "http://***@minio:9000/b/k.mp4" in error
+
+
+def test_an_unwritable_output_is_an_output_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    writer = writer_for(tmp_path / "out", "r1", set())
+    writer.add(rows(("k1", "ok")))
+    with pytest.raises(OutputError, match=r"output.uri: cannot write .*/out/data/job=caption/run_date=2026-11-29"):
+        writer.flush()
+
+
+def test_replacement_compaction_and_set_aside_on_s3(s3_server: str, s3_bucket: str) -> None:
+    """The same life on HTTP S3: no rename there, so moving aside is copy + delete, and every
+    file is one PUT."""
+    from pipeline.storage import StorageOptions
+
+    storage = Storage(StorageOptions(endpoint_url=s3_server))
+    out = f"s3://{s3_bucket}/out"
+    folder = f"{_write.job_data_uri(out, JOB)}/run_date=2026-11-28"
+    storage.write_parquet_atomic(rows(("k1", "ok"), ("k2", "ok")), f"{folder}/part-r1-00000.parquet")
+    storage.write_parquet_atomic(rows(("k1", "ok")), f"{folder}/part-r2-00000.parquet")  # k1 twice
+    storage.write_parquet_atomic(rows(("k3", "error")), f"{folder}/part-r2-00000-errors.parquet")
+    storage.write_bytes_atomic(f"{folder}/part-r2-00001.parquet", b"")  # a 0-byte part
+    logged: list[str] = []
+    state = read_state(storage, out, JOB, log=logged.append)
+    assert storage.exists(f"{_write.aside_uri(out, JOB)}/run_date=2026-11-28/part-r2-00001.parquet")
+    assert any("part-r2-00001.parquet is not a readable Parquet file" in line for line in logged)
+
+    writer = PartWriter(storage, f"{_write.job_data_uri(out, JOB)}/run_date=2026-11-29", "r3",
+                        _write.finished_keys(state), flush_rows=1)
+    writer.add(rows(("k3", "ok")))
+    writer.add(rows(("k4", "ok")))
+    writer.flush()
+    files = consolidate(storage, writer, state, replace_all=False)
+    table = storage.read_parquet(_write.job_data_uri(out, JOB), columns=["clip_id", "status"]).to_pydict()
+    assert sorted(zip(table["clip_id"], table["status"])) == [("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "ok")]
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-r3-c00000.parquet"]
+
+
+@dataclass(frozen=True)
+class EngineBOnly(_write.DoneRule):
+    """A provenance rule of the kind issue 8 plugs in: ok rows count only from engine 'B'."""
+
+    columns: tuple[str, ...] = ("status", "engine")
+
+    def __call__(self, table: pa.Table) -> pa.ChunkedArray:
+        return pc.fill_null(pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["engine"], "B")), False)
+
+
+def test_a_done_rule_with_a_new_column_reads_older_files_as_null_and_their_keys_are_redone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    put(out, "part-r1-00000.parquet", rows(("k1", "ok")))  # written before the column existed
+    with_b = rows(("k2", "ok"))
+    put(out, "part-r2-00000.parquet", with_b.append_column("engine", pa.array(["B"])))
+    logged: list[str] = []
+    state = read_state(Storage(), str(out), JOB, log=logged.append, rule=EngineBOnly())
+    assert len(state.files) == 2 and not state.set_aside and not logged  # an old file is not "unreadable"
+    assert _write.finished_keys(state) == {("k2", "p")}
+    writer = writer_for(out, "r3", _write.finished_keys(state))
+    writer.add(rows(("k1", "ok")))
+    writer.flush()
+    consolidate(Storage(), writer, state, replace_all=False)
+    assert all_rows(out) == [("k1", "ok"), ("k2", "ok")]
+    assert not (out / "data" / f"job={JOB}" / "run_date=2026-11-28" / "part-r1-00000.parquet").exists()
