@@ -12,5 +12,6 @@ Knows nothing of Ray.
 
 from v2drop.api import disable, enable, is_enabled, last_stats, select_cache_rows
 from v2drop.schedule import Schedule
+from v2drop import vision  # vision.install(model): batched window attention without flash-attn
 
 __all__ = ["Schedule", "enable", "disable", "is_enabled", "last_stats", "select_cache_rows"]
