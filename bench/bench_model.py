@@ -36,10 +36,11 @@ import torch
 import v2drop
 from bench.bench_v2drop import SEVEN_B, hardware, kv_cache_bytes
 from bench.op_counts import decode_step_counts
-from v2drop import tiny, vision
+from v2drop import static_decode, tiny, vision
 from v2drop.compat import output_cache
 
 VARIANTS = ("stock", "v2drop")
+ENGINES = ("dynamic", "static")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Qwen2.5-VL-7B's vision tower (config.json of Qwen/Qwen2.5-VL-7B-Instruct)
 SEVEN_B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
@@ -68,8 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES,
+                   help="dynamic: generate() on a DynamicCache; static: v2drop.static_decode")
+    p.add_argument("--capture", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the static decode step (torch.compile reduce-overhead); default: on CUDA")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    if args.capture is None:
+        args.capture = args.device.startswith("cuda")
     if min(args.new_tokens) < 2:
         p.error("--new-tokens must be >= 2 (decode ms/step needs at least one step after the prefill)")
     return args
@@ -155,57 +162,80 @@ def encode(model, clips: dict):
 
 
 @torch.no_grad()
-def one_round(model, clips: dict, new_tokens: int, device: str) -> dict:
-    """vision, prefill and generate of one batch; timings in ms for the whole batch."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    vision_ms, encoded = timed(lambda: encode(model, clips), device)
+def run_generate(model, inputs: dict, new_tokens: int, engine: str, args):
+    """Exactly `new_tokens` greedy steps per row (the static engine checks for finished rows only
+    at the end, as generate's min_new_tokens keeps every row going); returns its KV-cache bytes."""
+    if engine == "dynamic":
+        out = model.generate(**fresh(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, return_dict_in_generate=True)
+        return kv_cache_bytes(output_cache(out))
+    static_decode.generate_static(model, fresh(inputs), new_tokens, capture=args.capture,
+                                  stop_check_every=new_tokens)
+    return None
+
+
+def timed_median(fn, repeats: int, device: str):
+    """Median ms of `repeats` calls after one warm-up call; the last call's result."""
+    fn()
+    times, out = [], None
+    for _ in range(repeats):
+        ms, out = timed(fn, device)
+        times.append(ms)
+    return statistics.median(times), out
+
+
+def measure_batch(model, tokenizer, args, schedule, batch: int) -> list[dict]:
+    """Rows for one batch size: every variant x engine x new-token count."""
+    clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
+    vision_ms, encoded = timed_median(lambda: encode(model, clips), args.repeats, args.device)
     inputs = text_inputs(clips, encoded)
-    prefill_ms, _ = timed(lambda: model(**fresh(inputs), use_cache=True, logits_to_keep=1), device)
-    generate_ms, out = timed(lambda: model.generate(
-        **fresh(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        return_dict_in_generate=True), device)
-    return {
-        "vision_ms": vision_ms, "prefill_ms": prefill_ms, "generate_ms": generate_ms,
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
-        "kv_cache_bytes": kv_cache_bytes(output_cache(out)),
-    }
+    del clips
+    rows = []
+    for variant in VARIANTS:
+        set_variant(model, variant, schedule)
+        prefill_ms, _ = timed_median(lambda: model(**fresh(inputs), use_cache=True, logits_to_keep=1),
+                                     args.repeats, args.device)
+        for engine in args.engines:
+            for new_tokens in args.new_tokens:
+                if args.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                generate_ms, kv_bytes = timed_median(
+                    lambda: run_generate(model, inputs, new_tokens, engine, args), args.repeats, args.device)
+                peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
+                rows.append(row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes))
+                print(f"{variant} {engine} batch {batch} {new_tokens} tokens: {generate_ms:.0f} ms", file=sys.stderr, flush=True)
+    return rows
 
 
-def summarise_rounds(rounds: list[dict], batch: int, new_tokens: int) -> dict:
-    median = {k: statistics.median(r[k] for r in rounds) for k in ("vision_ms", "prefill_ms", "generate_ms")}
-    total_ms = median["vision_ms"] + median["generate_ms"]
+def row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes) -> dict:
+    total_ms = vision_ms + generate_ms
     return {
-        "batch": batch,
-        "new_tokens": new_tokens,
-        "vision_ms_per_clip": median["vision_ms"] / batch,
-        "prefill_ms_per_clip": median["prefill_ms"] / batch,
-        "decode_ms_per_step": (median["generate_ms"] - median["prefill_ms"]) / (new_tokens - 1),
+        "variant": variant, "engine": engine, "batch": batch, "new_tokens": new_tokens,
+        "vision_ms_per_clip": vision_ms / batch,
+        "prefill_ms_per_clip": prefill_ms / batch,
+        "decode_ms_per_step": (generate_ms - prefill_ms) / (new_tokens - 1),
         "total_ms_per_clip": total_ms / batch,
         "clips_per_s": batch / total_ms * 1e3,
         "output_tokens_per_s": batch * new_tokens / total_ms * 1e3,
-        "peak_cuda_bytes": rounds[-1]["peak_cuda_bytes"],
-        "kv_cache_bytes": rounds[-1]["kv_cache_bytes"],
+        "peak_cuda_bytes": peak,
+        "kv_cache_bytes": kv_bytes,
     }
 
 
-def measure_grid(model, tokenizer, args, schedule) -> list[dict]:
-    rows = []
-    for batch in args.batch_sizes:
-        clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
-        for new_tokens in args.new_tokens:
-            rounds = {v: [] for v in VARIANTS}
-            for repeat in range(args.repeats + 1):  # round 0 warms up and is not recorded
-                for variant in VARIANTS:
-                    set_variant(model, variant, schedule)
-                    result = one_round(model, clips, new_tokens, args.device)
-                    if repeat:
-                        rounds[variant].append(result)
-            for variant in VARIANTS:
-                rows.append({"variant": variant, **summarise_rounds(rounds[variant], batch, new_tokens)})
-            print(f"batch {batch}, {new_tokens} new tokens: done", file=sys.stderr, flush=True)
-        del clips
-    return rows
+def check_capture(model, tokenizer, args, schedule) -> str | None:
+    """Try the captured static step once; on failure measure it uncaptured and say why."""
+    if not args.capture or "static" not in args.engines:
+        return None
+    clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
+    inputs = text_inputs(clips, encode(model, clips))
+    try:
+        for variant in VARIANTS:
+            set_variant(model, variant, schedule)
+            run_generate(model, inputs, 4, "static", args)
+        return None
+    except Exception as error:  # noqa: BLE001 - the run goes on uncaptured and the report says why
+        args.capture = False
+        return f"{type(error).__name__}: {str(error)[:300]}"
 
 
 def vision_loop_vs_batched(model, tokenizer, args) -> dict:
@@ -242,17 +272,19 @@ def step_counts(model, tokenizer, args, schedule) -> dict:
 # -- report ------------------------------------------------------------------------------
 
 
-def targets(rows: list[dict], vision_ms: dict, flop_ratio: float) -> list[dict]:
-    """Each target with the measured figure; `met` False says by how much it is missed."""
-    by = {(r["variant"], r["batch"], r["new_tokens"]): r for r in rows}
+def targets(rows: list[dict], flop_ratio: float) -> list[dict]:
+    """Each target with the measured figure; `met` False and `off_by` say by how much it is missed.
+    Figures come from the fastest engine measured (static when it ran) unless a target says otherwise."""
+    engine = "static" if any(r["engine"] == "static" for r in rows) else "dynamic"
+    by = {(r["variant"], r["batch"], r["new_tokens"]): r for r in rows if r["engine"] == engine}
     longest = max(r["new_tokens"] for r in rows)
     batches = sorted({r["batch"] for r in rows})
     out = []
 
-    def add(name, measured, target, lower_is_better=True):
-        met = measured <= target if lower_is_better else measured >= target
-        out.append({"target": name, "measured": measured, "goal": target, "met": met,
-                    "off_by": measured / target if target else None})
+    def add(name, measured, goal, lower_is_better=True):
+        met = measured <= goal if lower_is_better else measured >= goal
+        out.append({"target": f"{name} [{engine}]", "measured": measured, "goal": goal, "met": met,
+                    "off_by": measured / goal if goal else None})
 
     add(f"whole model with V²Drop, best batch, ms/clip ({longest} tokens)",
         min(by["v2drop", b, longest]["total_ms_per_clip"] for b in batches), TARGETS["total_ms_per_clip_v2drop"])
@@ -269,12 +301,13 @@ def targets(rows: list[dict], vision_ms: dict, flop_ratio: float) -> list[dict]:
     ratio = lambda b: by["v2drop", b, longest]["prefill_ms_per_clip"] / by["stock", b, longest]["prefill_ms_per_clip"]
     add(f"prefill time ratio at batch {batches[0]}", ratio(batches[0]), TARGETS["prefill_time_ratio_batch1"])
     for b in (b for b in batches if b >= 16):
-        add(f"prefill time ratio / FLOP ratio - 1 at batch {b}", abs(ratio(b) / flop_ratio - 1),
+        add(f"|prefill time ratio / FLOP ratio - 1| at batch {b}", abs(ratio(b) / flop_ratio - 1),
             TARGETS["prefill_ratio_vs_flop_ratio"])
-    memory_key = "peak_cuda_bytes" if rows[0]["peak_cuda_bytes"] is not None else "kv_cache_bytes"
-    worst = max(by["v2drop", b, n][memory_key] / by["stock", b, n][memory_key]
-                for (_, b, n) in by if by["stock", b, n][memory_key])
-    add(f"peak memory V²Drop / stock, worst batch ({memory_key})", worst, 1.0)
+    key = "peak_cuda_bytes" if rows[0]["peak_cuda_bytes"] is not None else "kv_cache_bytes"
+    pairs = [(r, s) for r in rows for s in rows if r["variant"] == "v2drop" and s["variant"] == "stock"
+             and (r["engine"], r["batch"], r["new_tokens"]) == (s["engine"], s["batch"], s["new_tokens"])
+             and r[key] and s[key]]
+    add(f"peak memory V²Drop / stock, worst batch ({key}, all engines)", max(r[key] / s[key] for r, s in pairs), 1.0)
     return out
 
 
@@ -286,15 +319,18 @@ def markdown(report: dict) -> str:
         f"{a['dtype']}, {a['attn']}; video grid {tuple(a['grid'])} -> {report['visual_tokens']} visual tokens per clip; "
         f"V²Drop schedule {report['schedule']} (prefill FLOP ratio {report['prefill_flop_ratio']:.3f}); "
         f"median of {a['repeats']} interleaved repeats after a warm-up.", "",
-        "| variant | batch | new tokens | vision ms/clip | prefill ms/clip | decode ms/step | total ms/clip | clips/s | output tok/s | peak MiB | KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Engines: dynamic = generate() on a DynamicCache; static = v2drop.static_decode, step "
+        f"{'captured (CUDA graphs)' if report['static_step_captured'] else 'uncaptured'}"
+        + (f" (capture failed: {report['capture_error']})" if report["capture_error"] else "") + ".", "",
+        "| variant | engine | batch | new tokens | vision ms/clip | prefill ms/clip | decode ms/step | total ms/clip | clips/s | output tok/s | peak MiB | KV MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    mib = lambda n: f"{n / 2**20:.1f}" if n else "n/a"
     for r in report["rows"]:
-        peak = f"{r['peak_cuda_bytes'] / 2**20:.0f}" if r["peak_cuda_bytes"] else "n/a"
         lines.append(
-            f"| {r['variant']} | {r['batch']} | {r['new_tokens']} | {r['vision_ms_per_clip']:.1f} | "
+            f"| {r['variant']} | {r['engine']} | {r['batch']} | {r['new_tokens']} | {r['vision_ms_per_clip']:.1f} | "
             f"{r['prefill_ms_per_clip']:.1f} | {r['decode_ms_per_step']:.2f} | {r['total_ms_per_clip']:.1f} | "
-            f"{r['clips_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | {peak} | {r['kv_cache_bytes'] / 2**20:.1f} |")
+            f"{r['clips_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | {mib(r['peak_cuda_bytes'])} | {mib(r['kv_cache_bytes'])} |")
     v = report["vision_batch1"]
     c = report["decode_step_counts"]
     lines += [
@@ -321,7 +357,8 @@ def main(argv=None) -> dict:
     vision_ms = vision_loop_vs_batched(model, tokenizer, args)  # leaves the batched tower installed
     counts = step_counts(model, tokenizer, args, schedule)
     flop_ratio = prefill_flop_ratio(model, tokenizer, args, schedule)
-    rows = measure_grid(model, tokenizer, args, schedule)
+    capture_error = check_capture(model, tokenizer, args, schedule)
+    rows = [r for batch in args.batch_sizes for r in measure_batch(model, tokenizer, args, schedule, batch)]
     t, h, w = args.grid
     report = {
         "hardware": hardware(args.device),
@@ -332,9 +369,11 @@ def main(argv=None) -> dict:
         "schedule": {"layers": list(schedule.layers), "keep": list(schedule.keep)},
         "prefill_flop_ratio": flop_ratio,
         "vision_batch1": vision_ms,
+        "static_step_captured": args.capture,
+        "capture_error": capture_error,
         "decode_step_counts": counts,
         "rows": rows,
-        "targets": targets(rows, vision_ms, flop_ratio),
+        "targets": targets(rows, flop_ratio),
         "wall_s": time.perf_counter() - started,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

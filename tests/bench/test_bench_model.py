@@ -14,7 +14,7 @@ from bench import bench_model
 
 TOY = ["--num-layers", "8", "--hidden-size", "64", "--intermediate-size", "128", "--vision-depth", "2",
        "--vision-hidden-size", "32", "--grid", "2", "8", "12", "--batch-sizes", "1", "2",
-       "--new-tokens", "2", "3", "--repeats", "1", "--device", "cpu"]
+       "--new-tokens", "3", "--repeats", "1", "--device", "cpu"]
 
 
 def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
@@ -22,13 +22,16 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     report = json.loads((tmp_path / "model-cpu.json").read_text())
     assert (tmp_path / "model-cpu.md").read_text().startswith("# Whole-model benchmark (CPU")
 
-    rows = {(r["variant"], r["batch"], r["new_tokens"]): r for r in report["rows"]}
-    assert set(rows) == {(v, b, n) for v in ("stock", "v2drop") for b in (1, 2) for n in (2, 3)}
-    for (variant, batch, new_tokens), row in rows.items():
+    all_rows = {(r["variant"], r["engine"], r["batch"], r["new_tokens"]): r for r in report["rows"]}
+    assert set(all_rows) == {(v, e, b, n) for v in ("stock", "v2drop") for e in ("dynamic", "static")
+                             for b in (1, 2) for n in (3,)}
+    assert report["static_step_captured"] is False and report["capture_error"] is None  # CPU: uncaptured
+    for (variant, engine, batch, new_tokens), row in all_rows.items():
         assert row["clips_per_s"] == pytest.approx(1e3 / row["total_ms_per_clip"])
         assert row["output_tokens_per_s"] == pytest.approx(new_tokens * row["clips_per_s"])
         assert row["total_ms_per_clip"] > row["vision_ms_per_clip"] > 0
         assert row["peak_cuda_bytes"] is None  # CPU: the KV cache is the memory figure
+    rows = {(v, b, n): r for (v, e, b, n), r in all_rows.items() if e == "dynamic"}
     for batch in (1, 2):
         assert rows["v2drop", batch, 3]["kv_cache_bytes"] < rows["stock", batch, 3]["kv_cache_bytes"]
         assert rows["stock", batch, 3]["kv_cache_bytes"] == batch * rows["stock", 1, 3]["kv_cache_bytes"]
