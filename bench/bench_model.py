@@ -17,6 +17,10 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
 * peak memory: torch.cuda.max_memory_allocated over vision + generate (CUDA); the KV cache
   bytes after generate everywhere.
 * aten calls and host-device syncs of one decode step (bench.op_counts), stock vs V²Drop.
+* two decode engines: `dynamic` (generate() on a DynamicCache) and `static` (v2drop.static_decode:
+  per-stage preallocated cache, one static-shape step, captured as a CUDA graph on CUDA after a
+  check that captured and uncaptured tokens agree; if capture fails the run goes on uncaptured
+  and the report says why).
 
 Variants run interleaved and the median of `--repeats` is reported, after one warm-up round.
 Writes bench/results/model-<device>[-7b].json and .md (or into --out-dir).
@@ -72,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES,
                    help="dynamic: generate() on a DynamicCache; static: v2drop.static_decode")
     p.add_argument("--capture", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the static decode step (torch.compile reduce-overhead); default: on CUDA")
+                   help="capture the static decode step as a CUDA graph; default: on CUDA")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     if args.capture is None:
@@ -223,15 +227,19 @@ def row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, 
 
 
 def check_capture(model, tokenizer, args, schedule) -> str | None:
-    """Try the captured static step once; on failure measure it uncaptured and say why."""
+    """The captured static step must give the uncaptured step's tokens; otherwise the run goes on
+    uncaptured and the report says why."""
     if not args.capture or "static" not in args.engines:
         return None
-    clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
+    clips = clip_batch(model, tokenizer, args.grid, 2, args.device)
     inputs = text_inputs(clips, encode(model, clips))
     try:
         for variant in VARIANTS:
             set_variant(model, variant, schedule)
-            run_generate(model, inputs, 4, "static", args)
+            eager = static_decode.generate_static(model, fresh(inputs), 8, capture=False, stop_check_every=8)
+            captured = static_decode.generate_static(model, fresh(inputs), 8, capture=True, stop_check_every=8)
+            if not torch.equal(eager, captured):
+                raise RuntimeError(f"{variant}: captured tokens {captured.tolist()} != uncaptured {eager.tolist()}")
         return None
     except Exception as error:  # noqa: BLE001 - the run goes on uncaptured and the report says why
         args.capture = False

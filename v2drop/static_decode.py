@@ -10,8 +10,11 @@ each step and builds masks of growing length, so no step can be captured as a CU
    Each stage also gets a key-valid buffer of the same length (False past what is written).
 3. `decode_step` has static shapes: one token per row in, one token per row out; the cache
    layers write at their own position counters and the stage masks set one column per step,
-   both indexed by device tensors. On CUDA it can be captured (`capture=True`:
-   `torch.compile(mode="reduce-overhead")`, CUDA graphs); on CPU it runs uncaptured.
+   both indexed by device tensors. On CUDA it can be captured as one CUDA graph (`capture=True`):
+   step 0 runs eagerly as the warm-up, the graph is recorded once (recording executes nothing,
+   so no state moves), and steps 1.. replay it after copying the token and the step number into
+   its input buffers. No compiler is involved, so capturing costs about one step per call.
+   On CPU the step runs uncaptured.
 4. Rows that produced an end token emit the pad token from then on, as generate does; the loop
    stops once every row has finished (checked every `stop_check_every` steps, one sync each).
 
@@ -56,12 +59,12 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
         return first
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
     del dynamic
-    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=False) if capture else decode_step
+    step = CapturedStep(model, text_model, state) if capture else EagerStep(model, text_model, state)
     tokens = torch.full((first.shape[0], max_new_tokens), pad, dtype=torch.long, device=first.device)
     tokens[:, :1] = first
     finished = torch.isin(first[:, 0], eos)
     for t in range(max_new_tokens - 1):
-        nxt = step(model, text_model, state, tokens[:, t:t + 1], torch.tensor(t, device=first.device))
+        nxt = step(tokens[:, t:t + 1], t)
         nxt = torch.where(finished, pad, nxt)
         tokens[:, t + 1] = nxt
         finished = finished | torch.isin(nxt, eos)
@@ -85,6 +88,50 @@ def decode_step(model, text_model, state: StaticState, token: torch.Tensor, t: t
     return logits.argmax(dim=-1)
 
 
+class EagerStep:
+    """decode_step called directly (CPU, or CUDA without capture)."""
+
+    def __init__(self, model, text_model, state: StaticState) -> None:
+        self.args = (model, text_model, state)
+
+    def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        return decode_step(*self.args, token, torch.tensor(t, device=token.device))
+
+
+class CapturedStep:
+    """decode_step as one CUDA graph over fixed input buffers (token, step number)."""
+
+    def __init__(self, model, text_model, state: StaticState) -> None:
+        if not torch.cuda.is_available() or state.next_positions.device.type != "cuda":
+            raise ValueError("capture=True needs the model on a CUDA device; use capture=False on CPU")
+        self.args = (model, text_model, state)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.token: torch.Tensor | None = None
+        self.t = torch.zeros((), dtype=torch.long, device=state.next_positions.device)
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        if self.graph is None:
+            return self._warm_up_and_capture(token, t)
+        self.token.copy_(token)
+        self.t.fill_(t)
+        self.graph.replay()
+        return self.out
+
+    def _warm_up_and_capture(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        self.token = token.clone()
+        self.t.fill_(t)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the real step t, also warming up kernels and workspaces
+            first = decode_step(*self.args, self.token, self.t).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records only: cache counters and masks do not move
+            self.out = decode_step(*self.args, self.token, self.t)
+        return first
+
+
 def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_mask, max_new_tokens: int) -> StaticState:
     """Copy a filled DynamicCache into per-layer StaticLayers sized prefill + max_new_tokens."""
     stages = _stage_masks(model, dynamic, attention_mask, positions)
@@ -105,11 +152,7 @@ def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_
         prefill_lengths=torch.tensor([m.shape[1] for m in stages.masks], device=positions.device),
         next_positions=(positions[..., -1:] + 1).contiguous(),
     )
-    # A captured step replays on fixed addresses: tell dynamo these buffers never move (the cache
-    # layers mark their own), so CUDA graphs need not copy them in before every replay.
-    for buffer in (*state.valid, state.prefill_lengths, state.next_positions):
-        torch._dynamo.mark_static_address(buffer)
-    return state
+    return state  # every buffer is only ever mutated in place: a captured step may hold its address
 
 
 def _stage_masks(model, dynamic, attention_mask, positions) -> StageMasks:
