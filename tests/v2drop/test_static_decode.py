@@ -63,3 +63,19 @@ def test_each_stage_cache_is_sized_to_its_own_prefill_plus_new_tokens():
     schedule = v2drop.Schedule.for_retention(NUM_LAYERS, 0.25)
     assert state.starts == [0, *schedule.layers]
     assert [v.shape[1] for v in state.valid] == [lengths[s] + 5 for s in state.starts]
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["stock", "v2drop"])
+def test_static_step_asks_the_device_nothing(dropping):
+    from bench.op_counts import SYNC_OPS, OpCounter
+
+    model, inputs = _setup("qwen2_5_vl", dropping)
+    text_model = model.model.language_model
+    first, dynamic, positions = static_decode._prefill(model, text_model, inputs)
+    state = static_decode.static_state(model, text_model, dynamic, positions, inputs["attention_mask"], 4)
+    step = static_decode.EagerStep(model, text_model, state)
+    step(first, 0)
+    with torch.no_grad(), OpCounter() as counter:
+        step(first, 1)
+    assert sum(counter.calls.get(op, 0) for op in SYNC_OPS) == 0  # capturable: no host reads
+    assert [int(layer.cumulative_length) for layer in state.cache.layers[:1]] == [dynamic.layers[0].keys.shape[2] + 2]
