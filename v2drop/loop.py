@@ -10,7 +10,9 @@ type. What changes here:
   so layers of later stages have shorter caches. A family's per-token additions after its first
   layers (Qwen3-VL DeepStack) are one more gathered tensor.
 * Later forwards on that cache (decode, or a continuation chunk): one 2-D key mask per stage,
-  grown by the new tokens, sized against that stage's own cache length. Positions come from
+  grown by the new tokens, sized against that stage's own cache length, and turned into the
+  attention mask without a host-device sync (`v2drop.key_masks`): one sync per stage made a
+  V²Drop decode step slower than a stock one on GPU. Positions come from
   the caller and continue from the unpruned length.
 * The cache reaches layers and mask builders under the installed transformers' keyword
   (`v2drop.compat.cache_kwarg`: `cache` from 5.24, `past_key_values` before), never both.
@@ -34,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from v2drop.adapters.base import FamilyAdapter
 from v2drop.compat import cache_kwarg
 from v2drop.flops import TextShape, prefill_flops
+from v2drop import key_masks
 from v2drop.schedule import Schedule
 from v2drop.select import compact, keep_counts, select_visual, variation_scores
 from v2drop.tokens import TokenState
@@ -48,6 +51,9 @@ class StageMasks:
 
     starts: list[int]  # first layer of each stage
     masks: list[torch.Tensor]  # [B, cached length of that stage] bool
+    # True while no stage's mask holds padding (a host flag, so decode steps need not ask the
+    # GPU per stage; see v2drop.key_masks). False is always safe: masks are then built.
+    all_valid: bool = False
 
     def stage_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         ends = self.starts[1:] + [num_layers]
@@ -155,7 +161,8 @@ def prefill_with_drops(
         add_after_layer(state, i)
     return PrefillResult(
         hidden=text_model.norm(state.hidden),
-        stage_masks=StageMasks(starts=starts, masks=masks),
+        stage_masks=StageMasks(starts=starts, masks=masks,
+                               all_valid=key_masks.all_real(torch.stack([m.all() for m in masks]))),
         visual_per_layer=torch.stack(visual_counts),
         text_tokens=text_tokens,
         kept_positions=kept_positions,
@@ -173,8 +180,15 @@ def continue_on_dropped_cache(
     use_cache: bool,
     kwargs: dict,
 ) -> torch.Tensor:
-    """Decode steps (or a text continuation) on a cache whose stages hold different lengths."""
+    """Decode steps (or a text continuation) on a cache whose stages hold different lengths.
+
+    At most one host-device sync per call, as the stock forward (see v2drop.key_masks)."""
     num_new = hidden.shape[1]
+    attn = text_model.config._attn_implementation
+    all_valid = still_all_valid(stage_masks, new_valid, attn)
+    # A maskless multi-token chunk would make sdpa assume upper-left causality over a longer
+    # cache, so only single-token steps go without masks.
+    maskless = all_valid and num_new == 1
     for s, (start, end) in enumerate(stage_masks.stage_ranges(len(text_model.layers))):
         valid = torch.cat([stage_masks.masks[s], new_valid], dim=1)
         cached = cache.get_seq_length(start)
@@ -183,7 +197,12 @@ def continue_on_dropped_cache(
                 f"v2drop: stage starting at layer {start} has a {cached}-token cache but a "
                 f"{valid.shape[1] - num_new}-token key mask; the cache was changed outside generate()"
             )
-        mask = causal_mask(text_model, hidden, valid, cache, start)
+        if maskless:
+            mask = None
+        elif key_masks.builds_masks_for(attn):
+            mask = key_masks.additive_key_mask(valid, num_new, hidden.dtype)
+        else:
+            mask = causal_mask(text_model, hidden, valid, cache, start)
         for layer in text_model.layers[start:end]:
             hidden = layer(
                 hidden,
@@ -196,7 +215,23 @@ def continue_on_dropped_cache(
             )
         if use_cache:
             stage_masks.masks[s] = valid
+    if use_cache:
+        stage_masks.all_valid = all_valid
     return text_model.norm(hidden)
+
+
+def still_all_valid(stage_masks: StageMasks, new_valid: torch.Tensor, attn_implementation: str) -> bool:
+    """True when, with the new tokens, no stage's mask holds padding (tracked for sdpa only: other
+    kernels gain nothing from knowing).
+
+    No question to the GPU for a one-token step on an unpadded cache: generate() keeps a 2-D mask
+    only when the prompt is padded (then this flag is already False), so its decode tokens are
+    real, and the stock forward asks nothing there either. A multi-token chunk is asked about once,
+    as the stock forward asks once per call. A caller that marks a single decode token as padding
+    on an unpadded cache must send it as part of a chunk."""
+    if attn_implementation != "sdpa" or not stage_masks.all_valid:
+        return False
+    return new_valid.shape[1] == 1 or key_masks.all_real(new_valid)
 
 
 def per_sample_stats(result: PrefillResult, schedule: Schedule, shape: TextShape) -> list[dict]:

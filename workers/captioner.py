@@ -137,6 +137,7 @@ def load_for_captioning(
         attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
         device=choose_device(num_gpus),
     )
+    v2drop.vision.install(model)  # batched window attention on sdpa towers, stock and V²Drop alike
     retention = float(model_cfg.get("retention", 1.0))
     scorer = str(model_cfg.get("scorer") or "variation")
     enable_v2drop(model, retention, scorer)

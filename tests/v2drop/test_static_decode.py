@@ -1,0 +1,81 @@
+"""Greedy decoding on the preallocated per-stage cache gives generate()'s tokens, stock and V²Drop,
+for the three families, on left-padded batches; it stops once every row has finished.
+
+Runs the static-shape step uncaptured (CPU); capture is a CUDA-only option of the same function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import v2drop
+from v2drop import testing as models
+from v2drop import static_decode
+
+NUM_LAYERS = 8
+QUESTIONS = ["Describe.", "What happens in this long clip here?"]
+
+
+def _setup(family: str, dropping: bool):
+    model = models.model(family, num_layers=NUM_LAYERS)
+    visual = models.Visual("video", (2, 0, 0) if family == "llava_onevision" else (2, 8, 8))
+    inputs = models.batch(family, [models.Sample(q, visual) for q in QUESTIONS])
+    if dropping:
+        v2drop.enable(model, v2drop.Schedule.for_retention(NUM_LAYERS, 0.25))
+    return model, inputs
+
+
+def _reference(model, inputs, new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["stock", "v2drop"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_static_cache_tokens_equal_generate(family, dropping):
+    model, inputs = _setup(family, dropping)
+    expected = _reference(model, inputs, 10)
+    assert static_decode.generate_static(model, inputs, 10).tolist() == expected.tolist()
+
+
+def test_rows_that_finish_emit_pad_and_the_loop_stops_when_all_have():
+    model, inputs = _setup("qwen2_5_vl", dropping=True)
+    free_run = _reference(model, inputs, 12)
+    # Make row 1's 3rd token and row 0's 5th the end tokens (if they differ): rows finish at different steps.
+    model.generation_config.eos_token_id = [int(free_run[1, 2]), int(free_run[0, 4])]
+    expected = _reference(model, inputs, 12)
+    got = static_decode.generate_static(model, inputs, 12)
+    assert got.shape[1] < 12  # stopped early: every row had finished
+    assert got.tolist() == expected[:, : got.shape[1]].tolist()
+    assert (expected[:, got.shape[1]:] == model.generation_config.pad_token_id).all()
+
+
+def test_each_stage_cache_is_sized_to_its_own_prefill_plus_new_tokens():
+    model, inputs = _setup("qwen2_5_vl", dropping=True)
+    text_model = model.model.language_model
+    first, dynamic, positions = static_decode._prefill(model, text_model, inputs)
+    lengths = [layer.keys.shape[2] for layer in dynamic.layers]
+    state = static_decode.static_state(model, text_model, dynamic, positions, inputs["attention_mask"], 5)
+    assert [layer.max_cache_len for layer in state.cache.layers] == [n + 5 for n in lengths]
+    assert lengths[-1] < lengths[0]  # later stages hold fewer tokens after the drops
+    schedule = v2drop.Schedule.for_retention(NUM_LAYERS, 0.25)
+    assert state.starts == [0, *schedule.layers]
+    assert [v.shape[1] for v in state.valid] == [lengths[s] + 5 for s in state.starts]
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["stock", "v2drop"])
+def test_static_step_asks_the_device_nothing(dropping):
+    from bench.op_counts import SYNC_OPS, OpCounter
+
+    model, inputs = _setup("qwen2_5_vl", dropping)
+    text_model = model.model.language_model
+    first, dynamic, positions = static_decode._prefill(model, text_model, inputs)
+    state = static_decode.static_state(model, text_model, dynamic, positions, inputs["attention_mask"], 4)
+    step = static_decode.EagerStep(model, text_model, state)
+    step(first, 0)
+    with torch.no_grad(), OpCounter() as counter:
+        step(first, 1)
+    assert sum(counter.calls.get(op, 0) for op in SYNC_OPS) == 0  # capturable: no host reads
+    assert [int(layer.cumulative_length) for layer in state.cache.layers[:1]] == [dynamic.layers[0].keys.shape[2] + 2]

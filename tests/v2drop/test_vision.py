@@ -1,0 +1,87 @@
+"""The batched vision attention equals the stock per-segment loop, on ragged windows too.
+
+Grids in patches; Qwen2.5-VL windows are 8x8 patches, so (2, 12, 20) has windows of 64, 32 and
+16 patches (right edge, bottom edge, corner), and two videos of different sizes give full-attention
+segments of different lengths. A tower of 4 blocks with full attention in blocks 1 and 3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from v2drop import testing as models
+from v2drop import tiny, vision
+
+GRIDS = {
+    "one-video-even-windows": [(2, 16, 16)],
+    "ragged-windows": [(2, 12, 20)],
+    "two-videos-two-sizes": [(4, 12, 20), (2, 16, 16)],
+    "tiny-image-single-window": [(1, 4, 6)],
+}
+
+
+def _tower(family: str, attn: str = "sdpa"):
+    config = tiny.build_config(family, models.tokenizer(family), vision_depth=4)
+    if family == "qwen2_5_vl":
+        config.vision_config.fullatt_block_indexes = [1, 3]
+    model = tiny.build_model(config, seed=1)
+    for sub in (model.config, model.config.vision_config, model.config.text_config):
+        sub._attn_implementation = attn
+    return model
+
+
+def _encode(model, grids) -> torch.Tensor:
+    patches = sum(t * h * w for t, h, w in grids)
+    family = model.config.model_type
+    pixels = torch.randn(patches, models.PATCH_DIM[family], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.model.get_video_features(pixels, torch.tensor(grids), return_dict=True)
+    return torch.cat(list(out.pooler_output))
+
+
+@pytest.mark.parametrize("grids", list(GRIDS.values()), ids=list(GRIDS))
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_batched_tower_equals_stock_tower(family, grids):
+    model = _tower(family)
+    stock = _encode(model, grids)
+    assert vision.install(model) == 4
+    fast = _encode(model, grids)
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)
+    vision.uninstall(model)
+    torch.testing.assert_close(_encode(model, grids), stock, atol=0, rtol=0)
+
+
+def test_batched_tower_makes_a_few_attention_calls_not_one_per_window():
+    from bench.op_counts import OpCounter
+
+    model = _tower("qwen2_5_vl")
+    grids = [(2, 12, 20)]  # 2 frames x 6 windows per frame = 12 windows in 3 sizes
+    with OpCounter() as stock:
+        _encode(model, grids)
+    vision.install(model)
+    with OpCounter() as fast:
+        _encode(model, grids)
+    assert _attention_calls(stock) == 2 * 12 + 2 * 2  # 2 window blocks x 12 windows, 2 full blocks x 2 frames
+    assert _attention_calls(fast) == 2 * 3 + 2 * 1  # one call per window size; the frames are one call
+
+
+def _attention_calls(counter) -> int:
+    # sdpa reaches the dispatcher as the kernel it chose (on CPU `_scaled_dot_product_flash_attention_for_cpu`)
+    return sum(n for op, n in counter.calls.items() if "scaled_dot_product" in op)
+
+
+def test_install_leaves_eager_towers_and_llava_alone():
+    assert vision.install(_tower("qwen2_5_vl", attn="eager")) == 0
+    assert vision.install(_tower("llava_onevision")) == 0
+
+
+def test_segment_groups_worked_example():
+    groups = vision.segment_groups(torch.tensor([0, 64, 128, 176, 240]))
+    by_length = {g.length: g for g in groups.groups}
+    assert sorted(by_length) == [48, 64] and by_length[64].num_segments == 3
+    assert by_length[48].index.tolist() == list(range(128, 176))
+    order = torch.cat([g.index for g in groups.groups])
+    assert order[groups.inverse].tolist() == list(range(240))
+    single = vision.segment_groups(torch.tensor([0, 16, 32]))
+    assert single.inverse is None and single.groups[0].index is None

@@ -1,0 +1,194 @@
+"""Greedy decoding on a preallocated KV cache per stage, with one static-shape step function.
+
+The dynamic path (`model.generate` on a DynamicCache) grows every layer's cache with `torch.cat`
+each step and builds masks of growing length, so no step can be captured as a CUDA graph. Here:
+
+1. `generate(max_new_tokens=1)` runs the prefill (stock or V²Drop) and gives the first token, the
+   filled DynamicCache, and (through a hook on the text model) the prompt's rotary positions.
+2. Each layer's cache is copied into a transformers `StaticLayer` sized to that layer's own
+   prefill length plus the new tokens: after a V²Drop prefill the later stages are shorter.
+   Each stage also gets a key-valid buffer of the same length (False past what is written).
+3. `decode_step` has static shapes: one token per row in, one token per row out; the cache
+   layers write at their own position counters and the stage masks set one column per step,
+   both indexed by device tensors. On CUDA it can be captured as one CUDA graph (`capture=True`):
+   step 0 runs eagerly as the warm-up, the graph is recorded once (recording executes nothing,
+   so no state moves), and steps 1.. replay it after copying the token and the step number into
+   its input buffers. No compiler is involved, so capturing costs about one step per call.
+   On CPU the step runs uncaptured.
+4. Rows that produced an end token emit the pad token from then on, as generate does; the loop
+   stops once every row has finished (checked every `stop_check_every` steps, one sync each).
+
+Worked example, 2 stages over 4 layers, prefill lengths (10, 4), 3 new tokens: layers 0-1 get
+13-slot caches, layers 2-3 7-slot caches; step t writes slot 10 + t and 4 + t respectively.
+Next-token positions continue from the prompt's last rotary position + 1 per row (the M-RoPE
+text rule of the Qwen families; 1-D RoPE for LLaVA-OneVision).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from v2drop import api, key_masks
+from v2drop.adapters import adapter_for
+from v2drop.compat import cache_kwarg, output_cache
+from v2drop.loop import StageMasks, rotary
+
+
+@dataclass
+class StaticState:
+    """Everything the captured step reads or mutates in place (fixed addresses)."""
+
+    cache: Cache  # StaticLayer per decoder layer, sized per stage
+    starts: list[int]  # first layer of each stage
+    valid: list[torch.Tensor]  # per stage [B, prefill_len_s + max_new_tokens] bool
+    prefill_lengths: torch.Tensor  # [num_stages] long: where step 0 writes in each stage
+    next_positions: torch.Tensor  # [3, B, 1] (M-RoPE) or [B, 1]: rotary position of step 0's token
+
+
+@torch.no_grad()
+def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool = False,
+                    stop_check_every: int = 1) -> torch.Tensor:
+    """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new tokens."""
+    text_model = adapter_for(model).text_model(model)
+    first, dynamic, positions = _prefill(model, text_model, inputs)
+    eos, pad = _end_tokens(model)
+    if max_new_tokens == 1:
+        return first
+    state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
+    del dynamic
+    step = CapturedStep(model, text_model, state) if capture else EagerStep(model, text_model, state)
+    tokens = torch.full((first.shape[0], max_new_tokens), pad, dtype=torch.long, device=first.device)
+    tokens[:, :1] = first
+    finished = torch.isin(first[:, 0], eos)
+    for t in range(max_new_tokens - 1):
+        nxt = step(tokens[:, t:t + 1], t)
+        nxt = torch.where(finished, pad, nxt)
+        tokens[:, t + 1] = nxt
+        finished = finished | torch.isin(nxt, eos)
+        if (t + 1) % stop_check_every == 0 and bool(finished.all()):
+            return tokens[:, : t + 2]
+    return tokens
+
+
+def decode_step(model, text_model, state: StaticState, token: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One greedy step with static shapes: token [B, 1] at step t (0-d long) -> next token [B]."""
+    hidden = text_model.embed_tokens(token)
+    cos, sin = rotary(text_model, hidden, state.next_positions + t)
+    ends = state.starts[1:] + [len(text_model.layers)]
+    for s, (start, end) in enumerate(zip(state.starts, ends)):
+        state.valid[s].index_fill_(1, (state.prefill_lengths[s] + t).view(1), True)
+        mask = key_masks.additive_key_mask(state.valid[s], 1, hidden.dtype)
+        for layer in text_model.layers[start:end]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
+                           use_cache=True, **cache_kwarg(state.cache))
+    logits = model.lm_head(text_model.norm(hidden[:, -1]))
+    return logits.argmax(dim=-1)
+
+
+class EagerStep:
+    """decode_step called directly (CPU, or CUDA without capture)."""
+
+    def __init__(self, model, text_model, state: StaticState) -> None:
+        self.args = (model, text_model, state)
+
+    def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        return decode_step(*self.args, token, torch.tensor(t, device=token.device))
+
+
+class CapturedStep:
+    """decode_step as one CUDA graph over fixed input buffers (token, step number)."""
+
+    def __init__(self, model, text_model, state: StaticState) -> None:
+        if not torch.cuda.is_available() or state.next_positions.device.type != "cuda":
+            raise ValueError("capture=True needs the model on a CUDA device; use capture=False on CPU")
+        self.args = (model, text_model, state)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.token: torch.Tensor | None = None
+        self.t = torch.zeros((), dtype=torch.long, device=state.next_positions.device)
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        if self.graph is None:
+            return self._warm_up_and_capture(token, t)
+        self.token.copy_(token)
+        self.t.fill_(t)
+        self.graph.replay()
+        return self.out
+
+    def _warm_up_and_capture(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        self.token = token.clone()
+        self.t.fill_(t)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the real step t, also warming up kernels and workspaces
+            first = decode_step(*self.args, self.token, self.t).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records only: cache counters and masks do not move
+            self.out = decode_step(*self.args, self.token, self.t)
+        return first
+
+
+def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_mask, max_new_tokens: int) -> StaticState:
+    """Copy a filled DynamicCache into per-layer StaticLayers sized prefill + max_new_tokens."""
+    stages = _stage_masks(model, dynamic, attention_mask, positions)
+    layers = []
+    for layer in dynamic.layers:
+        length = layer.keys.shape[2]
+        static = StaticLayer(max_cache_len=length + max_new_tokens)
+        static.lazy_initialization(layer.keys, layer.values)
+        static.keys[:, :, :length] = layer.keys
+        static.values[:, :, :length] = layer.values
+        static.cumulative_length.fill_(length)
+        layers.append(static)
+    valid = [torch.nn.functional.pad(m.bool(), (0, max_new_tokens), value=False) for m in stages.masks]
+    state = StaticState(
+        cache=Cache(layers=layers),
+        starts=list(stages.starts),
+        valid=valid,
+        prefill_lengths=torch.tensor([m.shape[1] for m in stages.masks], device=positions.device),
+        next_positions=(positions[..., -1:] + 1).contiguous(),
+    )
+    return state  # every buffer is only ever mutated in place: a captured step may hold its address
+
+
+def _stage_masks(model, dynamic, attention_mask, positions) -> StageMasks:
+    """The V²Drop per-stage key masks of this cache, or one stage over the prompt's mask (stock)."""
+    state = getattr(model, api._STATE_ATTR, None)
+    if state is not None and state.owns(dynamic) and state.stage_masks is not None:
+        return StageMasks(starts=list(state.stage_masks.starts), masks=list(state.stage_masks.masks))
+    batch, length = positions.shape[-2], dynamic.layers[0].keys.shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.bool, device=positions.device)
+    return StageMasks(starts=[0], masks=[attention_mask.to(device=positions.device, dtype=torch.bool)])
+
+
+def _prefill(model, text_model, inputs: dict):
+    """First token [B, 1], the filled DynamicCache, and the prompt's rotary positions."""
+    adapter = adapter_for(model)
+    seen = {}
+
+    def record(module, args, kwargs):
+        if "positions" not in seen:  # the prefill is the first text-model call
+            embeds = kwargs.get("inputs_embeds")
+            seen["positions"] = adapter.positions(module, embeds, kwargs.get("position_ids"), None)
+
+    hook = text_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        call = {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}
+        out = model.generate(**call, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    return out.sequences[:, -1:], output_cache(out), seen["positions"]
+
+
+def _end_tokens(model) -> tuple[torch.Tensor, int]:
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    device = next(model.parameters()).device
+    pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
+    return torch.tensor(eos, device=device), int(pad)

@@ -1,0 +1,143 @@
+"""Qwen vision towers on sdpa without a Python loop per attention window.
+
+The Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention (transformers 5.23-5.24) packs every
+window (Qwen2.5-VL's 8x8-patch windows) or frame (full-attention blocks) of a batch into one
+sequence described by `cu_seqlens`. Without flash-attn's varlen kernel, transformers splits that
+sequence and calls attention once per segment, in Python: 16 frames at 448x448 are 256 windows,
+so 256 small sdpa calls in each of 28 window blocks, and a host-device sync (`lengths.tolist()`)
+per block. On an H200 that made the tower cost 5.6x the language-model prefill.
+
+Here the segments are grouped by length, and each group runs as ONE batched sdpa call with no
+mask (so the GPU may pick its flash kernel): a video of equal-size frames is one call per block;
+ragged windows at a frame's right and bottom edges add a few more (full, right edge, bottom
+edge, corner). Worked example, cu_seqlens [0, 64, 128, 176, 240]: lengths 64, 64, 48, 64 ->
+groups {64: starts 0, 64, 176} and {48: start 128}; outputs are put back in sequence order with
+one gather. The grouping costs one sync and is computed once per distinct `cu_seqlens` tensor
+(the tower passes the same two tensors, windows and frames, to every block).
+
+`install(model)` swaps the forward of each vision-attention module (an instance attribute; the
+class and other models are untouched), for towers that run on sdpa. flash-attn stays an option:
+with it the stock varlen path is kept. LLaVA-OneVision's SigLIP tower already runs its frames as
+one batch and is left alone.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Vision-attention classes whose forward this module reproduces (their code is the same in
+# qwen2_vl, qwen2_5_vl and qwen3_vl for transformers 5.23-5.24).
+ATTENTION_CLASSES = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention")
+_INSTALLED_ATTR = "_v2drop_batched_vision"
+
+
+@dataclass(frozen=True)
+class LengthGroup:
+    index: torch.Tensor | None  # [n * length] token positions, segments in order; None: the whole sequence
+    num_segments: int
+    length: int
+
+
+@dataclass(frozen=True)
+class SegmentGroups:
+    """A packed sequence as groups of equal-length segments."""
+
+    groups: tuple[LengthGroup, ...]
+    # [S] where each token sits in the concatenated group outputs; None when there is one group
+    # covering the sequence in order (no gather needed)
+    inverse: torch.Tensor | None
+
+
+def segment_groups(cu_seqlens: torch.Tensor) -> SegmentGroups:
+    """Group the segments [cu[i], cu[i+1]) by length. One host-device sync (the boundaries)."""
+    bounds = cu_seqlens.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    if len(starts_by_length) == 1:
+        ((length, starts),) = starts_by_length.items()
+        return SegmentGroups((LengthGroup(None, len(starts), length),), None)
+    device = cu_seqlens.device
+    groups, order = [], []
+    for length, starts in starts_by_length.items():
+        index = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()
+        order.append(index)
+        groups.append(LengthGroup(index.to(device), len(starts), length))
+    inverse = torch.argsort(torch.cat(order)).to(device)
+    return SegmentGroups(tuple(groups), inverse)
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      groups: SegmentGroups, scale: float) -> torch.Tensor:
+    """Attention within each segment. query/key/value: [S, H, d] -> [S, H * d]."""
+    seq, heads, dim = query.shape
+    outputs = []
+    for group in groups.groups:
+        q, k, v = (t if group.index is None else t.index_select(0, group.index) for t in (query, key, value))
+        # [n * M, H, d] -> [n, H, M, d]: one sdpa call over all n segments of this length
+        q, k, v = (t.reshape(group.num_segments, group.length, heads, dim).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        outputs.append(out.transpose(1, 2).reshape(group.num_segments * group.length, heads * dim))
+    if groups.inverse is None:
+        return outputs[0]
+    return torch.cat(outputs).index_select(0, groups.inverse)
+
+
+class _GroupsCache:
+    """The grouping of the last two `cu_seqlens` tensors seen (windows and frames of one forward).
+
+    Keyed by tensor identity; the tensors are held, so an id cannot be reused while cached."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.Tensor, SegmentGroups]] = []
+
+    def get(self, cu_seqlens: torch.Tensor) -> SegmentGroups:
+        for tensor, groups in self.entries:
+            if tensor is cu_seqlens:
+                return groups
+        groups = segment_groups(cu_seqlens)
+        self.entries = [*self.entries[-1:], (cu_seqlens, groups)]
+        return groups
+
+
+def _batched_forward(rotary, cache: _GroupsCache):
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+        seq = hidden_states.shape[0]
+        query, key, value = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        query, key = rotary(query, key, cos, sin)
+        attended = grouped_attention(query, key, value, cache.get(cu_seqlens), self.scaling)
+        return self.proj(attended)
+
+    return forward
+
+
+def vision_attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
+
+
+def install(model: nn.Module) -> int:
+    """Batch the vision tower's attention windows (sdpa towers only). Returns how many attention
+    modules were switched (0 for towers without segment loops, or not on sdpa). Idempotent."""
+    modules = [m for m in vision_attention_modules(model) if m.config._attn_implementation == "sdpa"]
+    cache = _GroupsCache()  # one per model: every block sees the same cu_seqlens tensors
+    for module in modules:
+        rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        module.forward = types.MethodType(_batched_forward(rotary, cache), module)
+        setattr(module, _INSTALLED_ATTR, True)
+    return len(modules)
+
+
+def uninstall(model: nn.Module) -> None:
+    """The stock per-segment loop again."""
+    for module in vision_attention_modules(model):
+        if getattr(module, _INSTALLED_ATTR, False):
+            del module.forward
+            delattr(module, _INSTALLED_ATTR)
