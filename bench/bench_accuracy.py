@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+from bench import report as report_file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -283,10 +284,7 @@ def main(argv=None) -> dict[str, Any]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"accuracy-{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    report_file.write(stem, report, markdown(report))
     return report
 
 

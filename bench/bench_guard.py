@@ -19,7 +19,6 @@ ratios mean anything. Writes bench/results/guard-cpu[-tiny].json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bench_pipeline
+from bench import report as report_file
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"none": ["quality.shadow_fraction=0"], "all": ["quality.shadow_fraction=1.0"]}
@@ -146,10 +146,7 @@ def main(argv=None) -> dict[str, Any]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / ("guard-cpu" + ("-tiny" if args.model == "tiny" else ""))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    report_file.write(stem, report, markdown(report))
     return report
 
 

@@ -29,7 +29,6 @@ Writes bench/results/model-<device>[-7b].json and .md (or into --out-dir).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,8 +37,10 @@ from pathlib import Path
 import torch
 
 import v2drop
+from bench import report as report_file
 from bench.bench_v2drop import SEVEN_B, hardware, kv_cache_bytes
 from bench.op_counts import decode_step_counts
+from bench.report import timed
 from v2drop import static_decode, tiny, vision
 from v2drop.compat import output_cache
 
@@ -146,18 +147,6 @@ def set_variant(model, variant: str, schedule) -> None:
 # -- measurement -------------------------------------------------------------------------
 
 
-def timed(fn, device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end), out
-    begin = time.perf_counter()
-    out = fn()
-    return (time.perf_counter() - begin) * 1e3, out
 
 
 @torch.no_grad()
@@ -386,10 +375,8 @@ def main(argv=None) -> dict:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"model-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md in {report['wall_s']:.0f} s")
+    report_file.write(stem, report, markdown(report))
+    print(f"in {report['wall_s']:.0f} s")
     return report
 
 

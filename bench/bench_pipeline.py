@@ -47,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from bench import report as report_file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -303,10 +304,7 @@ def main(argv=None) -> None:
     report["bench_wall_s"] = time.perf_counter() - began
     RESULTS_DIR.mkdir(exist_ok=True)
     stem = RESULTS_DIR / ("pipeline-cpu" + ("-qa" if args.job == "qa" else "") + ("-tiny" if args.model == "tiny" else ""))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    report_file.write(stem, report, markdown(report))
 
 
 if __name__ == "__main__":

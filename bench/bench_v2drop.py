@@ -24,7 +24,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,8 @@ import torch
 import v2drop
 from v2drop import tiny
 from v2drop.compat import output_cache
+from bench import report as report_file
+from bench.report import timed
 
 VARIANTS = ("full", "v2drop", "random")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -109,17 +110,6 @@ def set_variant(model, variant: str, schedule) -> None:
 # -- measurement -------------------------------------------------------------------------
 
 
-def timed(fn, device) -> tuple[float, object]:
-    if device.startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end), out
-    begin = time.perf_counter()
-    out = fn()
-    return (time.perf_counter() - begin) * 1e3, out
 
 
 def fresh(inputs: dict) -> dict:
@@ -291,10 +281,7 @@ def main(argv=None) -> None:
     report = summarise(args, measured, peaks)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"v2drop-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    report_file.write(stem, report, markdown(report))
 
 
 if __name__ == "__main__":
