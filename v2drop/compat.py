@@ -32,9 +32,14 @@ CACHE_ARG: str = "cache" if "cache" in inspect.signature(create_causal_mask).par
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
+def installed_version() -> str:
+    """The transformers version this process imported (the one place that reads it)."""
+    return transformers.__version__
+
+
 def installed_series(version: str | None = None) -> str:
     """'5.24' for '5.24.0' or '5.24.0.dev0'."""
-    return ".".join((version or transformers.__version__).split(".")[:2])
+    return ".".join((version or installed_version()).split(".")[:2])
 
 
 def is_tested(version: str | None = None) -> bool:
@@ -48,7 +53,7 @@ def untested_allowed(allow_untested: bool = False) -> bool:
 def check_transformers(allow_untested: bool = False, version: str | None = None) -> bool:
     """True when the installed transformers is a tested one; False when it is not but the caller
     opted in (a self-check must then run); a ValueError otherwise."""
-    version = version or transformers.__version__
+    version = version or installed_version()
     if is_tested(version):
         return True
     if untested_allowed(allow_untested):

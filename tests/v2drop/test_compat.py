@@ -15,6 +15,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 import v2drop
+import v2drop.api as api
 from v2drop import compat, loop, runtime_check
 from v2drop import testing as models
 
@@ -50,7 +51,10 @@ def test_the_lock_pins_the_newest_and_the_range_test_the_oldest():
 
 
 def test_enable_refuses_an_untested_transformers(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    assert compat.check_transformers(version=transformers.__version__)  # the installed one is tested
+    with pytest.raises(ValueError, match=r"tested with transformers 5\.23, 5\.24; installed 5\.25\.0"):
+        compat.check_transformers(version="5.25.0")
+    monkeypatch.setattr(api.compat, "installed_version", lambda: "5.25.0")  # what enable() reads
     monkeypatch.delenv(compat.ALLOW_UNTESTED_ENV, raising=False)
     model = models.model("qwen2_5_vl")
     with pytest.raises(ValueError, match=r"tested with transformers 5\.23, 5\.24; installed 5\.25\.0") as error:
@@ -61,7 +65,10 @@ def test_enable_refuses_an_untested_transformers(monkeypatch):
 
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_opting_in_runs_the_self_check_first(monkeypatch, how):
-    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    monkeypatch.setattr(api.compat, "installed_version", lambda: "5.25.0")
+    monkeypatch.delenv(compat.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(ValueError):  # without the opt-in, refused
+        compat.check_transformers()
     ran = []
     real_run = runtime_check.run
     monkeypatch.setattr(runtime_check, "run", lambda *a: ran.append(a) or real_run(*a))
@@ -94,8 +101,6 @@ def test_the_self_check_catches_layers_called_with_the_wrong_cache(monkeypatch):
 
 def test_the_self_check_catches_a_wrong_drop(monkeypatch):
     """Keeping the LOWEST scores instead of the highest passes keep 1.0 but not the reference."""
-    import v2drop.api as api
-
     monkeypatch.setattr(api, "variation_scores", lambda now, prev: -(now.float() - prev.float()).norm(dim=-1))
     with pytest.raises(v2drop.SelfCheckError, match=r"with drops, sample 0 of a padded batch vs the slow reference"):
         v2drop.self_check("qwen3_vl", cached=False)
