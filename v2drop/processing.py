@@ -12,7 +12,7 @@ one part swapped: the video processor, replaced by a numpy + PIL one (`QwenVideo
 `Qwen3VideoFramesProcessor`, `LlavaOnevisionVideoFramesProcessor`) that reads the same config files and computes the same tensors. The
 only expected difference from the torchvision video processor is the bicubic resize (PIL on uint8 versus
 torchvision on uint8 tensors), which may differ by rounding: about one grey level where frames are resized
-(1 / 255 / std = 0.015 after normalisation), none where they keep their size. Written for transformers 5.23 (`_check_transformers_version`).
+(1 / 255 / std = 0.015 after normalisation), none where they keep their size. Written for transformers 5.23-5.24 (`v2drop.compat.TESTED_TRANSFORMERS`, `_check_transformers_version`).
 
     processor = load_processor("Qwen/Qwen2.5-VL-7B-Instruct")       # or a `v2drop.tiny` directory
     text = processor.apply_chat_template(conversation)              # "...<|vision_start|><|video_pad|>..."
@@ -52,7 +52,6 @@ from transformers.video_processing_utils import BaseVideoProcessor
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
-TESTED_TRANSFORMERS = "5.23"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)  # Qwen3-VL
@@ -179,16 +178,17 @@ class OfflineProcessor:
 
 # --------------------------------------------------------------------------------------------- loading
 def _check_transformers_version() -> None:
-    """The swap relies on 5.23 internals (a `BaseVideoProcessor` subclass builds without torchvision; the
-    processors call `video_processor(videos, **videos_kwargs)`); warn, do not refuse, on other versions."""
-    import transformers
+    """The swap relies on transformers internals (a `BaseVideoProcessor` subclass builds without
+    torchvision; the processors call `video_processor(videos, **videos_kwargs)`); warn, do not refuse,
+    outside the tested series (v2drop.compat, the one list)."""
+    from v2drop import compat
 
-    if not transformers.__version__.startswith(TESTED_TRANSFORMERS):
+    if not compat.is_tested():
         logger.warning(
             "v2drop.processing.OfflineProcessor was written for transformers %s; found %s. Run "
             "tests/v2drop/test_processing.py before trusting its outputs.",
-            TESTED_TRANSFORMERS,
-            transformers.__version__,
+            ", ".join(compat.TESTED_TRANSFORMERS),
+            compat.installed_version(),
         )
 
 
