@@ -157,14 +157,15 @@ def encode(model, clips: dict):
 @torch.no_grad()
 def run_generate(model, inputs: dict, new_tokens: int, engine: str, args):
     """Exactly `new_tokens` greedy steps per row (the static engine checks for finished rows only
-    at the end, as generate's min_new_tokens keeps every row going); returns its KV-cache bytes."""
+    at the end, as generate's min_new_tokens keeps every row going); returns (KV-cache bytes or
+    None, the new tokens [B, new_tokens])."""
     if engine == "dynamic":
         out = model.generate(**fresh(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, return_dict_in_generate=True)
-        return kv_cache_bytes(output_cache(out))
-    static_decode.generate_static(model, fresh(inputs), new_tokens, capture=args.capture,
-                                  stop_check_every=new_tokens)
-    return None
+        return kv_cache_bytes(output_cache(out)), out.sequences[:, -new_tokens:]
+    tokens = static_decode.generate_static(model, fresh(inputs), new_tokens, capture=args.capture,
+                                           stop_check_every=new_tokens)
+    return None, tokens
 
 
 def timed_median(fn, repeats: int, device: str):
@@ -188,16 +189,33 @@ def measure_batch(model, tokenizer, args, schedule, batch: int) -> list[dict]:
         set_variant(model, variant, schedule)
         prefill_ms, _ = timed_median(lambda: model(**fresh(inputs), use_cache=True, logits_to_keep=1),
                                      args.repeats, args.device)
+        tokens_by_engine = {}
         for engine in args.engines:
             for new_tokens in args.new_tokens:
                 if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                generate_ms, kv_bytes = timed_median(
+                generate_ms, (kv_bytes, tokens) = timed_median(
                     lambda: run_generate(model, inputs, new_tokens, engine, args), args.repeats, args.device)
                 peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
                 rows.append(row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes))
+                tokens_by_engine[engine, new_tokens] = tokens
                 print(f"{variant} {engine} batch {batch} {new_tokens} tokens: {generate_ms:.0f} ms", file=sys.stderr, flush=True)
+        for r in rows[-len(args.engines) * len(args.new_tokens):]:
+            r["tokens_equal_dynamic"] = token_agreement(tokens_by_engine, r["engine"], r["new_tokens"])
     return rows
+
+
+def token_agreement(tokens_by_engine: dict, engine: str, new_tokens: int) -> float | None:
+    """Mean number of leading greedy tokens equal to the dynamic engine's, as a fraction of the new
+    tokens (1.0: identical; None without a dynamic run). In bf16 the static and dynamic steps use
+    different kernels, so a near-tie on random weights may flip a token and everything after it;
+    on CPU float32 the tests require identity, and `--dtype float32` on a GPU checks the same."""
+    if ("dynamic", new_tokens) not in tokens_by_engine:
+        return None
+    mine, ref = tokens_by_engine[engine, new_tokens], tokens_by_engine["dynamic", new_tokens]
+    leading = (mine == ref).long().cumprod(dim=1).sum(dim=1)
+    return (leading.float().mean() / new_tokens).item()
 
 
 def row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes) -> dict:
@@ -266,6 +284,49 @@ def step_counts(model, tokenizer, args, schedule) -> dict:
     return counts
 
 
+def kernel_ms(fn) -> dict[str, tuple[float, int]]:
+    """GPU kernel time (ms) and launches per kernel name while `fn` runs (CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key: (e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+            if e.self_device_time_total > 0}
+
+
+@torch.no_grad()
+def step_profile(model, tokenizer, args, schedule, batch: int, steps: int = 16) -> dict:
+    """Where one decode step's time goes (CUDA only), per variant and engine: a run of 1 + `steps`
+    tokens minus a run of 1 token (its prefill), per step. Wall time per step beside GPU kernel
+    time per step: wall well above kernel time means the step is bound by launch overhead."""
+    if not args.device.startswith("cuda"):
+        return {}
+    clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
+    inputs = text_inputs(clips, encode(model, clips))
+    out = {}
+    for variant in VARIANTS:
+        set_variant(model, variant, schedule)
+        for engine in args.engines:
+            try:
+                call = lambda n: run_generate(model, inputs, n, engine, args)
+                call(steps + 1)  # warm-up
+                wall_ms = (timed(lambda: call(steps + 1), args.device)[0] - timed(lambda: call(1), args.device)[0]) / steps
+                one, many = kernel_ms(lambda: call(1)), kernel_ms(lambda: call(steps + 1))
+                per_step = {k: ((ms - one.get(k, (0, 0))[0]) / steps, (n - one.get(k, (0, 0))[1]) / steps)
+                            for k, (ms, n) in many.items()}
+                top = sorted(per_step.items(), key=lambda kv: -kv[1][0])[:6]
+                out[f"{variant}/{engine}"] = {
+                    "wall_ms_per_step": wall_ms,
+                    "kernel_ms_per_step": sum(ms for ms, _ in per_step.values()),
+                    "launches_per_step": sum(n for _, n in per_step.values()),
+                    "top": [(k[:70], round(ms, 3), round(n, 1)) for k, (ms, n) in top],
+                }
+            except Exception as error:  # noqa: BLE001 - a profile is a diagnostic; the run goes on
+                out[f"{variant}/{engine}"] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    return out
+
+
 # -- report ------------------------------------------------------------------------------
 
 
@@ -319,15 +380,16 @@ def markdown(report: dict) -> str:
         f"Engines: dynamic = generate() on a DynamicCache; static = v2drop.static_decode, step "
         f"{'captured (CUDA graphs)' if report['static_step_captured'] else 'uncaptured'}"
         + (f" (capture failed: {report['capture_error']})" if report["capture_error"] else "") + ".", "",
-        "| variant | engine | batch | new tokens | vision ms/clip | prefill ms/clip | decode ms/step | total ms/clip | clips/s | output tok/s | peak MiB | KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | engine | batch | new tokens | vision ms/clip | prefill ms/clip | decode ms/step | total ms/clip | clips/s | output tok/s | peak MiB | KV MiB | leading tokens = dynamic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mib = lambda n: f"{n / 2**20:.1f}" if n else "n/a"
     for r in report["rows"]:
         lines.append(
             f"| {r['variant']} | {r['engine']} | {r['batch']} | {r['new_tokens']} | {r['vision_ms_per_clip']:.1f} | "
             f"{r['prefill_ms_per_clip']:.1f} | {r['decode_ms_per_step']:.2f} | {r['total_ms_per_clip']:.1f} | "
-            f"{r['clips_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | {mib(r['peak_cuda_bytes'])} | {mib(r['kv_cache_bytes'])} |")
+            f"{r['clips_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | {mib(r['peak_cuda_bytes'])} | {mib(r['kv_cache_bytes'])} | "
+            f"{'n/a' if r.get('tokens_equal_dynamic') is None else format(r['tokens_equal_dynamic'], '.2f')} |")
     v = report["vision_batch1"]
     c = report["decode_step_counts"]
     lines += [
@@ -340,11 +402,20 @@ def markdown(report: dict) -> str:
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['measured']:.3f} | {t['goal']} | {'yes' if t['met'] else 'NO'} | "
                      f"{t['off_by']:.2f} |")
+    for name, p in report.get("step_profile", {}).items():
+        if "error" in p:
+            lines.append(f"\nProfile {name}: {p['error']}")
+            continue
+        lines.append(f"\nProfile of one decode step, {name}, batch {report['profile_batch']}: wall "
+                     f"{p['wall_ms_per_step']:.2f} ms/step, GPU kernels {p['kernel_ms_per_step']:.2f} ms/step in "
+                     f"{p['launches_per_step']:.0f} launches. Top kernels (ms/step, launches/step): "
+                     + "; ".join(f"{k} {ms} x{n}" for k, ms, n in p["top"]))
     if not report["hardware"].startswith("NVIDIA"):
         lines += ["", "Not on the GPU the targets are set for: the targets table shows the report's shape, not a claim."]
     return "\n".join(lines) + "\n"
 
 
+@torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(0)
@@ -355,8 +426,13 @@ def main(argv=None) -> dict:
     counts = step_counts(model, tokenizer, args, schedule)
     flop_ratio = prefill_flop_ratio(model, tokenizer, args, schedule)
     capture_error = check_capture(model, tokenizer, args, schedule)
-    rows = [r for batch in args.batch_sizes for r in measure_batch(model, tokenizer, args, schedule, batch)]
     t, h, w = args.grid
+    stem = args.out_dir / f"model-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
+    rows = []
+    for batch in args.batch_sizes:  # a partial table is written after each batch size
+        rows += measure_batch(model, tokenizer, args, schedule, batch)
+        report_file.write(stem.with_name(stem.name + "-partial"), {"rows": rows}, "", quiet=True)
+    profile_batch = 16 if 16 in args.batch_sizes else args.batch_sizes[0]
     report = {
         "hardware": hardware(args.device),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out_dir"},
@@ -371,10 +447,10 @@ def main(argv=None) -> dict:
         "decode_step_counts": counts,
         "rows": rows,
         "targets": targets(rows, flop_ratio),
+        "profile_batch": profile_batch,
+        "step_profile": step_profile(model, tokenizer, args, schedule, profile_batch),
         "wall_s": time.perf_counter() - started,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"model-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
     report_file.write(stem, report, markdown(report))
     print(f"in {report['wall_s']:.0f} s")
     return report

@@ -26,10 +26,12 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return (time.perf_counter() - begin) * 1e3, out
 
 
-def write(stem: Path, report: dict[str, Any], table: str) -> None:
-    """<stem>.json and <stem>.md, and the table on stdout."""
+def write(stem: Path, report: dict[str, Any], table: str, quiet: bool = False) -> None:
+    """<stem>.json and <stem>.md, and (unless quiet) the table on stdout."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(table)
+    if quiet:
+        return
     print(table)
     print(f"wrote {stem}.json and {stem}.md")

@@ -31,6 +31,7 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
         assert row["output_tokens_per_s"] == pytest.approx(new_tokens * row["clips_per_s"])
         assert row["total_ms_per_clip"] > row["vision_ms_per_clip"] > 0
         assert row["peak_cuda_bytes"] is None  # CPU: the KV cache is the memory figure
+        assert row["tokens_equal_dynamic"] == 1.0  # float32 on CPU: the static engine is exact
     rows = {(v, b, n): r for (v, e, b, n), r in all_rows.items() if e == "dynamic"}
     for batch in (1, 2):
         assert rows["v2drop", batch, 3]["kv_cache_bytes"] < rows["stock", batch, 3]["kv_cache_bytes"]
