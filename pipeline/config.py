@@ -197,9 +197,17 @@ class GenerationConfig:
     # Several prompts about one clip (qa) prefill its video once and continue per prompt from
     # that cache (workers.shared_prefix); false gives each prompt its own copy of the video.
     share_video_prefix: bool = True
+    # static: v2drop.static_decode (a preallocated cache per V²Drop stage, one static-shape step
+    # captured as a CUDA graph on GPU; greedy only; 2-2.5x faster decode steps on an H200, see
+    # bench/results/model-cuda-7b.md); dynamic: transformers' generate() on a DynamicCache;
+    # auto: static when greedy (temperature 0), dynamic when sampling.
+    decode_engine: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require_choice(self.decode_engine, "generation.decode_engine", ("auto", "static", "dynamic"))
+        _require(self.decode_engine != "static" or self.temperature == 0, "generation.decode_engine",
+                 "static decodes greedily: it needs generation.temperature 0 (or use auto or dynamic)")
         _require(self.temperature >= 0, "generation.temperature", f"must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {self.top_p}")
 

@@ -9,7 +9,9 @@ classes, on CPU in float64, and:
    logits, for a left-padded batch of two samples with different prompt lengths and videos;
 2. with drops (one of them before Qwen3-VL's last DeepStack layer) each sample of that padded
    batch must give the tokens and logits of the slow, cache-less reference (`v2drop.reference`),
-   and the per-layer visual counts must follow the schedule.
+   and the per-layer visual counts must follow the schedule;
+3. the static decode engine (`v2drop.static_decode`, the model stage's default when greedy) must
+   give generate()'s greedy tokens for that padded batch, stock and with drops.
 
 About a second on CPU per family. A failure raises `SelfCheckError` saying what differed.
 """
@@ -24,7 +26,7 @@ import torch
 import transformers
 from torch import nn
 
-from v2drop import reference, testing
+from v2drop import reference, static_decode, testing
 from v2drop.adapters import adapter_for
 from v2drop.api import disable, last_stats, patch
 from v2drop.schedule import Schedule
@@ -82,9 +84,12 @@ def run(family: str) -> SelfCheckResult:
         patch(model, IDENTITY)
         tokens, logits = _greedy(model, inputs)
         _expect_same(f"{where}: with every keep at 1.0, vs the stock model", tokens, logits, stock_tokens, stock_logits)
+        _expect_static_engine_tokens(f"{where}: static decode engine, every keep at 1.0", model, inputs,
+                                     stock_tokens, stock_logits)
         patch(model, DROPS)
         tokens, logits = _greedy(model, inputs)
         counts = [s["visual_tokens_per_layer"] for s in last_stats(model)]
+        _expect_static_engine_tokens(f"{where}: static decode engine, with drops", model, inputs, tokens, logits)
         disable(model)
         for i, sample in enumerate(samples):
             expected = DROPS.tokens_per_layer(testing.num_visual_tokens(family, sample.visual), NUM_LAYERS)
@@ -111,6 +116,18 @@ def _greedy(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)  # [B, T], [B, T, V]
+
+
+@torch.no_grad()
+def _expect_static_engine_tokens(what: str, model: nn.Module, inputs: dict, want_tokens, want_logits) -> None:
+    """The static engine's logits, fed generate()'s tokens, equal generate()'s; and its own greedy
+    run, stopping rows at end tokens as a user's run does, gives generate()'s tokens."""
+    logits = static_decode.forced_logits(model, dict(inputs), want_tokens)
+    _expect_same(f"{what}, fed generate()'s tokens", want_tokens[:, 1:], logits, want_tokens[:, 1:], want_logits[:, 1:])
+    want = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    tokens = static_decode.generate_static(model, dict(inputs), NEW_TOKENS)
+    if not torch.equal(tokens, want):
+        raise SelfCheckError(f"{what}: greedy tokens {tokens.tolist()} != generate()'s {want.tolist()}")
 
 
 def _reference(model, family, inputs, samples, index) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,10 +50,12 @@ class StaticState:
 
 @torch.no_grad()
 def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool = False,
-                    stop_check_every: int = 1) -> torch.Tensor:
-    """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new tokens."""
+                    stop_check_every: int = 1, **prefill_kwargs) -> torch.Tensor:
+    """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new
+    tokens. `prefill_kwargs` go to the prefill's generate call (a logits processor that times the
+    first token, pad_token_id)."""
     text_model = adapter_for(model).text_model(model)
-    first, dynamic, positions = _prefill(model, text_model, inputs)
+    first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
     eos, pad = _end_tokens(model)
     if max_new_tokens == 1:
         return first
@@ -75,6 +77,11 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
 
 def decode_step(model, text_model, state: StaticState, token: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """One greedy step with static shapes: token [B, 1] at step t (0-d long) -> next token [B]."""
+    return decode_logits(model, text_model, state, token, t).argmax(dim=-1)
+
+
+def decode_logits(model, text_model, state: StaticState, token: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Token [B, 1] at step t (0-d long) -> the next token's logits [B, V]."""
     hidden = text_model.embed_tokens(token)
     cos, sin = rotary(text_model, hidden, state.next_positions + t)
     ends = state.starts[1:] + [len(text_model.layers)]
@@ -84,8 +91,20 @@ def decode_step(model, text_model, state: StaticState, token: torch.Tensor, t: t
         for layer in text_model.layers[start:end]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
                            use_cache=True, **cache_kwarg(state.cache))
-    logits = model.lm_head(text_model.norm(hidden[:, -1]))
-    return logits.argmax(dim=-1)
+    return model.lm_head(text_model.norm(hidden[:, -1]))
+
+
+@torch.no_grad()
+def forced_logits(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """The static step's logits [B, T - 1, V] when fed `tokens` [B, T] (generate()'s new tokens):
+    entry i is the logits after tokens[:, i], i.e. generate()'s logits for new token i + 1. For
+    checking the engine against generate() (v2drop.runtime_check), uncaptured."""
+    text_model = adapter_for(model).text_model(model)
+    _, dynamic, positions = _prefill(model, text_model, inputs)
+    state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), tokens.shape[1])
+    steps = [decode_logits(model, text_model, state, tokens[:, t:t + 1], torch.tensor(t, device=tokens.device))
+             for t in range(tokens.shape[1] - 1)]
+    return torch.stack(steps, dim=1)
 
 
 class EagerStep:
@@ -166,7 +185,7 @@ def _stage_masks(model, dynamic, attention_mask, positions) -> StageMasks:
     return StageMasks(starts=[0], masks=[attention_mask.to(device=positions.device, dtype=torch.bool)])
 
 
-def _prefill(model, text_model, inputs: dict):
+def _prefill(model, text_model, inputs: dict, **generate_kwargs):
     """First token [B, 1], the filled DynamicCache, and the prompt's rotary positions."""
     adapter = adapter_for(model)
     seen = {}
@@ -179,7 +198,8 @@ def _prefill(model, text_model, inputs: dict):
     hook = text_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         call = {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}
-        out = model.generate(**call, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+        out = model.generate(**call, **generate_kwargs, max_new_tokens=1, do_sample=False,
+                             return_dict_in_generate=True)
     finally:
         hook.remove()
     return out.sequences[:, -1:], output_cache(out), seen["positions"]

@@ -17,6 +17,7 @@ Memory (per call):
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,11 @@ from typing import Any, Callable, Mapping
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from v2drop import static_decode
 from workers.drop_stats import stats_marker, visual_stats
+
+log = logging.getLogger(__name__)
+STOP_CHECK_EVERY = 8  # static engine: one host-device sync per 8 steps to stop once every row is done
 
 
 @dataclass
@@ -167,27 +172,63 @@ def pad_token_id(model: Any, processor: Any) -> int | None:
     return pad
 
 
+def decode_engine(generation_cfg: Mapping[str, Any]) -> str:
+    """'static' or 'dynamic': generation.decode_engine, with auto = static for greedy decoding
+    (v2drop.static_decode; greedy only) and dynamic for sampling."""
+    engine = generation_cfg.get("decode_engine", "auto")
+    if engine == "auto":
+        return "static" if float(generation_cfg.get("temperature", 0.0)) == 0 else "dynamic"
+    return engine
+
+
+def run_decode(model: Any, inputs: Mapping[str, Any], generation_cfg: Mapping[str, Any],
+               engine: str, **generate_kwargs: Any) -> torch.Tensor:
+    """Sequences [B, P + N] from one engine. The static engine captures its step as a CUDA graph
+    on a GPU and checks every STOP_CHECK_EVERY steps whether every row has finished."""
+    sampling = sampling_kwargs(generation_cfg)
+    if engine == "dynamic":
+        return model.generate(**inputs, **sampling, **generate_kwargs)
+    tokens = static_decode.generate_static(
+        model, dict(inputs), sampling["max_new_tokens"], capture=model.device.type == "cuda",
+        stop_check_every=STOP_CHECK_EVERY, **generate_kwargs)
+    return torch.cat([inputs["input_ids"], tokens], dim=1)
+
+
 def timed_generate(
     model: Any, processor: Any, make_inputs: Callable[[], Mapping[str, Any]], generation_cfg: Mapping[str, Any]
 ):
-    """Run generate once on what `make_inputs()` returns; returns (generate inputs, sequences
-    [B, P+N], prefill_ms, generate_ms, peak bytes). `make_inputs` runs inside the timed region,
-    so model work done there (a shared video prefill) counts as prefill."""
+    """Decode once on what `make_inputs()` returns; returns (generate inputs, sequences
+    [B, P+N], prefill_ms, generate_ms, peak bytes, fallback reason or None). `make_inputs` runs
+    inside the timed region, so model work done there (a shared video prefill) counts as prefill.
+    If the static engine fails (not for lack of memory), the call is decoded again on the dynamic
+    engine and the reason is returned: a caption is not lost to a faster path's failure."""
+    engine = decode_engine(generation_cfg)
     timer = FirstTokenTimer(model.device)
+    fallback = None
     with PeakMemory(model.device) as memory, torch.inference_mode():
         _synchronize(model.device)
         started = time.perf_counter()
         inputs = make_inputs()
-        sequences = model.generate(
-            **inputs,
-            **sampling_kwargs(generation_cfg),
-            logits_processor=LogitsProcessorList([timer]),
-            pad_token_id=pad_token_id(model, processor),
-        )
+        kwargs = {"logits_processor": LogitsProcessorList([timer]), "pad_token_id": pad_token_id(model, processor)}
+        try:
+            sequences = run_decode(model, inputs, generation_cfg, engine, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - logged, in the rows, and decoded again
+            if engine != "static" or cache_arg_given(inputs):
+                raise  # a shared-prefix cache has been consumed: the caller's retry path takes over
+            fallback = f"static decode failed ({type(error).__name__}: {str(error)[:200]}); dynamic engine used"
+            log.warning("%s", fallback)
+            timer.first_logits_at = None
+            sequences = run_decode(model, inputs, generation_cfg, "dynamic", **kwargs)
         _synchronize(model.device)
         finished = time.perf_counter()
     prefill_ms = ((timer.first_logits_at or finished) - started) * 1000.0
-    return inputs, sequences, prefill_ms, (finished - started) * 1000.0, memory.peak_bytes
+    return inputs, sequences, prefill_ms, (finished - started) * 1000.0, memory.peak_bytes, fallback
+
+
+def cache_arg_given(inputs: Mapping[str, Any]) -> bool:
+    return any(name in inputs for name in ("cache", "past_key_values"))
 
 
 def generate_batch(
@@ -196,10 +237,11 @@ def generate_batch(
     """Generate for one padded batch; one GenResult per sample, in batch order."""
     inputs = move_inputs(inputs, model)
     marker = stats_marker(model)
-    _, sequences, prefill_ms, generate_ms, peak_bytes = timed_generate(model, processor, lambda: inputs, generation_cfg)
+    _, sequences, prefill_ms, generate_ms, peak_bytes, fallback = timed_generate(
+        model, processor, lambda: inputs, generation_cfg)
     stats = visual_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
-    return results_for(processor, model, inputs, sequences, stats,
-                       prefill_ms=prefill_ms, generate_ms=generate_ms, peak_memory_bytes=peak_bytes)
+    return results_for(processor, model, inputs, sequences, stats, prefill_ms=prefill_ms,
+                       generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)
 
 
 def results_for(

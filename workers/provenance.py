@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import v2drop
+from workers.generation import decode_engine
 
 MODEL_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention", "scorer")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p")
@@ -39,6 +40,8 @@ def engine_fingerprint(model_cfg: Mapping[str, Any], generation_cfg: Mapping[str
     identity = {
         "model": {key: model_cfg[key] for key in MODEL_KEYS},
         "generation": {key: generation_cfg[key] for key in GENERATION_KEYS},
+        # the resolved engine (static or dynamic): their bf16 kernels differ, so may their tokens
+        "decode_engine": decode_engine(generation_cfg),
         "system": system,
         "engine_version": v2drop.ENGINE_VERSION,
     }

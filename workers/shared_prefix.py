@@ -170,9 +170,10 @@ def generate_shared(
         clip_stats.extend(stats)
         return inputs
 
-    inputs, sequences, prefill_ms, generate_ms, peak_bytes = timed_generate(model, processor, make_inputs, generation_cfg)
-    return results_for(processor, model, inputs, sequences, item_stats(model, call, clip_stats),
-                       prefill_ms=prefill_ms, generate_ms=generate_ms, peak_memory_bytes=peak_bytes)
+    inputs, sequences, prefill_ms, generate_ms, peak_bytes, fallback = timed_generate(
+        model, processor, make_inputs, generation_cfg)
+    return results_for(processor, model, inputs, sequences, item_stats(model, call, clip_stats), prefill_ms=prefill_ms,
+                       generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)
 
 
 def prefill_and_fork(model: Any, processor: Any, call: SharedCall, prefix: Mapping[str, Any]) -> tuple[dict, list[dict]]:

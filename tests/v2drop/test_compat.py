@@ -16,7 +16,7 @@ from packaging.version import Version
 
 import v2drop
 import v2drop.api as api
-from v2drop import compat, loop, runtime_check
+from v2drop import compat, loop, runtime_check, static_decode
 from v2drop import testing as models
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,3 +123,18 @@ def test_engine_equivalence_on_the_oldest_declared_transformers():
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, f"on transformers {version}:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_the_self_check_catches_a_static_engine_off_by_one_position(monkeypatch):
+    """The static decode engine (the model stage's default when greedy) continues the rotary
+    positions itself; one position off passes the generate() checks but not this one."""
+    real = static_decode.static_state
+
+    def shifted(*args, **kwargs):
+        state = real(*args, **kwargs)
+        state.next_positions += 1
+        return state
+
+    monkeypatch.setattr(static_decode, "static_state", shifted)
+    with pytest.raises(v2drop.SelfCheckError, match=r"static decode engine, every keep at 1\.0, fed generate...s tokens: logits differ"):
+        v2drop.self_check("qwen2_5_vl", cached=False)

@@ -1,0 +1,76 @@
+"""generation.decode_engine: the model stage decodes on the static engine (v2drop.static_decode)
+when greedy, and its rows equal the dynamic engine's (generate() on a DynamicCache) for every
+family, V²Drop on, clips of different sizes in one padded call, plain and shared-prefix calls.
+A failing static engine costs no caption: the call is decoded again on the dynamic engine and
+the rows say why."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import GenerationConfig, ConfigError
+from v2drop import static_decode
+from workers import captioner as captioner_module
+from workers.captioner import load_for_captioning
+from workers.generation import decode_engine
+from workers.provenance import engine_fingerprint
+from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, model_cfg
+from tests.workers.test_shared_prefix import CLIPS, QA
+
+SAME = ("clip_id", "prompt", "status", "output_text", "output_tokens", "prompt_tokens", "visual_tokens_per_stage")
+
+
+@pytest.fixture(scope="module", params=list(CLIPS))
+def loaded(request, tmp_path_factory):
+    family = request.param
+    return family, load_for_captioning(model_cfg(f"tiny:{family}", 0.25), str(tmp_path_factory.mktemp("cache")))
+
+
+def rows_for(loaded_model, family: str, prompt_cfg: dict, engine: str) -> list[dict]:
+    rows = captioner_module.batch_to_rows(as_batch(list(CLIPS[family])))
+    return captioner_module.caption_rows(loaded_model, rows, prompt_cfg, {**GREEDY, "decode_engine": engine})
+
+
+@pytest.mark.parametrize("prompt_cfg", [CAPTION, QA], ids=["caption", "qa-shared-prefix"])
+def test_static_engine_rows_equal_the_dynamic_engine_rows(loaded, prompt_cfg):
+    family, model = loaded
+    static = rows_for(model, family, prompt_cfg, "static")
+    dynamic = rows_for(model, family, prompt_cfg, "dynamic")
+    assert [{k: r[k] for k in SAME} for r in static] == [{k: r[k] for k in SAME} for r in dynamic]
+    assert all(r["status"] == "ok" and r["fallback_reason"] is None for r in static)
+    assert any(r["output_tokens"] > 0 for r in static)
+
+
+def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monkeypatch):
+    family, model = loaded
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected static-engine failure")
+
+    dynamic = rows_for(model, family, CAPTION, "dynamic")
+    monkeypatch.setattr(static_decode, "generate_static", broken)
+    rows = rows_for(model, family, CAPTION, "static")
+    assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in dynamic]
+    assert all(r["fallback_reason"].startswith("static decode failed (RuntimeError: injected") for r in rows)
+
+
+def test_auto_is_static_when_greedy_and_dynamic_when_sampling():
+    assert decode_engine({**GREEDY, "decode_engine": "auto"}) == "static"
+    assert decode_engine({**GREEDY, "temperature": 0.7, "decode_engine": "auto"}) == "dynamic"
+    assert decode_engine({**GREEDY, "decode_engine": "dynamic"}) == "dynamic"
+
+
+def test_static_with_sampling_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="generation.decode_engine"):
+        GenerationConfig(temperature=0.7, decode_engine="static")
+    with pytest.raises(ConfigError, match="generation.decode_engine"):
+        GenerationConfig(decode_engine="graph")
+
+
+def test_the_engine_is_part_of_the_fingerprint():
+    """Rows decoded by the other engine are redone on resume: bf16 kernels differ between them."""
+    cfg = model_cfg()
+    assert engine_fingerprint(cfg, {**GREEDY, "decode_engine": "static"}, None) != \
+        engine_fingerprint(cfg, {**GREEDY, "decode_engine": "dynamic"}, None)
+    assert engine_fingerprint(cfg, {**GREEDY, "decode_engine": "static"}, None) == \
+        engine_fingerprint(cfg, {**GREEDY, "decode_engine": "auto"}, None)
