@@ -34,6 +34,8 @@ def captioner_kwargs(cfg: JobConfig) -> dict[str, Any]:
         "storage_cfg": dataclasses.asdict(cfg.storage),
         "num_gpus": cfg.actors.num_gpus,
         "quality_cfg": dataclasses.asdict(cfg.quality),
+        "memory_fraction": cfg.actors.memory_fraction,
+        "memory_budget_gib": cfg.actors.memory_budget_gib,
     }
 
 

@@ -164,9 +164,17 @@ class ActorsConfig:
     num_gpus: float = 1.0  # per actor; fractional allowed; 0 on CPU
     min_size: int = 1
     max_size: int = 8
-    batch_size: int = 8  # clips per model call
+    # Clips one actor call receives from Ray Data: the most one model call holds. Each model call
+    # takes as many of them as fit the memory budget below (workers.call_size, v2drop.memory), so
+    # V²Drop's smaller cache gives larger calls. 64 clips of 2,048 visual tokens: 5.9 GiB of frames.
+    batch_size: int = 64
+    memory_fraction: float = 0.9  # share of the GPU memory free after loading that one model call may use
+    memory_budget_gib: Optional[float] = None  # a fixed budget instead (any device); on CPU, none if unset
 
     def __post_init__(self) -> None:
+        _require(0 < self.memory_fraction <= 1, "actors.memory_fraction", f"must be in (0, 1], got {self.memory_fraction}")
+        _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "actors.memory_budget_gib",
+                 f"must be > 0 GiB or null, got {self.memory_budget_gib}")
         _require(self.num_gpus >= 0, "actors.num_gpus", f"must be >= 0, got {self.num_gpus}")
         _require(self.min_size >= 1, "actors.min_size", f"must be >= 1, got {self.min_size}")
         _require(

@@ -40,6 +40,7 @@ import torch
 
 import v2drop
 from workers import shadow, shared_prefix
+from workers.call_size import CallSizer, call_sizer, memory_budget_bytes
 from workers.generation import GenResult, generate_batch
 from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
@@ -93,6 +94,7 @@ class LoadedModel:
     retention_asked: float  # model.retention; 1.0 = V²Drop off, the stock model
     provenance: dict[str, Any]  # workers.provenance.engine_columns: stamped on every row
     scorer: str = "variation"  # model.scorer: how V²Drop ranks visual tokens (v2drop.SCORERS)
+    sizer: CallSizer | None = None  # rows per model call from a memory budget; None: actors.batch_size alone
 
 
 class Captioner:
@@ -108,11 +110,16 @@ class Captioner:
         storage_cfg: Any = None,
         num_gpus: float | None = None,
         quality_cfg: Mapping[str, Any] | None = None,
+        memory_fraction: float = 0.9,
+        memory_budget_gib: float | None = None,
     ) -> None:
         self.model_cfg, self.generation_cfg, self.prompt_cfg = map(_as_dict, (model_cfg, generation_cfg, prompt_cfg))
         self.quality_cfg = _as_dict(quality_cfg)  # {} (no shadow) when a caller passes none
         fingerprint = engine_fingerprint(self.model_cfg, self.generation_cfg, self.prompt_cfg["system"])
         self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage_cfg, num_gpus, fingerprint)
+        model = self.loaded.model
+        budget = memory_budget_bytes(model.device, memory_fraction, memory_budget_gib)  # after loading
+        self.loaded.sizer = call_sizer(model, v2drop.schedule_of(model), int(self.generation_cfg["max_new_tokens"]), budget)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
         rows = batch_to_rows(batch)
@@ -247,11 +254,19 @@ def run_items(
     [0, 1], [3], [2].
     """
     results: list[GenResult | None] = [None] * len(items)
+    share = shares_video_prefix(generation_cfg)
     for indices in batch_groups(loaded.model, items):
-        for part in call_groups(items, indices, chunk, shares_video_prefix(generation_cfg)):
+        remaining = list(indices)
+        while remaining:
+            rows = loaded.sizer.rows_per_call(len(items)) if loaded.sizer else len(items)
+            part = next_call(items, remaining, chunk, rows, share)
+            remaining = [i for i in remaining if i not in set(part)]
             outcomes = generate_with_fallback(loaded, [items[i] for i in part], system, generation_cfg)
             for i, outcome in zip(part, outcomes):
                 results[i] = outcome
+            if loaded.sizer:
+                loaded.sizer.learn([(r.prompt_tokens, r.visual_tokens_per_stage[0]) for r in outcomes
+                                    if r.status == "ok" and r.visual_tokens_per_stage])
     return results  # type: ignore[return-value] - every index was filled
 
 
@@ -263,13 +278,27 @@ def shares_video_prefix(generation_cfg: Mapping[str, Any]) -> bool:
 def call_groups(items: Sequence[Item], indices: list[int], chunk: int, share: bool) -> list[list[int]]:
     """`indices` cut into generate calls: `chunk` whole clips per call when sharing the video
     prefill, else `chunk` items. Example: clips [a, a, b, c, c], chunk 2, share -> [0, 1, 2], [3, 4]."""
+    calls, remaining = [], list(indices)
+    while remaining:
+        calls.append(next_call(items, remaining, chunk, len(remaining), share))
+        remaining = [i for i in remaining if i not in set(calls[-1])]
+    return calls
+
+
+def next_call(items: Sequence[Item], remaining: list[int], chunk: int, rows: int, share: bool) -> list[int]:
+    """The next generate call from `remaining`: at most `rows` items (the memory budget) and, when
+    sharing the video prefill, whole clips, at most `chunk` of them; always at least one clip."""
     if not share:
-        return [indices[start : start + chunk] for start in range(0, len(indices), chunk)]
+        return remaining[:max(1, min(chunk, rows))]
     clips: dict[int, list[int]] = {}
-    for index in indices:
+    for index in remaining:
         clips.setdefault(id(items[index][0]), []).append(index)
-    grouped = list(clips.values())
-    return [sum(grouped[start : start + chunk], []) for start in range(0, len(grouped), chunk)]
+    call: list[int] = []
+    for number, clip in enumerate(clips.values()):
+        if number == chunk or (call and len(call) + len(clip) > rows):
+            break
+        call += clip
+    return call
 
 
 def batch_groups(model: Any, items: Sequence[Item]) -> list[list[int]]:

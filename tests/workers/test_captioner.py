@@ -132,6 +132,7 @@ class _FakeLoaded:
 
     model = type("M", (), {"config": type("C", (), {"model_type": "qwen2_5_vl"})()})()
     processor = None
+    sizer = None  # no memory budget
 
 
 def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> None:

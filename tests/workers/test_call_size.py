@@ -1,0 +1,55 @@
+"""workers.call_size: model calls hold as many rows as the memory budget allows (v2drop.memory),
+and V²Drop's smaller cache gives larger calls from the same budget. A real tiny model on CPU with
+an explicit budget (actors.memory_budget_gib), the rows' batch_id telling the calls apart."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from workers.call_size import FIRST_CALL_ROWS
+from workers.captioner import Captioner
+from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, cache_dir, clip_row, model_cfg  # noqa: F401 (fixture)
+
+CLIPS = [clip_row(f"c{i}", 4, 168, 168, seed=i) for i in range(8)]  # 72 visual tokens each
+
+
+def call_sizes(captioner: Captioner) -> list[int]:
+    out = captioner(as_batch(CLIPS))
+    assert out["status"] == ["ok"] * len(CLIPS)
+    return list(Counter(out["batch_id"]).values())  # rows per call, in call order
+
+
+@pytest.fixture(scope="module")
+def stock(cache_dir):
+    return Captioner(model_cfg(retention=1.0), GREEDY, CAPTION, cache_dir, memory_budget_gib=1.0)
+
+
+@pytest.fixture(scope="module")
+def dropping(cache_dir):
+    return Captioner(model_cfg(retention=0.25), GREEDY, CAPTION, cache_dir, memory_budget_gib=1.0)
+
+
+def test_the_first_call_learns_the_row_size_and_later_calls_fill_the_budget(stock):
+    stock.loaded.sizer.row_bytes = None
+    assert call_sizes(stock)[0] == FIRST_CALL_ROWS
+    row_bytes = stock.loaded.sizer.row_bytes
+    assert row_bytes > 0
+    stock.loaded.sizer.budget_bytes = int(3.5 * row_bytes)  # 3 rows fit, 4 do not
+    assert call_sizes(stock) == [3, 3, 2]
+
+
+def test_v2drop_rows_are_smaller_so_its_calls_are_larger(stock, dropping):
+    for captioner in (stock, dropping):
+        call_sizes(captioner)  # learn
+    assert dropping.loaded.sizer.row_bytes < stock.loaded.sizer.row_bytes
+    budget = int(4.5 * stock.loaded.sizer.row_bytes)
+    stock.loaded.sizer.budget_bytes = dropping.loaded.sizer.budget_bytes = budget
+    stock_calls, dropped_calls = call_sizes(stock), call_sizes(dropping)
+    assert max(stock_calls) == 4
+    assert max(dropped_calls) > 4
+
+
+def test_without_a_budget_on_cpu_one_call_takes_the_whole_batch(cache_dir):
+    assert call_sizes(Captioner(model_cfg(), GREEDY, CAPTION, cache_dir)) == [len(CLIPS)]

@@ -1,0 +1,71 @@
+"""Device bytes one clip needs in a model call: the one memory model the model stage sizes its
+calls with, from the model's shape, the dtype and the V²Drop schedule.
+
+Per clip, for a prompt of `text` + `visual` tokens, `patches` vision-tower patches and `new`
+generated tokens:
+
+    kv       = sum over layers of (text + visual kept at that layer + new) * 2 * kv_heads * head_dim * bytes
+    prefill  = (text + visual) * (3 * intermediate + 6 * hidden) * bytes   one layer's activations
+    vision   = patches * (3 * vision_intermediate + 6 * vision_hidden) * bytes
+    clip     = max(prefill, vision) + 2 * kv
+
+The vision tower and the prefill run one after the other, so only the larger counts; the static
+decode engine copies generate()'s cache into its own once, so the cache counts twice. Checked on
+an H200 (bench/results/model-cuda-7b.json, Qwen2.5-VL-7B shapes, bf16, 2,048 visual tokens, 256
+new tokens; the slope of peak memory from batch 16 to 64): 569 MiB per clip measured vs 564
+modelled for the stock model, 383 vs 396 with V²Drop at 25 % (tests/v2drop/test_memory.py).
+The weights are not in it: the budget is the memory free after loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from v2drop.schedule import Schedule
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden: int
+    intermediate: int
+    kv_heads: int
+    head_dim: int
+    vision_hidden: int
+    vision_intermediate: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype) -> "ModelShape":
+        """From a vision-language model's config (text_config and vision_config inside)."""
+        text, vision = config.get_text_config(), config.vision_config
+        heads = text.num_attention_heads
+        return cls(
+            num_layers=text.num_hidden_layers,
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            vision_hidden=getattr(vision, "hidden_size", None) or vision.embed_dim,
+            vision_intermediate=vision.intermediate_size,
+            dtype_bytes=DTYPE_BYTES[dtype],
+        )
+
+
+def clip_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: int, patches: int, new: int) -> int:
+    """Device bytes of one clip in a call (see the module docstring); schedule None = stock."""
+    kept = schedule.tokens_per_layer(visual, shape.num_layers) if schedule else [visual] * shape.num_layers
+    cached = sum(kept) + (text + new) * shape.num_layers
+    kv = cached * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes
+    prefill = (text + visual) * (3 * shape.intermediate + 6 * shape.hidden) * shape.dtype_bytes
+    vision = patches * (3 * shape.vision_intermediate + 6 * shape.vision_hidden) * shape.dtype_bytes
+    return max(prefill, vision) + 2 * kv
+
+
+def clips_per_call(budget_bytes: int, per_clip_bytes: int, most: int) -> int:
+    """How many such clips fit the budget: at least 1 (an OOM then splits the call), at most `most`."""
+    return max(1, min(most, budget_bytes // max(per_clip_bytes, 1)))
