@@ -2,7 +2,7 @@
 
     python -m pipeline jobs/caption.yaml preset=offline input.uri=/data/videos
 
-Importing the package is cheap (workers import `pipeline.storage` and `pipeline.video`);
+Importing the package is cheap (model actors unpickle a `pipeline.storage.Storage`);
 `run` and `load_job` are loaded on first use.
 """
 

@@ -56,7 +56,7 @@ def _run(cfg: JobConfig) -> int:
     from pipeline.storage import Storage
 
     try:  # stage 0-1 before Ray: a bad job fails in about a second, without a cluster
-        plan = prepare(cfg, Storage.from_config(cfg.storage), log=lambda text: print(redact(text), flush=True))
+        plan = prepare(cfg, Storage(cfg.storage), log=lambda text: print(redact(text), flush=True))
     except ConfigError as e:
         return _fail(EXIT_CONFIG, "config error", e)
     except LeaseHeld as e:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.schema import FILE_SCHEMA, conform
+from pipeline.storage import Storage
 from workers.captioner import Captioner
 from workers.provenance import engine_fingerprint
 
@@ -31,7 +32,7 @@ def captioner_kwargs(cfg: JobConfig) -> dict[str, Any]:
         "generation_cfg": dataclasses.asdict(cfg.generation),
         "prompt_cfg": dataclasses.asdict(cfg.prompt),
         "cache_dir": cfg.model.cache_dir,
-        "storage_cfg": dataclasses.asdict(cfg.storage),
+        "storage": Storage(cfg.storage),  # picklable; its S3 clients are built in the actor
         "num_gpus": cfg.actors.num_gpus,
         "quality_cfg": dataclasses.asdict(cfg.quality),
         "memory_fraction": cfg.actors.memory_fraction,

@@ -35,7 +35,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.storage import Storage, StorageError, _local_path, _translated, split_s3_uri
+from pipeline.storage import Storage, local_path, split_s3_uri
+from pipeline.storage_errors import StorageError, translated
 
 LEASE_NAME = "lease.json"
 _POLL_S = 1.0  # how often a waiting run looks at the lease again
@@ -162,7 +163,7 @@ def read_lease(storage: Storage, uri: str) -> tuple[bytes, str] | None:
     if Storage.is_s3(uri):
         bucket, key = split_s3_uri(uri)
         try:
-            with _translated(uri):
+            with translated(uri):
                 answer = storage.s3_client.get_object(Bucket=bucket, Key=key)
                 return answer["Body"].read(), answer["ETag"]
         except StorageError as e:
@@ -205,7 +206,7 @@ def delete_if_match(storage: Storage, uri: str, etag: str) -> None:
         bucket, key = split_s3_uri(uri)
         current = read_lease(storage, uri)
         if current is not None and current[1] == etag:  # S3 has no conditional DELETE on every store
-            with _translated(uri):
+            with translated(uri):
                 storage.s3_client.delete_object(Bucket=bucket, Key=key)
         return
     with _local_guard(uri):
@@ -217,7 +218,7 @@ def delete_if_match(storage: Storage, uri: str, etag: str) -> None:
 def _conditional_put(storage: Storage, uri: str, put: Callable[[], Any]) -> str | None:
     import botocore.exceptions as bex
 
-    with _translated(uri):
+    with translated(uri):
         try:
             return put()["ETag"]
         except bex.ClientError as e:
@@ -236,7 +237,7 @@ def _local_etag(data: bytes) -> str:
 
 def _read_local(uri: str) -> tuple[bytes, str] | None:
     try:
-        with open(_local_path(uri), "rb") as handle:
+        with open(local_path(uri), "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
         return None
@@ -246,7 +247,7 @@ def _read_local(uri: str) -> tuple[bytes, str] | None:
 @contextlib.contextmanager
 def _local_guard(uri: str) -> Iterator[None]:
     """Each local verb reads and writes under one exclusive flock of '.lease.json.guard'."""
-    path = _local_path(uri)
+    path = local_path(uri)
     folder, name = os.path.split(path)
     try:
         os.makedirs(folder, exist_ok=True)

@@ -54,7 +54,7 @@ def run(cfg: JobConfig, *, log: Callable[[str], None] = print, model_stage: type
     Ray starts); its lease is released when the run ends, however it ends.
     """
     log = _redacting(log)
-    storage = Storage.from_config(cfg.storage)
+    storage = Storage(cfg.storage)
     plan = plan or prepare(cfg, storage, log)  # 0-1
     try:
         return _run_stages(cfg, storage, plan, log, model_stage)

@@ -1,5 +1,8 @@
 """One storage layer for local paths and ``s3://bucket/key`` URIs, used by every pipeline stage.
 
+IO only: error classification lives in `pipeline.storage_errors`, manifests in the discover
+stage (`pipeline._inputs`), the options in `pipeline.config.StorageConfig`.
+
 Why one layer: every stage lists, reads, caches and writes through the same few verbs, so S3
 semantics (paginated listings, no rename, transient failures) are handled once, and a
 ``StorageError`` always names the URI and says whether it was missing, denied, transient or
@@ -16,7 +19,7 @@ invalid.
 
 Worked example::
 
-    st = Storage(StorageOptions(endpoint_url="http://127.0.0.1:9000", addressing_style="path"))
+    st = Storage(StorageConfig(endpoint_url="http://127.0.0.1:9000", addressing_style="path"))
     st.list_videos("s3://bucket/raw", ["mp4"])  # ['s3://bucket/raw/a.mp4', 's3://bucket/raw/b/c.MP4']
     st.local_copy("s3://bucket/raw/a.mp4", "/tmp/cache")  # '/tmp/cache/bucket/<hash>-<etag>/a.mp4'
 """
@@ -24,11 +27,9 @@ Worked example::
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
 import fnmatch
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -39,11 +40,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from pipeline.redact import redact
+from pipeline.config import StorageConfig
+from pipeline.storage_errors import StorageError, is_broken_stream, translated
 
 if TYPE_CHECKING:
     import pyarrow
@@ -51,60 +52,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-ERROR_KINDS = ("missing", "denied", "transient", "invalid")
 ADDRESSING_STYLES = ("auto", "path", "virtual")
-MANIFEST_URI_COLUMNS = ("uri", "video", "path")  # first one present names the video
 COMPLETE_MARKER = ".v2drop-download-complete"  # written last by download_prefix
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_OTHER_SCHEME = re.compile(r"^(?!s3://|file://)[A-Za-z][A-Za-z0-9+.-]*://", re.I)  # gs://, abfs://, http://, ...
+OTHER_SCHEME = re.compile(r"^(?!s3://|file://)[A-Za-z][A-Za-z0-9+.-]*://", re.I)  # gs://, abfs://, http://, ...
 _BACKOFF_BASE_S = 0.2
 _BACKOFF_CAP_S = 20.0
-
-_MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-_DENIED_CODES = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                 "AllAccessDisabled", "ExpiredToken", "InvalidToken", "AccountProblem"}
-_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                    "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "500", "503"}
-
-
-class StorageError(Exception):
-    """A storage operation failed; ``kind`` tells the caller whether a retry or a fix can help.
-
-    kind: "missing" (404), "denied" (403 or no credentials), "transient" (throttling/5xx/network
-    after all retries), "invalid" (malformed URI, manifest or file).
-    """
-
-    def __init__(self, uri: str, reason: str, kind: str = "invalid"):
-        assert kind in ERROR_KINDS, kind
-        uri, reason = redact(uri), redact(reason)  # SDK messages quote endpoints with user:password@
-        super().__init__(f"{uri}: {reason}")
-        self.uri, self.reason, self.kind = uri, reason, kind
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Exceptions pickle their `args` (the message) by default, which would not rebuild this
-        # class; Ray ships exceptions between processes, so pickle the real fields.
-        return (StorageError, (self.uri, self.reason, self.kind))
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO/Ceph/moto); None = AWS
-    region: str | None = None  # None = the AWS chain's region (AWS_DEFAULT_REGION, ~/.aws/config)
-    addressing_style: str = "auto"  # auto (path with endpoint_url, else virtual) | path | virtual
-    max_attempts: int = 8  # total attempts per request, first included
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0  # a socket silent this long fails the attempt (then retried)
-    object_timeout_s: float = 600.0  # one object's copy (every attempt) gives up after this
-
-    def __post_init__(self) -> None:
-        if self.addressing_style not in ADDRESSING_STYLES:
-            raise ValueError(f"storage.addressing_style must be one of {ADDRESSING_STYLES}, "
-                             f"got {self.addressing_style!r}")
-        if self.max_attempts < 1:
-            raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
-        if min(self.connect_timeout_s, self.read_timeout_s, self.object_timeout_s) <= 0:
-            raise ValueError("storage timeouts must be > 0")
-
 
 # ---------------------------------------------------------------- URIs and error translation
 
@@ -117,7 +70,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _local_path(uri: str) -> str:
+def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
@@ -129,79 +82,6 @@ def _as_prefix(key: str) -> str:
 def _is_hidden(path: str) -> bool:
     """Dotfiles are skipped by listings: our own temp files and macOS '._x.mp4' resource forks."""
     return posixpath.basename(path.replace(os.sep, "/")).startswith(".")
-
-
-def _classify(exc: BaseException) -> tuple[str, str] | None:
-    """(kind, reason) for errors we understand, None for anything else (a bug: let it raise)."""
-    import boto3.exceptions as b3ex
-    import botocore.exceptions as bex
-    from s3transfer.exceptions import RetriesExceededError
-
-    if isinstance(exc, bex.ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _MISSING_CODES or status == 404:
-            return "missing", f"does not exist ({code or status})"
-        if code in _DENIED_CODES or status == 403:
-            return "denied", f"access denied ({code or status}); check the credentials' permissions"
-        if code in _TRANSIENT_CODES or status >= 500:
-            return "transient", f"still failing after retries: {exc}"
-        return "invalid", str(exc)
-    if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
-        return "denied", ("no AWS credentials found by the standard chain "
-                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, instance or pod role)")
-    # boto3's download_file re-raises s3transfer's RetriesExceededError as its own class.
-    if isinstance(exc, bex.ConnectionError | bex.HTTPClientError | bex.ResponseStreamingError
-                  | bex.IncompleteReadError | RetriesExceededError | b3ex.RetriesExceededError
-                  | b3ex.S3UploadFailedError | TimeoutError):
-        return "transient", f"network error: {exc}"
-    if isinstance(exc, bex.BotoCoreError | bex.ParamValidationError):  # e.g. an invalid bucket name
-        return "invalid", str(exc).replace("\n", " ")
-    if isinstance(exc, FileNotFoundError):
-        return "missing", "does not exist"
-    if isinstance(exc, PermissionError):
-        return "denied", "permission denied"
-    if isinstance(exc, OSError):  # pyarrow's S3 errors are OSErrors carrying the AWS error text
-        return _classify_arrow_message(str(exc))
-    if type(exc).__name__ == "ArrowInvalid":
-        return "invalid", f"not readable: {exc}"
-    if any(c.__name__ == "ArrowException" for c in type(exc).__mro__):  # any other pyarrow failure
-        return "invalid", f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _classify_arrow_message(message: str) -> tuple[str, str]:
-    if "ACCESS_DENIED" in message or "HTTP status 403" in message:
-        return "denied", message
-    if "NO_SUCH" in message or "HTTP status 404" in message:
-        return "missing", message
-    if any(s in message for s in ("NETWORK_CONNECTION", "SLOW_DOWN", "HTTP status 5", "curlCode")):
-        return "transient", message
-    return "invalid", message
-
-
-@contextlib.contextmanager
-def _translated(uri: str) -> Iterator[None]:
-    """Turn boto3/pyarrow/OS errors into StorageError naming `uri` (the caller's URI, not the key)."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:
-        classified = _classify(exc)
-        if classified is None:
-            raise
-        raise StorageError(uri, classified[1], classified[0]) from exc
-
-
-def _is_broken_stream(exc: BaseException) -> bool:
-    """A body that broke mid-transfer: botocore retried the request, but not the body read."""
-    import boto3.exceptions as b3ex
-    import botocore.exceptions as bex
-    from s3transfer.exceptions import RetriesExceededError
-
-    return isinstance(exc, bex.ResponseStreamingError | bex.IncompleteReadError | bex.ReadTimeoutError
-                      | bex.ConnectionClosedError | RetriesExceededError | b3ex.RetriesExceededError)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -292,107 +172,17 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".") or "object"
 
 
-# ---------------------------------------------------------------- manifests (pure helpers)
-
-
-def _manifest_rows(uri: str, data: bytes) -> tuple[list[str], list[dict[str, Any]]]:
-    """(column names, rows) of a .csv / .jsonl / .parquet manifest."""
-    suffix = posixpath.splitext(uri.lower())[1]
-    if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
-        return list(reader.fieldnames or []), list(reader)
-    if suffix in (".jsonl", ".ndjson"):
-        rows = [_json_line(uri, n, line) for n, line in enumerate(data.decode().splitlines(), 1)
-                if line.strip()]
-        return sorted({k for row in rows for k in row}), rows
-    if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        with _translated(uri):
-            table = pq.read_table(pa.BufferReader(data))
-        return table.column_names, table.to_pylist()
-    raise StorageError(uri, "manifest must end in .csv, .jsonl or .parquet", "invalid")
-
-
-def _json_line(uri: str, line_number: int, line: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise StorageError(uri, f"line {line_number} is not JSON: {exc}", "invalid") from exc
-    if not isinstance(row, dict):
-        raise StorageError(uri, f"line {line_number} is not a JSON object", "invalid")
-    return row
-
-
-def _parse_questions(uri: str, row_number: int, value: Any) -> list[str]:
-    """A list, a JSON list string, or 'q1|q2' (CSV cells cannot hold lists); empty -> []."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise StorageError(uri, f"row {row_number}: questions is not a JSON list",
-                                   "invalid") from exc
-        else:
-            return [q.strip() for q in text.split("|") if q.strip()]
-    if not isinstance(value, list | tuple):
-        raise StorageError(uri, f"row {row_number}: questions must be a list", "invalid")
-    return [str(q) for q in value if str(q).strip()]
-
-
-def _metadata_str(value: Any) -> str:
-    """Metadata columns are kept as strings so every output row has one simple schema."""
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value, default=str)
-
-
-def _resolve_video_uri(value: str, manifest_uri: str) -> str:
-    """Absolute paths and s3:// URIs as given; relative ones against the manifest's folder.
-    Another scheme (gs://) is kept as given, for local_copy to refuse by name in its row."""
-    if Storage.is_s3(value) or _OTHER_SCHEME.match(value):
-        return value
-    if Storage.is_s3(manifest_uri):
-        if value.startswith("/"):
-            raise StorageError(manifest_uri, f"local path {value!r} in an S3 manifest", "invalid")
-        bucket, key = split_s3_uri(manifest_uri)
-        return f"s3://{bucket}/{posixpath.normpath(posixpath.join(posixpath.dirname(key), value))}"
-    value = os.path.expanduser(value.removeprefix("file://"))
-    return os.path.abspath(os.path.join(os.path.dirname(_local_path(manifest_uri)), value))
-
-
-def _manifest_record(uri: str, row_number: int, row: dict[str, Any], column: str) -> dict[str, Any]:
-    video = row.get(column)
-    if video is None or not str(video).strip():
-        raise StorageError(uri, f"row {row_number}: empty {column!r}", "invalid")
-    metadata = {k: _metadata_str(v) for k, v in row.items() if k not in (column, "questions")}
-    return {**metadata, "uri": _resolve_video_uri(str(video).strip(), uri),
-            "questions": _parse_questions(uri, row_number, row.get("questions"))}
-
-
 # ---------------------------------------------------------------- Storage
 
 
 class Storage:
     """Local paths and s3:// URIs behind one set of verbs; picklable, clients built per process."""
 
-    def __init__(self, options: StorageOptions | None = None):
-        self.options = options or StorageOptions()
+    def __init__(self, options: StorageConfig | None = None):
+        self.options = options or StorageConfig()  # the job's `storage:` section
         self._clients: dict[str, Any] = {}
         self._clients_pid = os.getpid()
         self._clients_lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> Storage:
-        """From the job YAML's `storage:` section (any object with the four attributes)."""
-        return cls(StorageOptions(endpoint_url=cfg.endpoint_url, region=cfg.region,
-                                  addressing_style=cfg.addressing_style, max_attempts=cfg.max_attempts,
-                                  connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s,
-                                  object_timeout_s=cfg.object_timeout_s))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"options": self.options}  # clients hold sockets and threads: rebuild, never pickle
@@ -475,10 +265,10 @@ class Storage:
         """Retry `fn` when a response body breaks mid-stream, with backoff and full jitter."""
         for attempt in range(1, self.options.max_attempts + 1):
             try:
-                with _translated(uri):
+                with translated(uri):
                     return fn()
             except StorageError as err:
-                if attempt == self.options.max_attempts or not _is_broken_stream(err.__cause__):
+                if attempt == self.options.max_attempts or not is_broken_stream(err.__cause__):
                     raise
             time.sleep(random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt)))
         raise AssertionError("unreachable")
@@ -488,7 +278,7 @@ class Storage:
     def _iter_objects(self, uri: str, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under `prefix`, one page (<= 1000 keys) at a time."""
         paginator = self.s3_client.get_paginator("list_objects_v2")
-        with _translated(uri):
+        with translated(uri):
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 yield from page.get("Contents", [])
 
@@ -506,7 +296,7 @@ class Storage:
 
     @staticmethod
     def _list_local(uri: str, missing_ok: bool) -> list[str]:
-        path = _local_path(uri)
+        path = local_path(uri)
         if _GLOB_CHARS.search(path):
             import glob
 
@@ -553,10 +343,10 @@ class Storage:
     def exists(self, uri: str) -> bool:
         """True if the file/object exists; a 403 raises rather than pretending it is absent."""
         if not self.is_s3(uri):
-            return os.path.exists(_local_path(uri))
+            return os.path.exists(local_path(uri))
         bucket, key = split_s3_uri(uri)
         try:
-            with _translated(uri):
+            with translated(uri):
                 self.s3_client.head_object(Bucket=bucket, Key=key)
         except StorageError as err:
             if err.kind == "missing":
@@ -566,7 +356,7 @@ class Storage:
 
     def read_bytes(self, uri: str) -> bytes:
         if not self.is_s3(uri):
-            with _translated(uri), open(_local_path(uri), "rb") as handle:
+            with translated(uri), open(local_path(uri), "rb") as handle:
                 return handle.read()
         bucket, key = split_s3_uri(uri)
         return self._with_stream_retries(
@@ -576,10 +366,10 @@ class Storage:
         """Readers see the old content or all of the new one: tmp + rename, or one PUT on S3."""
         if self.is_s3(uri):
             bucket, key = split_s3_uri(uri)
-            with _translated(uri):
+            with translated(uri):
                 self.s3_client.put_object(Bucket=bucket, Key=key, Body=data)
             return
-        with _translated(uri), _atomic_path(_local_path(uri)) as tmp, open(tmp, "xb") as handle:
+        with translated(uri), _atomic_path(local_path(uri)) as tmp, open(tmp, "xb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())  # so the rename never lands before the bytes after a crash
@@ -588,53 +378,40 @@ class Storage:
         """Delete a file/object; deleting one that is already gone is not an error (resume)."""
         if self.is_s3(uri):
             bucket, key = split_s3_uri(uri)
-            with _translated(uri):
+            with translated(uri):
                 self.s3_client.delete_object(Bucket=bucket, Key=key)
             return
-        with _translated(uri), contextlib.suppress(FileNotFoundError):
-            os.remove(_local_path(uri))
+        with translated(uri), contextlib.suppress(FileNotFoundError):
+            os.remove(local_path(uri))
 
     def move(self, uri: str, target: str) -> None:
         """Move a file/object (same store): rename locally; copy then delete on S3."""
         if self.is_s3(uri):
             bucket, key = split_s3_uri(uri)
             target_bucket, target_key = split_s3_uri(target)
-            with _translated(uri):
+            with translated(uri):
                 self.s3_client.copy_object(Bucket=target_bucket, Key=target_key,
                                            CopySource={"Bucket": bucket, "Key": key})
             self.delete(uri)
             return
-        path, target_path = _local_path(uri), _local_path(target)
-        with _translated(uri):
+        path, target_path = local_path(uri), local_path(target)
+        with translated(uri):
             os.makedirs(os.path.dirname(target_path), exist_ok=True)
             os.replace(path, target_path)
 
     def remove_temporaries(self, uri_prefix: str) -> list[str]:
         """Delete the '.name.<uuid>.tmp' files `_atomic_path` leaves when a process dies while
         writing (S3 writes are one PUT: nothing to remove). Only for a folder one writer holds."""
-        if self.is_s3(uri_prefix) or not os.path.isdir(_local_path(uri_prefix)):
+        if self.is_s3(uri_prefix) or not os.path.isdir(local_path(uri_prefix)):
             return []
         removed = []
-        for folder, _, files in os.walk(_local_path(uri_prefix)):
+        for folder, _, files in os.walk(local_path(uri_prefix)):
             for name in files:
                 if name.startswith(".") and name.endswith(".tmp"):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(folder, name))
                     removed.append(os.path.join(folder, name))
         return sorted(removed)
-
-    def read_manifest(self, uri: str) -> list[dict[str, Any]]:
-        """Rows of a .csv/.jsonl/.parquet manifest: {'uri', 'questions': list[str], **metadata: str}.
-
-        The video column is the first of `uri`, `video`, `path` present; relative entries are
-        resolved against the manifest's own folder (or S3 prefix).
-        """
-        columns, rows = _manifest_rows(uri, self.read_bytes(uri))
-        column = next((c for c in MANIFEST_URI_COLUMNS if c in columns), None)
-        if column is None:
-            raise StorageError(uri, f"manifest needs a column named one of {MANIFEST_URI_COLUMNS}; "
-                                    f"found {columns}", "invalid")
-        return [_manifest_record(uri, n, row, column) for n, row in enumerate(rows, 1)]
 
     # ------------------------------------------------------------ node-local copies
 
@@ -649,7 +426,7 @@ class Storage:
         # s3transfer re-reads a body that breaks mid-stream up to num_download_attempts times (each
         # GET retried by botocore); wrapping it in a retry loop of our own would multiply the two.
         transfer = TransferConfig(num_download_attempts=self.options.max_attempts)
-        with _translated(uri), _atomic_path(target) as tmp:
+        with translated(uri), _atomic_path(target) as tmp:
             self.s3_client.download_file(bucket, key, tmp, Config=transfer)
 
     def local_copy(self, uri: str, cache_dir: str) -> str:
@@ -659,20 +436,20 @@ class Storage:
         is fetched again; a file lock plus tmp+rename mean concurrent processes download once
         and never see half a file.
         """
-        if _OTHER_SCHEME.match(uri):
+        if OTHER_SCHEME.match(uri):
             raise StorageError(uri, f"{uri.split(':', 1)[0]}:// is not supported; use s3:// or a local path", "invalid")
         if not self.is_s3(uri):
-            kind = _not_regular(_local_path(uri))
+            kind = _not_regular(local_path(uri))
             if kind:
                 raise StorageError(uri, f"is {kind}, not a regular file", "invalid")
-            if not os.path.isfile(_local_path(uri)):
+            if not os.path.isfile(local_path(uri)):
                 raise StorageError(uri, "no such file", "missing")
             return uri
         return _within(uri, self.options.object_timeout_s, lambda: self._cached_copy(uri, cache_dir))
 
     def _cached_copy(self, uri: str, cache_dir: str) -> str:
         bucket, key = split_s3_uri(uri)
-        with _translated(uri):
+        with translated(uri):
             head = self.s3_client.head_object(Bucket=bucket, Key=key)
         etag = head.get("ETag", "").strip('"')
         version = etag or str(head["ContentLength"])
@@ -693,7 +470,7 @@ class Storage:
         with the right size are kept, so a crashed download resumes.
         """
         if not self.is_s3(s3_prefix):
-            if not os.path.exists(_local_path(s3_prefix)):
+            if not os.path.exists(local_path(s3_prefix)):
                 raise StorageError(s3_prefix, "no such folder", "missing")
             return s3_prefix
         local_dir = os.path.abspath(local_dir)
@@ -725,7 +502,7 @@ class Storage:
         if not self.is_s3(uri):
             from pyarrow import fs
 
-            return fs.LocalFileSystem(), _local_path(uri)
+            return fs.LocalFileSystem(), local_path(uri)
         bucket, key = split_s3_uri(uri)
         return self._client("arrow_s3", self._build_arrow_s3), f"{bucket}/{key}"
 
@@ -743,7 +520,7 @@ class Storage:
             pq.write_table(table, buffer)
             self.write_bytes_atomic(uri, buffer.getvalue().to_pybytes())
             return
-        with _translated(uri), _atomic_path(_local_path(uri)) as tmp, open(tmp, "xb") as handle:
+        with translated(uri), _atomic_path(local_path(uri)) as tmp, open(tmp, "xb") as handle:
             pq.write_table(table, handle)
             handle.flush()
             os.fsync(handle.fileno())  # else a crash after the rename can leave a 0-byte part file
@@ -776,7 +553,7 @@ class Storage:
         import pyarrow.parquet as pq
 
         filesystem, path = self.arrow_filesystem(uri)
-        with _translated(uri), filesystem.open_input_file(path) as handle:
+        with translated(uri), filesystem.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)
             names = parquet.schema_arrow.names
             absent = sorted(set(columns or []) - set(names))

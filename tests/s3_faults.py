@@ -10,7 +10,7 @@ ends with a key given a fault:
   server hangs).
 
     with FaultProxy(s3_server, {"raw/cut.mp4": "cut", "raw/hang.mp4": "silent"}) as proxy:
-        Storage(StorageOptions(endpoint_url=proxy.url)).local_copy("s3://b/raw/cut.mp4", cache)
+        Storage(StorageConfig(endpoint_url=proxy.url)).local_copy("s3://b/raw/cut.mp4", cache)
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class Captioner:
         prompt_cfg: Mapping[str, Any],
         cache_dir: str | None = None,
         *,
-        storage_cfg: Any = None,
+        storage: Any = None,
         num_gpus: float | None = None,
         quality_cfg: Mapping[str, Any] | None = None,
         memory_fraction: float = 0.9,
@@ -116,7 +116,7 @@ class Captioner:
         self.model_cfg, self.generation_cfg, self.prompt_cfg = map(_as_dict, (model_cfg, generation_cfg, prompt_cfg))
         self.quality_cfg = _as_dict(quality_cfg)  # {} (no shadow) when a caller passes none
         fingerprint = engine_fingerprint(self.model_cfg, self.generation_cfg, self.prompt_cfg["system"])
-        self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage_cfg, num_gpus, fingerprint)
+        self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage, num_gpus, fingerprint)
         model = self.loaded.model
         budget = memory_budget_bytes(model.device, memory_fraction, memory_budget_gib)  # after loading
         self.loaded.sizer = call_sizer(model, v2drop.schedule_of(model), int(self.generation_cfg["max_new_tokens"]), budget)
@@ -128,13 +128,12 @@ class Captioner:
 
 
 def load_for_captioning(
-    model_cfg: Mapping[str, Any], cache_dir: str | None, storage_cfg: Any = None, num_gpus: float | None = None,
+    model_cfg: Mapping[str, Any], cache_dir: str | None, storage: Any = None, num_gpus: float | None = None,
     fingerprint: str | None = None,
 ) -> LoadedModel:
     """Resolve, load, switch V²Drop on when model.retention < 1, and self-check the engine.
     `fingerprint` (workers.provenance.engine_fingerprint) is stamped on every row."""
     source = str(model_cfg["source"])
-    storage = _storage(storage_cfg) if source.startswith("s3://") else None
     resolved = resolve_model_source(
         source, revision=model_cfg.get("revision"), cache_dir=cache_dir or model_cfg.get("cache_dir"), storage=storage
     )
@@ -162,15 +161,6 @@ def enable_v2drop(model: Any, retention: float, scorer: str = "variation") -> No
     schedule = v2drop.Schedule.for_retention(num_layers, retention)
     v2drop.enable(model, schedule, scorer=scorer)
     log.info("V²Drop on (%s): %s over %d layers (retention %.3f)", scorer, schedule, num_layers, retention)
-
-
-def _storage(storage_cfg: Any) -> Any:
-    """A Storage from the job's `storage:` section, given as a dict or the config object."""
-    from pipeline.storage import Storage, StorageOptions
-
-    if storage_cfg is None or isinstance(storage_cfg, Mapping):
-        return Storage(StorageOptions(**dict(storage_cfg or {})))
-    return Storage.from_config(storage_cfg)
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from pipeline.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_uri, read_lease
-from pipeline.storage import Storage, StorageOptions
+from pipeline.config import StorageConfig
+from pipeline.storage import Storage
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 
@@ -20,7 +21,7 @@ def place(request, tmp_path) -> tuple[Storage, str]:
         return Storage(), lease_uri(str(tmp_path / "out"), "caption")
     endpoint = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
-    return Storage(StorageOptions(endpoint_url=endpoint)), lease_uri(f"s3://{bucket}/out", "caption")
+    return Storage(StorageConfig(endpoint_url=endpoint)), lease_uri(f"s3://{bucket}/out", "caption")
 
 
 def test_a_second_run_is_refused_with_the_holder_named_until_the_first_releases(place):

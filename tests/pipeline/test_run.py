@@ -352,7 +352,7 @@ def test_input_and_output_on_s3(ray_cluster: None, s3_server: str, s3_bucket: st
     client.put_object(Bucket=s3_bucket, Key="raw/videos.jsonl", Body=manifest.encode())
     listed = job(f"s3://{s3_bucket}/raw/videos.jsonl", "from-manifest")
     run(listed, model_stage=FrameStatsStage)
-    storage = Storage.from_config(listed.storage)
+    storage = Storage(listed.storage)
     rows = storage.read_parquet(job_data_uri(listed.output.uri, listed.job))
     assert by_file(rows) == {"nasa_13013.mp4": {"ok": 3}, "gone.mp4": {"error": 1}}
     [gone] = [r for r in rows.to_pylist() if r["status"] == "error"]

@@ -158,7 +158,7 @@ def test_s3_objects_that_break_or_hang_become_error_rows_and_no_password_leaves(
         started = time.monotonic()
         summary = run(cfg, model_stage=FrameStatsStage, log=logged.append)
         elapsed_s = time.monotonic() - started
-        rows = Storage.from_config(cfg.storage).read_parquet(job_data_uri(cfg.output.uri, cfg.job))
+        rows = Storage(cfg.storage).read_parquet(job_data_uri(cfg.output.uri, cfg.job))
     assert by_file(rows) == {"good.mp4": {"ok": 3}, "cut.mp4": {"error": 1}, "hang.mp4": {"error": 1}}
     errors = {Path(r["video_uri"]).name: r["error"] for r in rows.to_pylist() if r["status"] == "error"}
     assert errors["cut.mp4"].startswith(f"s3://{s3_bucket}/raw/cut.mp4: ") and "(transient)" in errors["cut.mp4"]

@@ -24,7 +24,8 @@ from botocore.awsrequest import AWSResponse
 from pyarrow import fs as pafs
 
 from pipeline.config import StorageConfig
-from pipeline.storage import COMPLETE_MARKER, Storage, StorageError, StorageOptions
+from pipeline._inputs import read_manifest
+from pipeline.storage import COMPLETE_MARKER, Storage, StorageError
 from tests.s3_server import s3_bucket, s3_server, seed_objects  # noqa: F401  (fixtures)
 
 VIDEO_EXTENSIONS = ["mp4", "mkv", "mov"]
@@ -32,7 +33,7 @@ VIDEO_EXTENSIONS = ["mp4", "mkv", "mov"]
 
 @pytest.fixture
 def storage(s3_server: str) -> Storage:
-    return Storage(StorageOptions(endpoint_url=s3_server, region="us-east-1"))
+    return Storage(StorageConfig(endpoint_url=s3_server, region="us-east-1"))
 
 
 @pytest.fixture
@@ -88,20 +89,20 @@ SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request ra
 def test_from_config_and_option_checks(s3_server):
     cfg = StorageConfig(endpoint_url=s3_server, region="eu-west-1", addressing_style="path", max_attempts=3,
                         connect_timeout_s=2.0, read_timeout_s=5.0, object_timeout_s=30.0)
-    storage = Storage.from_config(cfg)
-    assert storage.options == StorageOptions(s3_server, "eu-west-1", "path", 3, 2.0, 5.0, 30.0)
+    storage = Storage(cfg)
+    assert storage.options == StorageConfig(s3_server, "eu-west-1", "path", 3, 2.0, 5.0, 30.0)
     config = storage.s3_client.meta.config
     assert config.s3["addressing_style"] == "path"
     assert config.retries == {"total_max_attempts": 3, "mode": "standard"}
     assert (config.connect_timeout, config.read_timeout) == (2.0, 5.0)
     with pytest.raises(ValueError, match="storage.addressing_style"):
-        StorageOptions(addressing_style="dns")
+        StorageConfig(addressing_style="dns")
     with pytest.raises(ValueError, match="storage.max_attempts"):
-        StorageOptions(max_attempts=0)
+        StorageConfig(max_attempts=0)
 
 
 def test_auto_addressing_is_path_style_with_an_endpoint(s3_server):
-    assert Storage(StorageOptions(endpoint_url=s3_server)).s3_client.meta.config.s3 == {
+    assert Storage(StorageConfig(endpoint_url=s3_server)).s3_client.meta.config.s3 == {
         "addressing_style": "path"}
     assert Storage().s3_client.meta.config.s3 == {"addressing_style": "auto"}
 
@@ -201,7 +202,7 @@ def test_read_manifest_local_resolves_relative_paths(storage, tmp_path, fmt):
     path = tmp_path / "lists" / f"manifest.{fmt}"
     path.parent.mkdir()
     path.write_bytes(write_manifest(fmt))
-    assert storage.read_manifest(str(path)) == [
+    assert read_manifest(storage, str(path)) == [
         {"uri": str(tmp_path / "lists/clips/a.mp4"), "questions": ["What happens?", "Who is there?"],
          "camera": "front"},
         {"uri": str(tmp_path / "lists/b.mp4"), "questions": [], "camera": "back"},
@@ -211,7 +212,7 @@ def test_read_manifest_local_resolves_relative_paths(storage, tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_read_manifest_s3_resolves_relative_keys(storage, s3, s3_bucket, fmt):
     s3.put_object(Bucket=s3_bucket, Key=f"lists/manifest.{fmt}", Body=write_manifest(fmt))
-    rows = storage.read_manifest(f"s3://{s3_bucket}/lists/manifest.{fmt}")
+    rows = read_manifest(storage, f"s3://{s3_bucket}/lists/manifest.{fmt}")
     assert [r["uri"] for r in rows] == [f"s3://{s3_bucket}/lists/clips/a.mp4",
                                         f"s3://{s3_bucket}/lists/b.mp4"]
     assert rows[0]["questions"] == ["What happens?", "Who is there?"]
@@ -220,13 +221,13 @@ def test_read_manifest_s3_resolves_relative_keys(storage, s3, s3_bucket, fmt):
 def test_read_manifest_video_column_json_questions_and_metadata_as_str(storage, tmp_path):
     path = tmp_path / "m.csv"
     path.write_text('video,questions,fps\n/data/x.mp4,"[""Q1?"", ""Q2?""]",30\ns3://b/y.mp4,,\n')
-    assert storage.read_manifest(str(path)) == [
+    assert read_manifest(storage, str(path)) == [
         {"uri": "/data/x.mp4", "questions": ["Q1?", "Q2?"], "fps": "30"},
         {"uri": "s3://b/y.mp4", "questions": [], "fps": ""},
     ]
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text(json.dumps({"path": "/v.mp4", "fps": 29.97, "tags": ["a"]}) + "\n")
-    assert storage.read_manifest(str(jsonl)) == [
+    assert read_manifest(storage, str(jsonl)) == [
         {"uri": "/v.mp4", "questions": [], "fps": "29.97", "tags": '["a"]'}]
 
 
@@ -234,7 +235,7 @@ def test_read_manifest_without_uri_column_names_file_and_columns(storage, tmp_pa
     path = tmp_path / "bad.csv"
     path.write_text("file,questions\na.mp4,\n")
     with pytest.raises(StorageError, match=r"bad\.csv.*'uri', 'video', 'path'.*\['file', 'questions'\]"):
-        storage.read_manifest(str(path))
+        read_manifest(storage, str(path))
 
 
 # ---------------------------------------------------------------- bytes and Parquet
@@ -346,7 +347,7 @@ def test_download_prefix_once_per_node_even_when_two_actors_race(s3_server, s3, 
     for name, body in files.items():
         s3.put_object(Bucket=s3_bucket, Key=f"models/tiny/{name}", Body=body)
     s3.put_object(Bucket=s3_bucket, Key="models/tiny-other/x", Body=b"not ours")
-    actors = [Storage(StorageOptions(endpoint_url=s3_server)) for _ in range(2)]
+    actors = [Storage(StorageConfig(endpoint_url=s3_server)) for _ in range(2)]
     sends = [count_sends(a) for a in actors]
     target = str(tmp_path / "weights")
     barrier = threading.Barrier(2)
@@ -392,7 +393,7 @@ def test_denied_request_is_kind_denied(s3_server, s3, s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     monkeypatch.delenv("AWS_SESSION_TOKEN")
-    storage = Storage(StorageOptions(endpoint_url=s3_server))
+    storage = Storage(StorageConfig(endpoint_url=s3_server))
     uri = f"s3://{s3_bucket}/secret.mp4"
     _post_moto_api(s3_server, "/moto-api/reset-auth", b"0")  # enforce auth from now on
     try:
@@ -413,7 +414,7 @@ def test_throttling_is_retried_with_backoff(storage, s3, s3_bucket):
 
 
 def test_persistent_throttling_gives_up_as_transient(s3_server, s3_bucket):
-    storage = Storage(StorageOptions(endpoint_url=s3_server, max_attempts=2))
+    storage = Storage(StorageConfig(endpoint_url=s3_server, max_attempts=2))
     sent = count_sends(storage)
     answer_first_requests(storage, times=99, status=503, body=SLOW_DOWN)
     with pytest.raises(StorageError, match="a.mp4") as info:

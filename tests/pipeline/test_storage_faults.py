@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import Storage, StorageError, StorageOptions
+from pipeline._inputs import read_manifest
+from pipeline.config import StorageConfig
+from pipeline.storage import Storage, StorageError
 from tests.s3_faults import FaultProxy
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
@@ -30,7 +32,7 @@ def objects(s3_server: str, s3_bucket: str) -> str:
 
 
 def proxied(proxy: FaultProxy, **options: float) -> Storage:
-    return Storage(StorageOptions(endpoint_url=proxy.url, max_attempts=2, **options))
+    return Storage(StorageConfig(endpoint_url=proxy.url, max_attempts=2, **options))
 
 
 def test_a_download_that_always_breaks_is_a_transient_error_naming_the_uri(s3_server, objects, tmp_path):
@@ -71,7 +73,7 @@ def test_read_timeout_fails_an_attempt_that_goes_silent(s3_server, objects):
 
 def test_an_invalid_bucket_name_is_an_invalid_storage_error_not_a_crash(s3_server, tmp_path):
     """A manifest may name anything: botocore refuses the name before sending (ParamValidationError)."""
-    storage = Storage(StorageOptions(endpoint_url=s3_server, max_attempts=1))
+    storage = Storage(StorageConfig(endpoint_url=s3_server, max_attempts=1))
     with pytest.raises(StorageError, match="Invalid bucket name") as info:
         storage.local_copy("s3://Bad_Bucket!/a.mp4", str(tmp_path))
     assert info.value.kind == "invalid" and info.value.uri == "s3://Bad_Bucket!/a.mp4"
@@ -81,7 +83,7 @@ def test_a_manifest_entry_with_another_scheme_is_refused_by_name(tmp_path):
     manifest = tmp_path / "list.jsonl"
     manifest.write_text('{"uri": "gs://bucket/a.mp4"}\n')
     storage = Storage()
-    [record] = storage.read_manifest(str(manifest))
+    [record] = read_manifest(storage, str(manifest))
     assert record["uri"] == "gs://bucket/a.mp4"  # not a local file named gs:/bucket/a.mp4
     with pytest.raises(StorageError, match=r"^gs://bucket/a.mp4: gs:// is not supported; use s3:// or a local path$"):
         storage.local_copy(record["uri"], str(tmp_path / "cache"))
@@ -89,12 +91,12 @@ def test_a_manifest_entry_with_another_scheme_is_refused_by_name(tmp_path):
 
 def test_credentials_in_the_endpoint_never_reach_a_message(s3_server, objects):
     host = s3_server.removeprefix("http://")
-    storage = Storage(StorageOptions(endpoint_url=f"http://ana:{PASSWORD}@{host}", max_attempts=1))
+    storage = Storage(StorageConfig(endpoint_url=f"http://ana:{PASSWORD}@{host}", max_attempts=1))
     assert storage.read_bytes(f"s3://{objects}/raw/good.mp4") == BODY  # the endpoint still works
     pq_uri = f"s3://{objects}/t.parquet"
     storage.write_parquet_atomic(pa.table({"a": [1]}), pq_uri)  # pyarrow gets host:port only
     assert storage.read_parquet(pq_uri)["a"].to_pylist() == [1]
-    dead = Storage(StorageOptions(endpoint_url=f"http://ana:{PASSWORD}@127.0.0.1:9", max_attempts=1))
+    dead = Storage(StorageConfig(endpoint_url=f"http://ana:{PASSWORD}@127.0.0.1:9", max_attempts=1))
     with pytest.raises(StorageError) as info:
         dead.read_bytes(f"s3://{objects}/raw/good.mp4")
     assert PASSWORD not in str(info.value) and "***@127.0.0.1:9" in str(info.value)
@@ -144,7 +146,7 @@ def test_temporaries_of_a_crashed_writer_are_removed_and_files_move(tmp_path):
 
 
 def test_s3_move_copies_then_deletes(s3_server, objects):
-    storage = Storage(StorageOptions(endpoint_url=s3_server))
+    storage = Storage(StorageConfig(endpoint_url=s3_server))
     storage.move(f"s3://{objects}/raw/good.mp4", f"s3://{objects}/aside/good.mp4")
     assert storage.read_bytes(f"s3://{objects}/aside/good.mp4") == BODY
     assert not storage.exists(f"s3://{objects}/raw/good.mp4")

@@ -236,9 +236,9 @@ def test_an_unwritable_output_is_an_output_error_naming_it(tmp_path: Path) -> No
 def test_replacement_compaction_and_set_aside_on_s3(s3_server: str, s3_bucket: str) -> None:
     """The same life on HTTP S3: no rename there, so moving aside is copy + delete, and every
     file is one PUT."""
-    from pipeline.storage import StorageOptions
+    from pipeline.config import StorageConfig
 
-    storage = Storage(StorageOptions(endpoint_url=s3_server))
+    storage = Storage(StorageConfig(endpoint_url=s3_server))
     out = f"s3://{s3_bucket}/out"
     folder = f"{_write.job_data_uri(out, JOB)}/run_date=2026-11-28"
     storage.write_parquet_atomic(rows(("k1", "ok"), ("k2", "ok")), f"{folder}/part-r1-00000.parquet")

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import v2drop
+from pipeline.config import StorageConfig
+from pipeline.storage import Storage
 
 from workers import captioner as captioner_module
 from workers.captioner import OUTPUT_COLUMNS, Captioner
@@ -281,14 +283,14 @@ def test_s3_model_is_downloaded_once_into_the_node_cache_and_captions(cache_dir,
     for file in Path(local).iterdir():
         client.upload_file(str(file), s3_bucket, f"models/tiny/{file.name}")
     uri = f"s3://{s3_bucket}/models/tiny"
-    storage_cfg = {"endpoint_url": s3_server}
+    storage = Storage(StorageConfig(endpoint_url=s3_server))
     node_cache = tmp_path / "node-cache"
 
-    first = resolve_model_source(uri, cache_dir=node_cache, storage=captioner_module._storage(storage_cfg))
-    again = resolve_model_source(uri + "/", cache_dir=node_cache, storage=captioner_module._storage(storage_cfg))
+    first = resolve_model_source(uri, cache_dir=node_cache, storage=storage)
+    again = resolve_model_source(uri + "/", cache_dir=node_cache, storage=storage)
     assert first.path_or_id == again.path_or_id and first.path_or_id.startswith(str(node_cache))
     assert first.model_id == uri and first.random_weights is True  # the tiny marker travelled with the files
-    out = Captioner(model_cfg(uri), GREEDY, CAPTION, str(node_cache), storage_cfg=storage_cfg)(as_batch(THREE_CLIPS[:1]))
+    out = Captioner(model_cfg(uri), GREEDY, CAPTION, str(node_cache), storage=storage)(as_batch(THREE_CLIPS[:1]))
     assert out["status"] == ["ok"] and out["model_id"] == [uri]
 
 
