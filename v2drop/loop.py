@@ -73,12 +73,14 @@ def layer_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in _NOT_FOR_LAYERS}
 
 
-def causal_mask(text_model, hidden: torch.Tensor, valid: torch.Tensor, cache, layer_idx: int):
-    """The attention mask of `layer_idx` for queries `hidden`, keys = its cache + the queries."""
+def causal_mask(text_model, hidden: torch.Tensor, valid: torch.Tensor, cache, layer_idx: int, padded: bool = True):
+    """The attention mask of `layer_idx` for queries `hidden`, keys = its cache + the queries.
+    `padded` False (known on the host) passes no padding mask: transformers then asks the device
+    nothing to find that out, and sdpa can run causal without a mask, as for an unpadded batch."""
     return create_causal_mask(
         config=text_model.config,
         inputs_embeds=hidden,
-        attention_mask=valid,
+        attention_mask=valid if padded else None,
         layer_idx=layer_idx,
         **cache_kwarg(cache),
     )
@@ -105,13 +107,14 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def drop_token_state(state: TokenState, prev_hidden: torch.Tensor, keep: float,
-                     score: ScoreFn = variation_scores) -> TokenState:
-    """One drop: score visual tokens, keep each sample's top-k, gather everything per token."""
+                     score: ScoreFn = variation_scores) -> tuple[TokenState, bool]:
+    """One drop: score visual tokens, keep each sample's top-k, gather everything per token.
+    Also returns whether the new state has padding (rows that kept different counts)."""
     scores = score(state.hidden, prev_hidden)
     kept_visual = select_visual(scores, state.visual, keep_counts(state.num_visual(), keep))
     keep_mask = (state.valid & ~state.visual) | kept_visual
-    index, index_valid = compact(keep_mask)
-    return state.gather(index, index_valid)
+    index, index_valid, padded = compact(keep_mask)
+    return state.gather(index, index_valid), padded
 
 
 def add_after_layer(state: TokenState, layer_idx: int) -> None:
@@ -137,12 +140,14 @@ def prefill_with_drops(
     layers = text_model.layers
     starts, masks, kept_positions, visual_counts = [0], [state.valid], [state.source_index], []
     text_tokens = (state.valid & ~state.visual).sum(dim=1)
-    mask = causal_mask(text_model, state.hidden, state.valid, cache, 0)
+    padded = [not key_masks.all_real(state.valid)]  # per stage, known on the host: one sync here
+    mask = causal_mask(text_model, state.hidden, state.valid, cache, 0, padded[0])
     prev_hidden = None
     for i, layer in enumerate(layers):
         if i in drops:
-            state = drop_token_state(state, prev_hidden, drops[i], score)
-            mask = causal_mask(text_model, state.hidden, state.valid, cache, i)
+            state, stage_padded = drop_token_state(state, prev_hidden, drops[i], score)
+            padded.append(stage_padded)
+            mask = causal_mask(text_model, state.hidden, state.valid, cache, i, stage_padded)
             starts.append(i)
             masks.append(state.valid)
             kept_positions.append(state.source_index.masked_fill(~state.visual, -1))
@@ -162,7 +167,7 @@ def prefill_with_drops(
     return PrefillResult(
         hidden=text_model.norm(state.hidden),
         stage_masks=StageMasks(starts=starts, masks=masks,
-                               all_valid=key_masks.all_real(torch.stack([m.all() for m in masks]))),
+                               all_valid=not any(padded)),
         visual_per_layer=torch.stack(visual_counts),
         text_tokens=text_tokens,
         kept_positions=kept_positions,

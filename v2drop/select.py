@@ -48,20 +48,21 @@ def select_visual(scores: torch.Tensor, visual: torch.Tensor, k: torch.Tensor) -
     return visual & (rank < k[:, None])
 
 
-def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Gather indices that pack each row's kept tokens to the right, in original order.
 
-    keep: [B, L] bool. Returns (index [B, L'], valid [B, L'] bool) with L' = max kept per row.
+    keep: [B, L] bool. Returns (index [B, L'], valid [B, L'] bool, padded) with L' = max kept per
+    row and `padded` True when some row keeps fewer (one host-device sync gives both numbers).
     Rows with fewer kept tokens are left-padded, matching the left padding that generation
     uses, so every row's last real token stays in the last column. Padding slots point at
     some dropped token and are marked invalid.
 
     Example: keep [[T, F, T, T], [F, F, T, T]] -> index [[0, 2, 3], [1, 2, 3]],
-    valid [[T, T, T], [F, T, T]].
+    valid [[T, T, T], [F, T, T]], padded True.
     """
     kept_per_row = keep.sum(dim=1)
-    new_len = int(kept_per_row.max()) if keep.shape[0] else 0
+    new_len, fewest = torch.stack([kept_per_row.max(), kept_per_row.min()]).tolist() if keep.shape[0] else (0, 0)
     # A stable ascending sort of 0/1 puts dropped tokens first and kept ones last, each group
     # in original order; the last new_len columns are then exactly the left-padded layout.
     values, index = torch.sort(keep.to(torch.uint8), dim=1, stable=True)
-    return index[:, keep.shape[1] - new_len :], values[:, keep.shape[1] - new_len :].bool()
+    return index[:, keep.shape[1] - new_len :], values[:, keep.shape[1] - new_len :].bool(), fewest < new_len

@@ -59,3 +59,28 @@ def test_single_token_mask_broadcasts_over_queries():
     mask = key_masks.additive_key_mask(valid, num_new=1, dtype=torch.bfloat16)
     assert mask.shape == (2, 1, 1, 3) and mask.dtype == torch.bfloat16
     assert (mask == 0)[:, 0, 0].tolist() == valid.tolist()
+
+
+def _prefill_syncs(model, inputs) -> int:
+    from bench.op_counts import SYNC_OPS, OpCounter
+
+    call = {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}
+    with torch.no_grad(), OpCounter() as counter:
+        model(**call, use_cache=True, logits_to_keep=1)
+    return sum(counter.calls[op] for op in SYNC_OPS)
+
+
+@pytest.mark.parametrize("family, questions", CASES)
+def test_v2drop_prefill_syncs_once_per_drop_and_no_more_for_its_masks(family, questions):
+    """Each drop must learn its kept length: one sync, which also tells whether rows kept different
+    counts. An unpadded stage then needs no mask, so no sync of transformers' mask check; a padded
+    one still gets it. Counted for 3 drops (stock -> V²Drop), before this change: 7 -> 15 and
+    3 -> 11 unpadded, 12 -> 23 and 21 -> 32 padded; after: 7 -> 8, 3 -> 4, 12 -> 20, 21 -> 29."""
+    model = models.model(family, num_layers=NUM_LAYERS)
+    inputs = models.batch(family, [models.Sample(q, _visual(family)) for q in questions])
+    stock = _prefill_syncs(model, inputs)
+    schedule = v2drop.Schedule.for_retention(NUM_LAYERS, 0.25)
+    v2drop.enable(model, schedule)
+    drops = len(schedule.layers)
+    padded = len(questions) > 1
+    assert _prefill_syncs(model, inputs) <= stock + (2 * drops + 2 if padded else 1)

@@ -32,9 +32,11 @@ def test_text_tokens_are_never_selected_even_with_huge_scores():
 
 def test_compact_left_pads_and_keeps_order():
     keep = torch.tensor([[True, False, True, True], [False, False, True, True]])
-    index, valid = compact(keep)
+    index, valid, padded = compact(keep)
     assert index.tolist() == [[0, 2, 3], [1, 2, 3]]
     assert valid.tolist() == [[True, True, True], [False, True, True]]
+    assert padded
+    assert compact(torch.tensor([[True, False, True], [False, True, True]]))[2] is False
 
 
 def test_keep_counts_floor_per_sample():
