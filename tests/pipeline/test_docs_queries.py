@@ -10,6 +10,7 @@ has nothing left to do and writes an empty summary).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from pathlib import Path
 
@@ -173,3 +174,46 @@ def test_rows_say_per_call_and_per_row_apart(outputs: dict[str, Path]) -> None:
     model_columns = ("model_id", "engine_fingerprint", "batch_id", "started_at", "generate_ms", "worker_host")
     assert all(probe_error[c] is None for c in model_columns) and probe_error["finished_at"] is not None
     assert probe_error["skip_reason"] is None and probe_error["error_stage"] == "probe"
+
+
+# --- the run report ---------------------------------------------------------------------------
+
+
+def report_of(out: Path) -> tuple[str, dict[str, bytes]]:
+    import base64
+
+    [report] = sorted((out / "runs" / "job=caption").glob("*/report.html"))[:1]
+    text = report.read_text()
+    images = {name: base64.b64decode(data) for name, data in re.findall(r'<img alt="(\w+)" src="data:image/png;base64,([^"]+)"', text)}
+    return text, images
+
+
+def test_the_run_report_has_every_part(outputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> None:
+    from pipeline.report import PERCENTILES, SECTIONS
+
+    text, images = report_of(outputs["mixed"])
+    assert [s for s in re.findall(r'<h2 id="(\w+)">', text)] == list(SECTIONS)
+    # plots where the run has data; a CPU run has no cost plot, only the table saying so
+    assert set(images) == {"throughput", "latency", "tokens", "retention", "errors"}
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000 for png in images.values())
+    saved = Path(os.environ.get("V2DROP_REPORT_PNG_DIR") or tmp_path_factory.mktemp("report-png"))  # to look at them
+    for name, png in images.items():
+        (saved / f"{name}.png").write_bytes(png)
+    rows = ds.dataset(f"{outputs['mixed']}/data", partitioning=ds.partitioning(PARTITIONING_SCHEMA, flavor="hive")).to_table()
+    calls = {r["batch_id"]: r["generate_ms"] for r in rows.to_pylist() if r["batch_id"]}
+    import numpy as np
+
+    for p in PERCENTILES:  # per model call, not per row
+        assert f"<th>generate p{p} (ms)</th><td>{np.percentile(list(calls.values()), p):.1f}</td>" in text
+    assert f"<th>generate samples</th><td>{len(calls)} model calls</td>" in text
+    assert "<th>probe: file is empty (N bytes)</th><td>1</td>" in text  # errors by stage and reason, file name left out
+    assert "CPU run: no GPU-hours, no cost" in text and "video-hours per CPU-hour" in text
+    [drop_layers] = {tuple(r["drop_layers"]) for r in rows.to_pylist() if r["status"] == "ok"}
+    assert f"drop layers {list(drop_layers)}" in text
+
+
+def test_a_run_with_nothing_to_do_still_gets_a_report(outputs: dict[str, Path]) -> None:
+    reports = sorted((outputs["clean"] / "runs" / "job=caption").glob("*/report.html"))
+    assert len(reports) == 2
+    empty = min(reports, key=lambda p: len(p.read_text()))
+    assert "no clips finished" in empty.read_text() and "none: every row is ok" in empty.read_text()
