@@ -37,6 +37,7 @@ COLUMNS = ("clip_id", "status", "error", "error_stage", "skip_reason", "finished
 PERCENTILES = (50, 90, 99)
 SECTIONS = ("throughput", "latency", "tokens", "retention", "errors", "cost")
 REASON_CHARS = 70
+THROUGHPUT_BINS = 20
 
 
 def write_report(storage: Storage, run_dir: str, summary: dict[str, Any], files: list[str]) -> str:
@@ -76,13 +77,12 @@ def throughput(records: list[dict], summary: dict[str, Any]) -> tuple[str, bytes
     if not minutes:
         return "Throughput over time", None, table + [("note", "no clips finished")]
     fig, axes = _figure(2)
-    axes[0].step(minutes, range(1, len(minutes) + 1), where="post")
-    axes[0].set(xlabel="minutes since the run started", ylabel="clips finished", title="cumulative")
-    edges = np.arange(0, max(minutes) + 1.0, 1.0) if max(minutes) >= 1 else np.array([0, max(minutes) or 1e-3])
-    counts, edges = np.histogram(minutes, bins=edges if len(edges) > 1 else 1)
+    axes[0].step([0.0, *minutes], range(len(minutes) + 1), where="post")
+    axes[0].set(xlabel="minutes since the run started", ylabel="clips finished", title="cumulative", xlim=(0, None))
+    counts, edges = np.histogram(minutes, bins=THROUGHPUT_BINS, range=(0.0, max(minutes)))
     width_min = np.diff(edges)
     axes[1].bar(edges[:-1], counts / (width_min * 60), width=width_min, align="edge")
-    axes[1].set(xlabel="minutes since the run started", ylabel="clips/s", title="rate per interval")
+    axes[1].set(xlabel="minutes since the run started", ylabel="clips/s", title=f"rate in {THROUGHPUT_BINS} intervals")
     return "Throughput over time", _png(fig), table
 
 
@@ -182,10 +182,11 @@ def errors(records: list[dict]) -> tuple[str, bytes | None, list]:
     table = [(f"{stage}: {reason}", n) for (stage, reason), n in counts.most_common()]
     if not counts:
         return "Errors by stage and reason", None, [("errors", "none: every row is ok")]
-    fig, axes = _figure(1, height=max(2.5, 0.45 * len(counts) + 1))
+    fig, axes = _figure(1, height=max(2.5, 0.45 * len(counts) + 1), width=9.0)
     labels = [f"{stage}: {reason[:45]}" for (stage, reason), _ in counts.most_common()][::-1]
     axes[0].barh(labels, [n for _, n in counts.most_common()][::-1])
-    axes[0].set(xlabel="rows", title="error and skipped rows by stage and reason")
+    axes[0].set(xlabel="rows", title="error and skipped rows")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
     return "Errors by stage and reason", _png(fig), table
 
 
@@ -223,13 +224,13 @@ def _time(value: Any) -> dt.datetime:
     return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def _figure(columns: int, height: float = 3.2):
+def _figure(columns: int, height: float = 3.2, width: float = 5.2):
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a driver; must precede pyplot
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, columns, figsize=(5.2 * columns, height), squeeze=False)
+    fig, axes = plt.subplots(1, columns, figsize=(width * columns, height), squeeze=False)
     return fig, list(axes[0])
 
 
