@@ -18,7 +18,7 @@ import warnings
 LOGGER = "pipeline"
 FORMAT = "%(asctime)sZ %(levelname)-5s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-QUIET_LOGGERS = ("ray", "ray.data", "botocore", "boto3", "urllib3", "s3transfer", "filelock", "transformers",
+QUIET_LOGGERS = ("ray", "botocore", "boto3", "urllib3", "s3transfer", "filelock", "transformers",
                  "torch", "matplotlib", "PIL", "fsspec")
 QUIET_WARNING_MODULES = r"(ray|transformers|torch|botocore|pyarrow|google|pkg_resources|torchvision|decord)(\..*)?"
 
@@ -45,6 +45,21 @@ def quiet_third_parties() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=QUIET_WARNING_MODULES)
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data configures its `ray.data` logger when first imported: INFO to the console (an
+    execution plan and a finish line per dataset) and DEBUG to ray-data.log in the session folder.
+    Keep the file complete and let only warnings through to the console."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_our_choice)
+
+
+def _not_our_choice(record: logging.LogRecord) -> bool:
+    """Ray Data warns that its progress bars are off: we turned them off (run.ray_progress_bars)."""
+    return "Progress bars disabled" not in record.getMessage()
 
 
 def get_logger(name: str = LOGGER) -> logging.Logger:

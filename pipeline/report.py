@@ -71,7 +71,7 @@ def throughput(records: list[dict], summary: dict[str, Any]) -> tuple[str, bytes
     started = _time(summary["started_at"])
     done = sorted(_time(r["finished_at"]) for r in _per_clip(records) if r["finished_at"] is not None)
     minutes = [(t - started).total_seconds() / 60 for t in done]
-    table = [("clips finished", len(done)), ("wall time", f"{summary['wall_s']:.1f} s"),
+    table = [("clips finished (ok or failed)", len(done)), ("wall time", f"{summary['wall_s']:.1f} s"),
              ("clips/s (ok clips)", f"{summary['clips_per_s']:.3f}"),
              ("output tokens/s", f"{summary['output_tokens_per_s']:.1f}")]
     if not minutes:

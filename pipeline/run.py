@@ -32,7 +32,7 @@ from pipeline._shard import settings_key, shard_batch
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
 from pipeline.config import JobConfig, to_yaml
 from pipeline.lease import LeaseLost
-from pipeline.logs import get_logger, info
+from pipeline.logs import get_logger, info, quiet_ray_data_console
 from pipeline.preflight import Plan, prepare
 from pipeline.progress import Progress
 from pipeline.redact import redact
@@ -97,6 +97,8 @@ def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.run.ray_progress_bars
+    if not cfg.run.ray_progress_bars:  # asked for Ray Data's own display: leave its console alone
+        quiet_ray_data_console()
     videos = plan.videos
     clips = (
         ray.data.from_arrow(_blocks(videos, VIDEOS_PER_PROBE_TASK))
