@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -464,6 +465,7 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
                              "--dashboard-host=127.0.0.1", "--num-cpus=2",
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    gcs = f"127.0.0.1:{ports[0].split('=')[1]}"
     try:
         address = f"http://127.0.0.1:{dashboard}"
         wait_for_dashboard(address)
@@ -479,10 +481,26 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
             assert all(r["model_random_weights"] and r["output_text"] and r["retention_achieved"] < 1 for r in ok)
             assert len({r["prompt"] for r in ok}) == rows_per_clip
             [summary] = (out / "runs" / f"job={job}").glob("*/summary.json")
-            assert json.loads(summary.read_text())["rows_ok"] == 2 * rows_per_clip
+            summary = json.loads(summary.read_text())
+            assert summary["rows_ok"] == 2 * rows_per_clip
+            # the submission id in the summary, the run id in the Ray job's metadata
+            submission_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", result.stdout).group(1)
+            assert summary["ray_job_submission_id"] == submission_id
+            assert {"job_submission_id": submission_id, "v2drop_run_id": summary["run_id"], "v2drop_job": job}.items() \
+                <= next(m for m in ray_job_metadata(gcs, env) if m.get("job_submission_id") == submission_id).items()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)
+
+
+def ray_job_metadata(gcs_address: str, env: dict) -> list[dict[str, str]]:
+    """Every Ray job's config metadata, read from the cluster's GCS in a process of its own (this
+    one is connected to the session cluster)."""
+    code = ("import json, ray._raylet as r; c = r.GcsClient(address=%r); "
+            "print(json.dumps([dict(i.config.metadata) for i in c.get_all_job_info().values()]))") % gcs_address
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def submit_when_agent_is_up(command: list[str], env: dict, timeout_s: float = 60) -> subprocess.CompletedProcess:
