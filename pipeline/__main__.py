@@ -74,6 +74,7 @@ def start_line(job_file: str, cfg: JobConfig) -> str:
     return redact(f"job {cfg.job} ({job_file}{', preset ' + cfg.preset if cfg.preset else ''}): {cfg.input.uri} -> "
                   f"{cfg.output.uri} | {cfg.prompt.task}, {m.source} {m.dtype}, retention {m.retention:g} | "
                   f"{a.min_size}-{a.max_size} actors x {a.num_gpus:g} GPU, batch {a.batch_size} | "
+                  f"{'S3 endpoint ' + cfg.storage.endpoint_url + ' | ' if cfg.storage.endpoint_url else ''}"
                   f"resolved config: {cfg.output.uri.rstrip('/')}/runs/job={cfg.job}/<run_id>/config.yaml")
 
 

@@ -1,5 +1,6 @@
 """The driver's log: `logging` with UTC timestamps and levels (`run.log_level`), third-party noise
-filtered, so `ray job logs` and a terminal show one readable stream:
+filtered, so `ray job logs` and a terminal show one readable stream. It goes to stdout: stderr
+keeps the CLI's contract of one line naming the failure (pipeline.__main__).
 
     2026-11-30 02:14:07Z INFO  pipeline: [plan] 12 videos -> 44 rows to write, 39 clips to caption
 
@@ -29,7 +30,7 @@ def setup_logging(level: str = "INFO", stream=None) -> logging.Logger:
     logger.setLevel(level)
     for handler in [h for h in logger.handlers if getattr(h, "_v2drop", False)]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stdout)
     formatter = logging.Formatter(FORMAT, DATE_FORMAT)
     formatter.converter = time.gmtime  # UTC, as every timestamp the pipeline writes
     handler.setFormatter(formatter)
