@@ -137,7 +137,7 @@ def run_variant(args: argparse.Namespace, name: str, repeat: int, scratch: Path)
 def from_summary(s: dict[str, Any]) -> dict[str, Any]:
     return {
         "wall_s": s["wall_s"], "clips_ok": s["clips_ok"], "rows_ok": s["rows_ok"], "rows_error": s["rows_error"],
-        "rows_skipped": s["rows_skipped"], "errors_by_stage": json.loads(s["errors_by_stage"]),
+        "rows_skipped": s["rows_skipped"], "errors_by_stage": dict(s["errors_by_stage"]),
         "video_seconds": s["video_seconds_processed"], "clips_per_s": s["clips_per_s"],
         "video_s_per_s": s["video_seconds_processed"] / s["wall_s"], "output_tokens": s["output_tokens"],
         "prompt_tokens": s["prompt_tokens"], "output_tokens_per_s": s["output_tokens_per_s"],

@@ -1,4 +1,7 @@
-"""CLI: ``python -m pipeline JOB.yaml [key=value ...]`` (also what a job file's shebang runs).
+"""CLI: ``python -m pipeline JOB.yaml [--dry-run] [key=value ...]`` (also what a job file's shebang runs).
+
+``python -m pipeline --help`` lists every section and key with its default (from pipeline/config.py).
+``--dry-run`` validates, discovers and probes, then prints the plan without Ray or a model (pipeline.plan).
 
 Exit codes (docs/architecture.md, "Exit codes"); every non-zero one prints one line to stderr:
 
@@ -25,13 +28,20 @@ s3:// URIs (or set V2DROP_LAUNCH_DIR in the job's env_vars to resolve them again
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import os
 import sys
 
+from pipeline import config as config_module
 from pipeline.config import ConfigError, JobConfig, load_job, to_yaml, with_absolute_paths
 from pipeline.redact import redact
 
-USAGE = "usage: python -m pipeline JOB.yaml [key=value ...]   e.g. preset=offline model.retention=0.5"
+USAGE = ("usage: python -m pipeline JOB.yaml [--dry-run] [key=value ...]   e.g. preset=offline model.retention=0.5\n"
+         "       python -m pipeline --help                                 every key with its default")
+DRY_RUN = "--dry-run"
+RUN_ID_METADATA_KEY = "v2drop_run_id"  # in the Ray job's metadata: `ray list jobs --detail` shows it
 EXIT_OK, EXIT_CONFIG, EXIT_MODEL, EXIT_QUALITY, EXIT_TOO_MANY_ERRORS, EXIT_BUSY, EXIT_OUTPUT = 0, 2, 3, 4, 5, 6, 7
 LOCAL_ONLY_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
 
@@ -39,30 +49,101 @@ LOCAL_ONLY_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray addre
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr)
+        print(USAGE + ("\n\n" + config_help() if args else ""), file=sys.stdout if args else sys.stderr)
         return 0 if args else EXIT_CONFIG
+    dry_run = DRY_RUN in args
+    args = [a for a in args if a != DRY_RUN]
     try:
         cfg = with_absolute_paths(load_job(args[0], args[1:]))
     except ConfigError as e:
         return _fail(EXIT_CONFIG, "config error", e)
+    from pipeline.logs import setup_logging
+
+    log = setup_logging(cfg.run.log_level)
+    if dry_run:
+        return _dry_run(cfg)
     _warn_if_in_ray_working_dir(cfg)
-    print(f"resolved config ({args[0]}):\n{to_yaml(cfg)}", flush=True)
+    log.info(start_line(args[0], cfg))
+    log.debug("resolved config:\n%s", redact(to_yaml(cfg)))
     return _run(cfg)
+
+
+def start_line(job_file: str, cfg: JobConfig) -> str:
+    """The one line a run starts with; the whole resolved config is in the run folder (config.yaml)."""
+    m, a = cfg.model, cfg.actors
+    return redact(f"job {cfg.job} ({job_file}{', preset ' + cfg.preset if cfg.preset else ''}): {cfg.input.uri} -> "
+                  f"{cfg.output.uri} | {cfg.prompt.task}, {m.source} {m.dtype}, retention {m.retention:g} | "
+                  f"{a.min_size}-{a.max_size} actors x {a.num_gpus:g} GPU, batch {a.batch_size} | "
+                  f"{'S3 endpoint ' + cfg.storage.endpoint_url + ' | ' if cfg.storage.endpoint_url else ''}"
+                  f"resolved config: {cfg.output.uri.rstrip('/')}/runs/job={cfg.job}/<run_id>/config.yaml")
+
+
+def config_help() -> str:
+    """Every section and key with its type, default and the comment beside it in pipeline/config.py."""
+    comments = _field_comments()
+    lines = ["Keys (override as section.key=value; defaults from pipeline/config.py):"]
+    for section in dataclasses.fields(JobConfig):
+        cls = getattr(config_module, _section_class(section), None)
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            lines.append(f"  {section.name} = {section.default!r}{_comment(comments, 'JobConfig', section.name)}")
+            continue
+        lines.append(f"\n{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {section.name}.{f.name} = {default!r}{_comment(comments, cls.__name__, f.name)}")
+    return "\n".join(lines)
+
+
+def _section_class(section: dataclasses.Field) -> str:
+    return section.type if isinstance(section.type, str) else section.type.__name__
+
+
+def _comment(comments: dict[tuple[str, str], str], cls: str, name: str) -> str:
+    text = comments.get((cls, name))
+    return f"    # {text}" if text else ""
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """(class, field) -> the comment on the field's line, or on the line(s) just above it."""
+    source = inspect.getsource(config_module)
+    lines = source.splitlines()
+    found = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    line = lines[item.lineno - 1]
+                    above = lines[item.lineno - 2].strip() if item.lineno > 1 else ""
+                    text = line.split("  # ", 1)[1] if "  # " in line else (above[2:] if above.startswith("# ") else "")
+                    found[(node.name, item.target.id)] = text.strip()
+    return found
+
+
+def _dry_run(cfg: JobConfig) -> int:
+    from pipeline.plan import dry_run
+    from pipeline.storage import Storage
+
+    try:
+        print(dry_run(cfg, Storage(cfg.storage)), flush=True)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, "config error", e)
+    return EXIT_OK
 
 
 def _run(cfg: JobConfig) -> int:
     from pipeline.lease import LeaseHeld, LeaseLost
+    from pipeline.logs import info
     from pipeline.preflight import prepare
     from pipeline.storage import Storage
 
     try:  # stage 0-1 before Ray: a bad job fails in about a second, without a cluster
-        plan = prepare(cfg, Storage(cfg.storage), log=lambda text: print(redact(text), flush=True))
+        plan = prepare(cfg, Storage(cfg.storage), log=lambda text: info(redact(text)))
     except ConfigError as e:
         return _fail(EXIT_CONFIG, "config error", e)
     except LeaseHeld as e:
         return _fail(EXIT_BUSY, "output busy", e)
     try:
-        connect_ray(cfg.run.ray_address)
+        connect_ray(cfg.run.ray_address, {RUN_ID_METADATA_KEY: plan.run_id, "v2drop_job": cfg.job})
         from pipeline._write import OutputError
         from pipeline.run import ModelLoadError, error_fraction, run
 
@@ -93,7 +174,7 @@ def _fail(code: int, what: str, error: object) -> int:
     return code
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, metadata: dict[str, str] | None = None) -> None:
     """run.ray_address (e.g. 'auto' for a `ray start` cluster on this node), else the cluster of
     `ray job submit` (RAY_ADDRESS), else a new local one. A bare ray.init() would also join
     whatever cluster /tmp/ray last recorded, even a dead one, hence address='local'."""
@@ -105,7 +186,10 @@ def connect_ray(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address)
+        # `metadata` (the run id) lands in the Ray job's metadata, beside `ray job submit`'s own
+        # job_submission_id, which the run summary records in turn (pipeline.run).
+        job_config = ray.job_config.JobConfig(metadata=metadata or {})
+        ray.init(address=address, job_config=job_config, logging_level="WARNING", log_to_driver=True)
 
 
 def _warn_if_in_ray_working_dir(cfg: JobConfig) -> None:

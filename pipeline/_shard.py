@@ -6,7 +6,7 @@ Columns out (`CLIP_SCHEMA`): those plus clip_index, start_s, end_s, clip_id.
 - a probed video -> one row per clip whose (clip_id, prompt) keys are not all finished (resume);
 - a video shorter than clips.min_clip_len_s -> one clip covering all of it (the decoder repeats
   frames up to decode.num_frames);
-- a readable video of no duration -> one 'skipped' row (error says why, stage 'shard');
+- a readable video of no duration -> one 'skipped' row (`skip_reason` says why; error stays null);
 - a probe error -> its one error row, with a video-level clip_id so the row has a key.
 """
 
@@ -23,7 +23,8 @@ from pipeline.config import ClipsConfig, JobConfig
 from workers.inputs import prompts_for_row
 
 CLIP_SCHEMA = extend_schema(
-    PROBED_SCHEMA, ("clip_index", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("clip_id", pa.string())
+    PROBED_SCHEMA, ("clip_index", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("clip_id", pa.string()),
+    ("skip_reason", pa.string()),
 )
 
 
@@ -69,5 +70,5 @@ def shard_row(
 def skipped_row(row: dict[str, Any], clips: ClipsConfig, settings: str) -> dict[str, Any]:
     uri, duration_s = row["video_uri"], row["duration_s"]
     reason = f"{uri}: the container opens but reports a duration of {duration_s:g} s: nothing to caption"
-    return {**row, "status": "skipped", "error": reason, "error_stage": "shard", "start_s": 0.0,
+    return {**row, "status": "skipped", "skip_reason": reason, "start_s": 0.0,
             "end_s": duration_s, "clip_id": clip_id(uri, 0.0, duration_s, settings)}

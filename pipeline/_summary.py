@@ -1,6 +1,8 @@
 """Stage 7, summary (driver): run totals from the rows written, as JSON + Parquet + a table.
 
-Files: <output>/runs/job=<job>/<run_id>/summary.json, summary.parquet and config.yaml.
+Files: <output>/summaries/job=<job>/run_date=<date>/summary-<run_id>.parquet (one row of
+`pipeline.schema.SUMMARY_SCHEMA`, the same types in every run, empty runs too), and for people
+<output>/runs/job=<job>/<run_id>/summary.json beside config.yaml and the run report.
 
 Efficiency is per accelerator-hour of the pool: GPU-hours = wall time * actors * GPUs per actor.
 A CPU run (actors.num_gpus 0) has no GPU-hours: its video-hours per GPU-hour and cost are
@@ -17,6 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.schema import PARTITION_COLUMNS, SUMMARY_FILE_SCHEMA, conform
 
 from pipeline._quality import QualityStats, format_quality
 from pipeline.config import JobConfig
@@ -110,16 +114,18 @@ class RunStats:
 def build_summary(
     stats: RunStats, cfg: JobConfig, *, run_id: str, started_at: dt.datetime, finished_at: dt.datetime,
     planned_rows: int, resumed_keys: int, cluster_cpus: float, cluster_gpus: float, files: list[str], config_yaml: str,
-    engine_fingerprint: str,
+    engine_fingerprint: str, ray_job_submission_id: str | None = None,
 ) -> dict[str, Any]:
+    """The summary as plain JSON values (SUMMARY_SCHEMA's columns; `summary_table` types them)."""
     wall_s = max((finished_at - started_at).total_seconds(), 1e-9)
     video_s = sum(stats.ok_clip_seconds.values())
     return {
-        "run_id": run_id, "job": cfg.job, "output_uri": cfg.output.uri,
+        "run_id": run_id, "job": cfg.job, "run_date": f"{started_at:%Y-%m-%d}",
+        "ray_job_submission_id": ray_job_submission_id, "output_uri": cfg.output.uri,
         "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat(), "wall_s": wall_s,
         "planned_rows": planned_rows, "resumed_keys_skipped": resumed_keys,
         "rows_ok": stats.rows_by_status["ok"], "rows_error": stats.rows_by_status["error"],
-        "rows_skipped": stats.rows_by_status["skipped"], "errors_by_stage": json.dumps(dict(stats.errors_by_stage)),
+        "rows_skipped": stats.rows_by_status["skipped"], "errors_by_stage": dict(sorted(stats.errors_by_stage.items())),
         "clips_ok": len(stats.ok_clip_seconds), "clips_partial": len(stats.partial_clips),
         "clips_failed": len(stats.failed_clips - stats.ok_clip_seconds.keys()),
         "video_seconds_processed": video_s, "clips_per_s": len(stats.ok_clip_seconds) / wall_s,
@@ -135,12 +141,12 @@ def build_summary(
         "model_random_weights": stats.model.get("model_random_weights"),
         "files_written": len(files), "config_yaml": config_yaml,
         "fallback_calls": sum(stats.fallbacks_by_reason.values()),
-        "fallbacks_by_reason": json.dumps(stats.fallbacks_by_reason),
+        "fallbacks_by_reason": stats.fallbacks_by_reason,
         "self_check": "; ".join(sorted(stats.self_checks)) or None,
         **{name: stats.engine.get(name) for name in ("model_dtype", "attn_implementation")},
         "engine_fingerprint": engine_fingerprint,
-        "drop_layers": json.dumps(stats.engine.get("drop_layers")),
-        "drop_keep": json.dumps(stats.engine.get("drop_keep")),
+        "drop_layers": stats.engine.get("drop_layers"),
+        "drop_keep": stats.engine.get("drop_keep"),
         **{f"driver_{name}": value for name, value in software_versions().items()},
         "quality": stats.quality.block(cfg.quality, stats.flops_dropped),
     }
@@ -152,13 +158,13 @@ def efficiency(cfg: JobConfig, wall_s: float, video_s: float, cluster_cpus: floa
     gpus_per_actor = cfg.actors.num_gpus
     if gpus_per_actor == 0:
         cpu_hours = wall_h * cluster_cpus
-        return {"accelerator": "cpu", "gpu_hours": 0.0, "video_hours_per_gpu_hour": None,
+        return {"accelerator": "cpu", "gpu_hours": 0.0, "video_hours_per_gpu_hour": None, "gpu_hourly_usd": None,
                 "cost_per_video_hour_usd": None, "cpu_hours": cpu_hours,
                 "video_hours_per_cpu_hour": video_h / cpu_hours if cpu_hours else None}
     actors = max(1, min(cfg.actors.max_size, int(cluster_gpus // gpus_per_actor) or 1))
     gpu_hours = wall_h * actors * gpus_per_actor
     return {"accelerator": "gpu", "gpu_hours": gpu_hours,
-            "video_hours_per_gpu_hour": video_h / gpu_hours,
+            "video_hours_per_gpu_hour": video_h / gpu_hours, "gpu_hourly_usd": cfg.run.gpu_hourly_usd,
             "cost_per_video_hour_usd": gpu_hours * cfg.run.gpu_hourly_usd / video_h if video_h else None,
             "cpu_hours": None, "video_hours_per_cpu_hour": None}
 
@@ -167,9 +173,25 @@ def _mean(total: float, n: int) -> float | None:
     return total / n if n else None
 
 
+def summary_uri(output_uri: str, job: str, run_date: str, run_id: str) -> str:
+    """Where a run's summary row goes: a tree that holds only Parquet, partitioned as data/."""
+    return f"{output_uri.rstrip('/')}/summaries/job={job}/run_date={run_date}/summary-{run_id}.parquet"
+
+
+def summary_table(summary: dict[str, Any]) -> pa.Table:
+    """One row of SUMMARY_FILE_SCHEMA: declared types, so every run's file reads with every other."""
+    row = {k: v for k, v in summary.items() if k not in PARTITION_COLUMNS}
+    for name in ("started_at", "finished_at"):
+        row[name] = dt.datetime.fromisoformat(row[name]) if isinstance(row[name], str) else row[name]
+    for name in ("errors_by_stage", "fallbacks_by_reason"):
+        row[name] = list((row.get(name) or {}).items())
+    return conform({k: [v] for k, v in row.items()}, SUMMARY_FILE_SCHEMA)
+
+
 def write_summary(storage: Storage, run_dir: str, summary: dict[str, Any]) -> None:
     storage.write_bytes_atomic(f"{run_dir}/summary.json", json.dumps(summary, indent=2, default=str).encode())
-    storage.write_parquet_atomic(pa.Table.from_pylist([summary]), f"{run_dir}/summary.parquet")
+    storage.write_parquet_atomic(summary_table(summary),
+                                 summary_uri(summary["output_uri"], summary["job"], summary["run_date"], summary["run_id"]))
 
 
 def format_summary(summary: dict[str, Any], examples: list[dict[str, Any]]) -> str:

@@ -31,6 +31,9 @@ SUPPORTED_SCHEMES = ("s3", "file")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 class ConfigError(ValueError):
     """An invalid job configuration; the message names the dotted key and what is allowed."""
 
@@ -248,8 +251,18 @@ class RunConfig:
     flush_rows: int = 2000  # ... or as soon as this many are buffered
     lease_ttl_s: float = 120.0  # one writer per (output, job): a lease not renewed this long is taken over
     lease_wait_s: float = 0.0  # a run finding the lease held waits this long for it, then exits 6
+    log_level: str = "INFO"  # driver log: DEBUG | INFO | WARNING | ERROR (DEBUG also prints the resolved config)
+    progress_every_s: float = 10.0  # one progress line (done, rate, ETA) at most this often
+    ray_progress_bars: bool = False  # Ray Data's own per-operator bars (off: our progress line is the one display)
+    report: bool = True  # write report.html (plots and tables) beside summary.json at the end
+    # --dry-run's GPU-hour estimate when the output holds no earlier GPU run to learn it from; None: not estimated
+    expected_video_hours_per_gpu_hour: Optional[float] = None
 
     def __post_init__(self) -> None:
+        _require_choice(self.log_level, "run.log_level", LOG_LEVELS)
+        _require(self.progress_every_s > 0, "run.progress_every_s", f"must be > 0, got {self.progress_every_s}")
+        _require(self.expected_video_hours_per_gpu_hour is None or self.expected_video_hours_per_gpu_hour > 0,
+                 "run.expected_video_hours_per_gpu_hour", f"must be > 0, got {self.expected_video_hours_per_gpu_hour}")
         _require(self.gpu_hourly_usd >= 0, "run.gpu_hourly_usd", f"must be >= 0, got {self.gpu_hourly_usd}")
         _require(0 <= self.max_error_fraction <= 1, "run.max_error_fraction",
                  f"must be in [0, 1], got {self.max_error_fraction}")

@@ -7,7 +7,7 @@
     4. decode     tasks    frames as bytes + shape + dtype         1:1
     5. model      actors   one row per (clip, prompt)              1:N (qa: one per question)
     6. write      driver   Parquet parts, ok+skipped / errors      atomic files, then the rows they replace go
-    7. summary    driver   summary.json / .parquet beside the data
+    7. summary    driver   summaries/.../summary-<run_id>.parquet, runs/<run_id>/summary.json + report.html
 
 Every column that flows between stages is listed in the stage module's docstring
 (`pipeline/_probe.py` ... `pipeline/_model.py`); the output rows are `pipeline.schema.ROW_SCHEMA`.
@@ -18,6 +18,8 @@ discover and probe, 3 after shard ([0,5) [5,10) [10,13)), 3 after decode, 6 afte
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -30,6 +32,7 @@ from pipeline._shard import settings_key, shard_batch
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
 from pipeline.config import JobConfig, to_yaml
 from pipeline.lease import LeaseLost
+from pipeline.logs import get_logger, info, quiet_ray_data_console
 from pipeline.preflight import Plan, prepare
 from pipeline.progress import Progress
 from pipeline.redact import redact
@@ -39,13 +42,14 @@ VIDEOS_PER_PROBE_TASK = 4  # probing is ~0.1 s per video: a few per task amortis
 CLIPS_PER_DECODE_TASK = 2  # frames are big (16 x 448 x 448 x 3 B = 9.6 MB a clip): keep blocks small
 DECODE_TASK_MEMORY_BYTES = 512 * 2**20  # decoder child process + CLIPS_PER_DECODE_TASK clips of frames
 VIDEO_CACHE_SUBDIR = "videos"  # node-local copies of s3:// videos, under model.cache_dir
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for the driver it starts
 
 
 class ModelLoadError(RuntimeError):
     """No model actor could load the model: nothing can be captioned (CLI exit code 3)."""
 
 
-def run(cfg: JobConfig, *, log: Callable[[str], None] = print, model_stage: type = CaptionStage,
+def run(cfg: JobConfig, *, log: Callable[[str], None] = info, model_stage: type = CaptionStage,
         plan: Plan | None = None) -> dict[str, Any]:
     """Run the job on the connected Ray cluster (or a local one) and return the summary dict.
 
@@ -75,10 +79,26 @@ def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda text: log(redact(text))
 
 
+def ray_job_submission_id() -> str | None:
+    """The id `ray job submit` gave this driver (from the job config Ray hands it), else None."""
+    try:
+        return json.loads(os.environ.get(RAY_JOB_CONFIG_ENV, "{}")).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+def dataset_name(cfg: JobConfig, run_id: str) -> str:
+    """What the Ray dashboard calls this run's datasets: the job, then the run."""
+    return f"{cfg.job}-{run_id}"
+
+
 def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str], None],
                 model_stage: type) -> dict[str, Any]:
     import ray
 
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.run.ray_progress_bars
+    if not cfg.run.ray_progress_bars:  # asked for Ray Data's own display: leave its console alone
+        quiet_ray_data_console()
     videos = plan.videos
     clips = (
         ray.data.from_arrow(_blocks(videos, VIDEOS_PER_PROBE_TASK))
@@ -88,6 +108,7 @@ def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str
                      batch_size=None, batch_format="pyarrow", num_cpus=0.25)
         .materialize()  # the plan is small (no frames) and gives an exact "remaining" count
     )
+    clips.set_name(f"{dataset_name(cfg, plan.run_id)}-plan")
     total, to_caption = clips.count(), _count_ok(clips)
     log(f"[plan] {videos.num_rows} videos -> {total} rows to write, {to_caption} clips to caption; "
         f"{len(plan.done)} keys already done")
@@ -104,9 +125,12 @@ def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str
                          compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min_size, max_size=cfg.actors.max_size),
                          num_gpus=cfg.actors.num_gpus, batch_size=cfg.actors.batch_size, batch_format="numpy")
         )
+    rows.set_name(dataset_name(cfg, plan.run_id))
     stats, files = write_rows(rows, cfg, storage, plan, total, log)  # 6
     summary = summarize(cfg, storage, plan, stats, files, total)  # 7
     log(format_summary(summary, stats.examples))
+    if cfg.run.report:
+        write_run_report(storage, summary, files, log)
     return summary
 
 
@@ -147,7 +171,7 @@ def write_rows(
     writer = _write.PartWriter(storage, partition, plan.run_id, set(plan.done), cfg.run.flush_interval_s,
                                cfg.run.flush_rows, before_write=plan.lease.check)
     stats = RunStats()
-    progress = Progress(total, stats, out=log)
+    progress = Progress(total, stats, every_s=cfg.run.progress_every_s, out=log)
     with _write.FlushTimer(writer) as timer:
         try:
             for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -193,9 +217,25 @@ def summarize(cfg: JobConfig, storage: Storage, plan: Plan, stats: RunStats, fil
         stats, cfg, run_id=plan.run_id, started_at=plan.started_at, finished_at=dt.datetime.now(dt.timezone.utc),
         planned_rows=total, resumed_keys=len(plan.done), cluster_cpus=resources.get("CPU", 0.0),
         cluster_gpus=resources.get("GPU", 0.0), files=files, config_yaml=to_yaml(cfg), engine_fingerprint=run_fingerprint(cfg),
+        ray_job_submission_id=ray_job_submission_id(),
     )
     summary = {k: redact(v) if isinstance(v, str) else v for k, v in summary.items()}  # error examples
     run_dir = _write.run_dir_uri(cfg.output.uri, cfg.job, plan.run_id)
     with _write.writing(run_dir):
         write_summary(storage, run_dir, summary)
     return summary
+
+
+def write_run_report(storage: Storage, summary: dict[str, Any], files: list[str], log: Callable[[str], None]) -> None:
+    """report.html beside summary.json (pipeline.report); a report that fails is logged, never
+    fails a run whose rows and summary are already written."""
+    from pipeline.report import write_report
+
+    run_dir = _write.run_dir_uri(summary["output_uri"], summary["job"], summary["run_id"])
+    try:
+        uri = write_report(storage, run_dir, summary, files)
+    except Exception as e:  # noqa: BLE001 - the run's outputs are complete; the report is a view of them
+        get_logger("run").warning("the run report could not be written (%s: %s); rows and summary are complete",
+                                  type(e).__name__, e)
+        return
+    log(f"[report] {uri}")

@@ -191,7 +191,7 @@ def caption_rows(
     out: list[Row] = []
     for row, problem in plan:
         if is_passthrough(row):
-            out.append(passthrough_row(row, stamp))
+            out.append(passthrough_row(row))
         elif problem is not None:
             out.append(result_row(row, CLIP_LEVEL_PROMPT, GenResult(status="error", error=problem), stamp))
         else:
@@ -376,10 +376,11 @@ def input_columns(row: Mapping[str, Any]) -> Row:
     return {key: value for key, value in row.items() if key not in DROPPED_INPUT_COLUMNS}
 
 
-def passthrough_row(row: Mapping[str, Any], stamp: Mapping[str, Any]) -> Row:
-    """An upstream error/skip row: its own columns unchanged, the new ones empty."""
+def passthrough_row(row: Mapping[str, Any]) -> Row:
+    """An upstream error/skip row: its own columns unchanged, the new ones empty. No model saw it,
+    so it carries no model columns: the same row whether or not a run had a model stage."""
     new_columns = {column: None for column in OUTPUT_COLUMNS if column not in row}
-    out = {**new_columns, **stamp, **input_columns(row)}
+    out = {**new_columns, **input_columns(row)}
     out["prompt"] = row.get("prompt") or CLIP_LEVEL_PROMPT
     return out
 

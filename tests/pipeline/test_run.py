@@ -10,8 +10,10 @@ reach the model (too short or broken).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -58,7 +60,7 @@ class FrameStatsStage:
                  "engine_fingerprint": self.fingerprint}
         out = []
         for row in batch_to_rows(batch):
-            out += [passthrough_row(row, stamp)] if row["status"] != "ok" else answer(row, self.prompt_cfg, stamp)
+            out += [passthrough_row(row)] if row["status"] != "ok" else answer(row, self.prompt_cfg, stamp)
         return to_output_table(rows_to_columns(out), self.run_id)
 
 
@@ -170,7 +172,7 @@ def test_every_input_is_accounted_for(caption_run: tuple[Path, dict, Any], video
         if row["status"] != "ok":
             assert row["error_stage"] == EXPECTED[name][1] and str(videos / name) in row["error"], row
         run_id = summary["run_id"]  # e.g. 20261121T143212Z-742627, written on 2026-11-21
-        assert (row["job"], row["run_id"], row["run_date"]) == ("caption", run_id, f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}")
+        assert (row["job"], row["run_id"], row["run_date"]) == ("caption", run_id, dt.date(int(run_id[:4]), int(run_id[4:6]), int(run_id[6:8])))
     assert_unique_keys(rows)
     decoders = {Path(u).name: d for u, d in zip(rows["video_uri"].to_pylist(), rows["decoder"].to_pylist()) if d}
     assert decoders["av1.webm"] == "pyav" and decoders["nasa_13013.mp4"] == "decord"
@@ -197,7 +199,7 @@ def test_show_prints_where_the_output_is_the_counts_and_a_partial_row(caption_ru
     from pipeline.show import show
 
     out, summary, _ = caption_run
-    show(str(out), "caption", rows=60)
+    assert show(str(out), "caption", rows=60) == 0
     printed = capsys.readouterr().out
     assert f"{out}/data/job=caption  ({summary['rows_ok'] + summary['rows_error'] + summary['rows_skipped']} rows" in printed
     assert f"{summary['run_id']}  rows by status: {{'ok': 39, 'error': 5, 'skipped': 0}}, partial clips: 1" in printed
@@ -212,7 +214,7 @@ def test_summary_agrees_with_the_rows(caption_run: tuple[Path, dict, Any]) -> No
     stored = json.loads((out / "runs" / "job=caption" / summary["run_id"] / "summary.json").read_text())
     assert stored == json.loads(json.dumps(summary, default=str))
     assert (summary["rows_ok"], summary["rows_error"], summary["rows_skipped"]) == (39, 5, 0)
-    assert json.loads(summary["errors_by_stage"]) == {"probe": 4, "model": 1}
+    assert summary["errors_by_stage"] == {"model": 1, "probe": 4}
     assert summary["clips_partial"] == 1  # corrupted.mp4
     [partial] = [r for r in ok if r["partial_reason"]]
     assert partial["last_frame_s"] < partial["end_s"]
@@ -224,7 +226,9 @@ def test_summary_agrees_with_the_rows(caption_run: tuple[Path, dict, Any]) -> No
     assert summary["video_hours_per_cpu_hour"] == pytest.approx(summary["video_seconds_processed"] / 3600 / (summary["wall_s"] / 3600 * 2))
     assert summary["flops_saved_fraction"] == pytest.approx(0.7)
     config = (out / "runs" / "job=caption" / summary["run_id"] / "config.yaml").read_text()
-    assert "tiny:qwen2_5_vl" in config and pq.read_table(out / "runs" / "job=caption" / summary["run_id"] / "summary.parquet").num_rows == 1
+    [stored_row] = pq.read_table(out / "summaries" / "job=caption" / f"run_date={summary['run_date']}"
+                                 / f"summary-{summary['run_id']}.parquet").to_pylist()
+    assert "tiny:qwen2_5_vl" in config and stored_row["rows_ok"] == 39 and dict(stored_row["errors_by_stage"]) == {"model": 1, "probe": 4}
 
 
 def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run: tuple[Path, dict, Any]) -> None:
@@ -345,7 +349,8 @@ def test_input_and_output_on_s3(ray_cluster: None, s3_server: str, s3_bucket: st
     assert summary["model_random_weights"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="captions/")["Contents"]]
     assert sum(k.startswith("captions/data/job=caption/run_date=") and k.endswith(".parquet") for k in keys) == 1
-    assert {k.rsplit("/", 1)[1] for k in keys if "/runs/" in k} == {"config.yaml", "summary.json", "summary.parquet"}
+    assert {k.rsplit("/", 1)[1] for k in keys if "/runs/" in k} == {"config.yaml", "summary.json", "report.html"}
+    assert sum("/summaries/job=caption/run_date=" in k and k.endswith(".parquet") for k in keys) == 1
     assert run(cfg)["planned_rows"] == 0  # resume reads the keys back from S3: nothing is run twice
 
     manifest = "\n".join(json.dumps({"uri": uri}) for uri in ("nasa_13013.mp4", f"s3://{s3_bucket}/raw/gone.mp4"))
@@ -460,6 +465,7 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
                              "--dashboard-host=127.0.0.1", "--num-cpus=2",
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    gcs = f"127.0.0.1:{ports[0].split('=')[1]}"
     try:
         address = f"http://127.0.0.1:{dashboard}"
         wait_for_dashboard(address)
@@ -475,10 +481,26 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
             assert all(r["model_random_weights"] and r["output_text"] and r["retention_achieved"] < 1 for r in ok)
             assert len({r["prompt"] for r in ok}) == rows_per_clip
             [summary] = (out / "runs" / f"job={job}").glob("*/summary.json")
-            assert json.loads(summary.read_text())["rows_ok"] == 2 * rows_per_clip
+            summary = json.loads(summary.read_text())
+            assert summary["rows_ok"] == 2 * rows_per_clip
+            # the submission id in the summary, the run id in the Ray job's metadata
+            submission_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", result.stdout).group(1)
+            assert summary["ray_job_submission_id"] == submission_id
+            assert {"job_submission_id": submission_id, "v2drop_run_id": summary["run_id"], "v2drop_job": job}.items() \
+                <= next(m for m in ray_job_metadata(gcs, env) if m.get("job_submission_id") == submission_id).items()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)
+
+
+def ray_job_metadata(gcs_address: str, env: dict) -> list[dict[str, str]]:
+    """Every Ray job's config metadata, read from the cluster's GCS in a process of its own (this
+    one is connected to the session cluster)."""
+    code = ("import json, ray._raylet as r; c = r.GcsClient(address=%r); "
+            "print(json.dumps([dict(i.config.metadata) for i in c.get_all_job_info().values()]))") % gcs_address
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def submit_when_agent_is_up(command: list[str], env: dict, timeout_s: float = 60) -> subprocess.CompletedProcess:

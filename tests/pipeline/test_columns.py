@@ -1,0 +1,55 @@
+"""Honest columns, without Ray: skipped rows say why in their own column, per-call timings get
+per-row shares that add up, peak memory is named after what was measured, and a summary row has
+the declared types whether or not the run measured anything."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+
+from pipeline._model import call_shares, to_output_table
+from pipeline._shard import skipped_row
+from pipeline._summary import RunStats, build_summary, summary_table
+from pipeline.config import JobConfig
+from pipeline.schema import FILE_SCHEMA, SCHEMA_VERSION, SUMMARY_FILE_SCHEMA, schema_version
+
+
+def test_a_skipped_row_says_why_in_skip_reason_not_error() -> None:
+    row = skipped_row({"video_uri": "/v/still.mp4", "duration_s": 0.0, "status": "ok"}, JobConfig().clips, "s")
+    assert row["status"] == "skipped" and "error" not in row and "error_stage" not in row
+    assert row["skip_reason"].startswith("/v/still.mp4: the container opens but reports a duration of 0 s")
+
+
+def test_call_shares_follow_the_docstring_example_and_add_up() -> None:
+    shares = call_shares(["a", "a", None], [100.0, 100.0, None], [400.0, 400.0, None], [30.0, 10.0, None])
+    assert shares == {"prefill_ms_share": [75.0, 25.0, None], "generate_ms_share": [225.0, 175.0, None]}
+    equal = call_shares(["b", "b"], [10.0, 10.0], [30.0, 30.0], [0.0, 0.0])  # no FLOPs known: equal parts
+    assert equal == {"prefill_ms_share": [5.0, 5.0], "generate_ms_share": [15.0, 15.0]}
+
+
+@pytest.mark.parametrize("on_gpu, measured", [(False, "peak_host_rss_bytes"), (True, "peak_device_memory_bytes")])
+def test_peak_memory_goes_to_the_column_of_what_was_measured(on_gpu: bool, measured: str) -> None:
+    columns = {"video_uri": ["/v/a.mp4"], "clip_id": ["c"], "prompt": ["p"], "status": ["ok"], "peak_memory_bytes": [123],
+               "batch_id": ["b"], "prefill_ms": [1.0], "generate_ms": [2.0], "flops_dropped": [5.0]}
+    table = to_output_table(columns, "run", on_gpu=on_gpu)
+    other = ({"peak_host_rss_bytes", "peak_device_memory_bytes"} - {measured}).pop()
+    assert table[measured].to_pylist() == [123] and table[other].to_pylist() == [None]
+    assert table["finished_at"].to_pylist()[0] is not None and table["started_at"].to_pylist() == [None]
+    assert table.schema.equals(FILE_SCHEMA) and schema_version(table.schema) == SCHEMA_VERSION
+
+
+def test_a_summary_row_has_the_declared_types_even_with_nothing_measured() -> None:
+    cfg = JobConfig()
+    start = dt.datetime(2026, 11, 30, 1, 2, 3, tzinfo=dt.timezone.utc)
+    empty = build_summary(RunStats(), cfg, run_id="r", started_at=start, finished_at=start + dt.timedelta(seconds=3),
+                          planned_rows=0, resumed_keys=4, cluster_cpus=2, cluster_gpus=0, files=[], config_yaml="x: 1",
+                          engine_fingerprint="f")
+    table = summary_table(empty)
+    assert table.schema.equals(SUMMARY_FILE_SCHEMA) and table.num_rows == 1
+    row = table.to_pylist()[0]
+    assert row["video_seconds_processed"] == 0.0 and row["retention_achieved_mean"] is None
+    assert row["errors_by_stage"] == [] and row["quality"]["verdict"] == "not measured"
+    assert empty["run_date"] == "2026-11-30" and "job" not in table.column_names and "run_date" not in table.column_names
+    assert table.schema.field("video_seconds_processed").type == pa.float64()  # not int64 when it is 0
