@@ -32,9 +32,9 @@ class Family:
     # transformers class names (imported by name where they are used)
     config_class: str
     model_class: str
-    processor_class: str | None  # None: no processor here (the engine tests build inputs by hand)
-    image_processor_class: str | None
-    video_processor_class: str | None
+    processor_class: str
+    image_processor_class: str
+    video_processor_class: str
     image_token: str  # the placeholder strings the processor expands, one per visual feature
     video_token: str
     visual_token_id_keys: tuple[str, ...]  # config attributes holding the placeholder ids
@@ -50,7 +50,7 @@ class Family:
     special_tokens: tuple[str, ...]
     chat_template: str
     tiny_config: TinyConfig
-    tiny_processor: TinyProcessor | None
+    tiny_processor: TinyProcessor
 
     @property
     def patch_grid_inputs(self) -> bool:
@@ -149,7 +149,8 @@ def _llava_onevision_config(ids: dict[str, int], text: dict[str, Any], vision_wi
 
 
 # --------------------------------------------------------------------------------------------- tiny processors
-def _qwen2_5_vl_processor(max_pixels: int) -> dict[str, dict[str, Any]]:
+def _qwen2_vl_processor(max_pixels: int) -> dict[str, dict[str, Any]]:
+    """Qwen2-VL's and Qwen2.5-VL's processors take the same settings."""
     # Small pixel bounds: a 112x112 frame stays 112x112 (8x8 patches); larger frames shrink to <= max_pixels.
     vision = dict(size={"shortest_edge": 56 * 56, "longest_edge": max_pixels},
                   patch_size=PATCH_SIZE, temporal_patch_size=2, merge_size=2)
@@ -199,15 +200,7 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2_5_VLForConditionalGeneration", processor_class="Qwen2_5_VLProcessor",
             image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen2VLVideoProcessor",
             timestamped_video_spans=False, second_per_grid_ts=True, patch_size=PATCH_SIZE,
-            tiny_config=_qwen2_5_vl_config, tiny_processor=_qwen2_5_vl_processor, **_QWEN,
-        ),
-        # Engine tests only: the tiny builder writes no processor for it.
-        Family(
-            model_type="qwen2_vl", name="Qwen2-VL", config_class="Qwen2VLConfig",
-            model_class="Qwen2VLForConditionalGeneration", processor_class=None,
-            image_processor_class=None, video_processor_class=None,
-            timestamped_video_spans=False, second_per_grid_ts=False, patch_size=PATCH_SIZE,
-            tiny_config=_qwen2_vl_config, tiny_processor=None, **_QWEN,
+            tiny_config=_qwen2_5_vl_config, tiny_processor=_qwen2_vl_processor, **_QWEN,
         ),
         Family(
             model_type="qwen3_vl", name="Qwen3-VL", config_class="Qwen3VLConfig",
@@ -227,11 +220,18 @@ FAMILIES: dict[str, Family] = {
             special_tokens=templates.LLAVA_SPECIAL_TOKENS, chat_template=templates.LLAVA_ONEVISION_CHAT_TEMPLATE,
             tiny_config=_llava_onevision_config, tiny_processor=_llava_onevision_processor,
         ),
+        Family(
+            model_type="qwen2_vl", name="Qwen2-VL", config_class="Qwen2VLConfig",
+            model_class="Qwen2VLForConditionalGeneration", processor_class="Qwen2VLProcessor",
+            image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen2VLVideoProcessor",
+            timestamped_video_spans=False, second_per_grid_ts=False, patch_size=PATCH_SIZE,
+            tiny_config=_qwen2_vl_config, tiny_processor=_qwen2_vl_processor, **_QWEN,
+        ),
     )
 }  # fmt: skip
 
-# Families `tiny:<model_type>` builds (a model with its processor): the offline preset's choices.
-TINY_FAMILIES: tuple[str, ...] = tuple(t for t, family in FAMILIES.items() if family.tiny_processor is not None)
+# What `tiny:<model_type>` may name (the offline preset's choices): every row, model and processor.
+TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
 
 def family(model_type: str | None) -> Family:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from vlm.families import FAMILIES, TINY_FAMILIES, Family, family
+from vlm.families import TINY_FAMILIES, family
 
 # Bump when the built directory changes for the same arguments, so `build_cached` rebuilds.
 BUILDER_VERSION = 2
@@ -172,13 +172,6 @@ def build_config(
     return getattr(transformers, row.config_class)(**kwargs)
 
 
-def _tiny_family(model_type: str) -> Family:
-    """A family the builder writes whole (model and processor)."""
-    if model_type not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny model family {model_type!r}; supported: {', '.join(TINY_FAMILIES)}")
-    return FAMILIES[model_type]
-
-
 # --------------------------------------------------------------------------------------------- model
 def build_model(config: Any, *, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Instantiates the family's real model class. The RNG is forked so seeding here does not disturb the
@@ -199,7 +192,7 @@ def build_processor(model_type: str, tokenizer: Any, *, max_pixels: int = DEFAUL
     """The family's real processor (its real image and video processors) with the tiny sizes."""
     import transformers
 
-    row = _tiny_family(model_type)
+    row = family(model_type)
     parts = row.tiny_processor(max_pixels)
     return getattr(transformers, row.processor_class)(
         image_processor=getattr(transformers, row.image_processor_class)(**parts["image_processor"]),
@@ -229,7 +222,7 @@ def build(
     Overrides: num_heads, num_kv_heads, intermediate_size, vocab_size, vision_hidden_size, vision_depth
     (reach the config), bpe_vocab_size, max_pixels (tokenizer, Qwen pixel bound). Same arguments -> identical
     files (weights, vocab)."""
-    _tiny_family(model_type)
+    family(model_type)  # an unknown family is refused by name before any work
     unknown = set(overrides) - set(_TEXT_OVERRIDES) - set(_BUILD_OVERRIDES)
     if unknown:
         allowed = _TEXT_OVERRIDES + _BUILD_OVERRIDES
@@ -275,7 +268,7 @@ def cache_key(model_type: str, **kwargs: Any) -> str:
 def build_cached(model_type: str, cache_dir: str | Path, **kwargs: Any) -> Path:
     """Builds once per argument set into `cache_dir/<family>-<hash>`; concurrent callers (several Ray
     actors on one node) each build into a private temp dir and the first rename wins."""
-    _tiny_family(model_type)
+    family(model_type)  # an unknown family is refused by name before any work
     cache_dir = Path(cache_dir).expanduser()
     target = cache_dir / cache_key(model_type, **kwargs)
     if is_random_weights(target):

@@ -29,6 +29,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 # (frames, height, width) per video and the placeholder tokens each must expand to (module docstring).
 VIDEOS = {
     "qwen2_5_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),
+    "qwen2_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),
     "qwen3_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),  # sides to multiples of 32: 96x128, 128x128
     "llava_onevision": ([(4, 90, 120), (4, 112, 112)], [65, 65]),
 }

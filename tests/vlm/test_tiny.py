@@ -20,9 +20,10 @@ NUM_LAYERS = 3
 # 4 frames of 112x112 and one 112x112 image; see the module docstring of vlm.tiny for the arithmetic.
 # Qwen3-VL: patch 16, sides rounded to multiples of 32 (112 -> 128): the same counts as Qwen2.5-VL's 112 / 14.
 EXPECTED_TOKENS = {"qwen2_5_vl": {"video": 32, "image": 16}, "qwen3_vl": {"video": 32, "image": 16},
-                   "llava_onevision": {"video": 65, "image": 136}}
+                   "llava_onevision": {"video": 65, "image": 136}, "qwen2_vl": {"video": 32, "image": 16}}
 QWEN_PADS = {"video": "<|video_pad|>", "image": "<|image_pad|>"}
-PAD_TOKENS = {"qwen2_5_vl": QWEN_PADS, "qwen3_vl": QWEN_PADS, "llava_onevision": {"video": "<video>", "image": "<image>"}}
+PAD_TOKENS = {"qwen2_5_vl": QWEN_PADS, "qwen3_vl": QWEN_PADS, "qwen2_vl": QWEN_PADS,
+              "llava_onevision": {"video": "<video>", "image": "<image>"}}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def _messages() -> list[dict]:
 def test_build_saves_real_model_whose_token_ids_match_the_tokenizer(built: dict[str, Path], family: str) -> None:
     model = loading.load_model(built[family])
     tokenizer = _tokenizer(built[family])
-    expected_class = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "llava_onevision": "LlavaOnevision"}[family]
+    expected_class = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "llava_onevision": "LlavaOnevision",
+                      "qwen2_vl": "Qwen2VL"}[family]
     assert type(model).__name__ == f"{expected_class}ForConditionalGeneration"
     assert model.config.text_config.num_hidden_layers == NUM_LAYERS
     assert model.config.text_config.vocab_size >= len(tokenizer)
@@ -79,6 +81,7 @@ def test_chat_template_renders_family_tokens(built: dict[str, Path], family: str
     expected = {
         "qwen2_5_vl": qwen,
         "qwen3_vl": qwen,
+        "qwen2_vl": qwen,
         "llava_onevision": "<|im_start|>user\n<image>\n<video>\nDescribe this video in detail.<|im_end|>\n"
         "<|im_start|>assistant\n",
     }
@@ -232,7 +235,7 @@ def test_real_processor_round_trip(built: dict[str, Path], family: str) -> None:
         assert int((ids == pad_id).sum()) == EXPECTED_TOKENS[family][kind]
     if family != "llava_onevision":
         assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]] and inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
-        assert "mm_token_type_ids" in inputs and ("second_per_grid_ts" in inputs) == (family == "qwen2_5_vl")
+        assert "mm_token_type_ids" in inputs and ("second_per_grid_ts" in inputs) == FAMILIES[family].second_per_grid_ts
     if family == "qwen3_vl":  # one span per temporal patch, behind its time: frames 0-1 and 2-3 at 2 fps
         text = processor.tokenizer.decode(ids)
         assert "<0.2 seconds><|vision_start|>" in text and "<1.2 seconds><|vision_start|>" in text
