@@ -25,11 +25,11 @@ import transformers
 from torch import nn
 
 from v2drop import reference
-from vlm import testing
-from vlm.families import FAMILIES
 from v2drop.adapters import adapter_for
 from v2drop.api import disable, last_stats, patch
 from v2drop.schedule import Schedule
+from vlm import testing
+from vlm.families import FAMILIES
 
 NUM_LAYERS = 4
 NEW_TOKENS = 3

@@ -28,7 +28,6 @@ TinyProcessor = Callable[[int], dict[str, dict[str, Any]]]
 @dataclass(frozen=True)
 class Family:
     model_type: str  # config.model_type
-    name: str  # for people: logs and error messages
     # transformers class names (imported by name where they are used)
     config_class: str
     model_class: str
@@ -196,32 +195,33 @@ FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in (
         Family(
-            model_type="qwen2_5_vl", name="Qwen2.5-VL", config_class="Qwen2_5_VLConfig",
+            model_type="qwen2_5_vl", config_class="Qwen2_5_VLConfig",
             model_class="Qwen2_5_VLForConditionalGeneration", processor_class="Qwen2_5_VLProcessor",
             image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen2VLVideoProcessor",
             timestamped_video_spans=False, second_per_grid_ts=True, patch_size=PATCH_SIZE,
             tiny_config=_qwen2_5_vl_config, tiny_processor=_qwen2_vl_processor, **_QWEN,
         ),
         Family(
-            model_type="qwen3_vl", name="Qwen3-VL", config_class="Qwen3VLConfig",
+            model_type="qwen3_vl", config_class="Qwen3VLConfig",
             model_class="Qwen3VLForConditionalGeneration", processor_class="Qwen3VLProcessor",
             image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen3VLVideoProcessor",
             timestamped_video_spans=True, second_per_grid_ts=False, patch_size=QWEN3_VL_PATCH_SIZE,
             tiny_config=_qwen3_vl_config, tiny_processor=_qwen3_vl_processor, **_QWEN,
         ),
         Family(
-            model_type="llava_onevision", name="LLaVA-OneVision", config_class="LlavaOnevisionConfig",
+            model_type="llava_onevision", config_class="LlavaOnevisionConfig",
             model_class="LlavaOnevisionForConditionalGeneration", processor_class="LlavaOnevisionProcessor",
             image_processor_class="LlavaOnevisionImageProcessor",
             video_processor_class="LlavaOnevisionVideoProcessor",
             image_token="<image>", video_token="<video>",
             visual_token_id_keys=("image_token_id", "video_token_id"),
-            equal_frame_count=True, timestamped_video_spans=False, second_per_grid_ts=False, patch_size=PATCH_SIZE, temporal_patch_size=1,
+            equal_frame_count=True, timestamped_video_spans=False, second_per_grid_ts=False,
+            patch_size=PATCH_SIZE, temporal_patch_size=1,
             special_tokens=templates.LLAVA_SPECIAL_TOKENS, chat_template=templates.LLAVA_ONEVISION_CHAT_TEMPLATE,
             tiny_config=_llava_onevision_config, tiny_processor=_llava_onevision_processor,
         ),
         Family(
-            model_type="qwen2_vl", name="Qwen2-VL", config_class="Qwen2VLConfig",
+            model_type="qwen2_vl", config_class="Qwen2VLConfig",
             model_class="Qwen2VLForConditionalGeneration", processor_class="Qwen2VLProcessor",
             image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen2VLVideoProcessor",
             timestamped_video_spans=False, second_per_grid_ts=False, patch_size=PATCH_SIZE,
