@@ -41,7 +41,8 @@ from bench import report as report_file
 from bench.bench_v2drop import SEVEN_B, hardware, kv_cache_bytes
 from bench.op_counts import decode_step_counts
 from bench.report import timed
-from v2drop import static_decode, tiny, vision
+from v2drop import static_decode, vision
+from vlm import tiny
 from v2drop.compat import output_cache
 
 VARIANTS = ("stock", "v2drop")

@@ -16,7 +16,7 @@ preset (16 frames, max_pixels 448*448) and a fixed `generation.max_new_tokens`.
 
 The model (`--model`): `bench` (default) is a Qwen2.5-VL with the real architecture, 28 decoder
 layers of hidden size 256 and random weights, the shape of bench.bench_v2drop, built once into
-the cache by v2drop.tiny and loaded as a local-path model.source: its language model is big
+the cache by vlm.tiny and loaded as a local-path model.source: its language model is big
 enough that dropping visual tokens shows in the model stage. `tiny` is the preset's own
 tiny:qwen2_5_vl (8 layers, hidden 64), whose language model costs next to nothing, so there the
 benchmark measures decode and Ray overhead. Either is built before timing.
@@ -60,7 +60,7 @@ JOBS = {
 TINY_SOURCE = "tiny:qwen2_5_vl"  # what preset=offline loads
 BENCH_MODEL = dict(num_layers=28, hidden_size=256)  # bench.bench_v2drop's shape (35.7 M parameters)
 MODEL_DESCRIPTIONS = {
-    "bench": "Qwen2.5-VL, 28 layers x hidden 256, random weights (v2drop.tiny)",
+    "bench": "Qwen2.5-VL, 28 layers x hidden 256, random weights (vlm.tiny)",
     "tiny": "tiny:qwen2_5_vl, 8 layers x hidden 64, random weights (the offline preset's model)",
 }
 RATIO_KEYS = ("wall_s", "clips_per_s", "video_s_per_s", "output_tokens_per_s", "prefill_ms_per_batch",
@@ -106,7 +106,7 @@ def start_ray() -> None:
 
 def prebuild_model(args: argparse.Namespace) -> str:
     """Build the model now, so no timed run pays for it; returns the model.source to use."""
-    from v2drop import tiny
+    from vlm import tiny
     from workers.loading import resolve_model_source
 
     if args.model == "tiny":

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import v2drop
-from v2drop import tiny
+from vlm import tiny
 from v2drop.compat import output_cache
 from bench import report as report_file
 from bench.report import timed

@@ -13,10 +13,7 @@ read back under it (`pipeline._write.read_state`): the finished keys this run sk
 
 from __future__ import annotations
 
-import ast
 import datetime as dt
-import functools
-import importlib.util
 import os
 import uuid
 from collections.abc import Callable
@@ -30,8 +27,8 @@ from pipeline._inputs import list_videos, videos_table
 from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
 from pipeline.lease import Lease, lease_uri
 from pipeline.storage import Storage, StorageError
-
-TINY_PREFIX = "tiny:"  # as workers.loading.TINY_PREFIX
+from vlm.families import TINY_FAMILIES  # torch-free, as is vlm.sources
+from vlm.sources import TINY_PREFIX, looks_like_path, tiny_family
 
 
 @dataclass
@@ -115,11 +112,10 @@ def check_model_source(cfg: JobConfig, storage: Storage) -> None:
     """What can be known without loading: the tiny family, a local folder, an s3:// prefix.
     A hub id is left to the actors (the hub may be reachable only from the cluster)."""
     source = cfg.model.source
-    if source.startswith(TINY_PREFIX):
-        family = source[len(TINY_PREFIX):]
-        if family not in tiny_families():
+    if (family := tiny_family(source)) is not None:
+        if family not in TINY_FAMILIES:
             raise ConfigError(f"model.source: unknown tiny family {family!r}; known: "
-                              f"{', '.join(TINY_PREFIX + f for f in tiny_families())}")
+                              f"{', '.join(TINY_PREFIX + f for f in TINY_FAMILIES)}")
     elif Storage.is_s3(source):
         try:
             found = storage.list_files(source)
@@ -127,25 +123,6 @@ def check_model_source(cfg: JobConfig, storage: Storage) -> None:
             raise ConfigError(f"model.source: cannot list {source} ({e.kind}: {e})") from None
         if not found:
             raise ConfigError(f"model.source: no objects under {source}")
-    elif _written_like_a_path(source) and not os.path.isdir(os.path.expanduser(source)):
+    elif looks_like_path(source) and not os.path.isdir(os.path.expanduser(source)):
         raise ConfigError(f"model.source: {source} is not a folder; give a folder written by save_pretrained, "
                           "a hub id, an s3:// prefix or tiny:<family>")
-
-
-def _written_like_a_path(source: str) -> bool:
-    """As workers.loading._looks_like_path: `org/name` is a hub id, anything else with a slash a path."""
-    return os.path.exists(os.path.expanduser(source)) or source.startswith(("/", "./", "../", "~")) \
-        or source.count("/") > 1
-
-
-@functools.cache
-def tiny_families() -> tuple[str, ...]:
-    """v2drop.tiny.FAMILIES, read from its source: importing v2drop.tiny loads torch (~10 s)."""
-    spec = importlib.util.find_spec("v2drop")  # the package's spec: finding v2drop.tiny would import v2drop
-    assert spec is not None and spec.origin, "v2drop not found"
-    with open(os.path.join(os.path.dirname(spec.origin), "tiny.py")) as handle:
-        tree = ast.parse(handle.read())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FAMILIES" for t in node.targets):
-            return tuple(ast.literal_eval(node.value))
-    raise AssertionError("v2drop/tiny.py defines no FAMILIES")

@@ -11,10 +11,11 @@ that over-reports its frame count, so a thread cannot stop it. Every probe and d
 in a helper process (`DecoderProcess`): a fresh interpreter started once and reused; a request that
 outlives its timeout gets the process killed (SIGKILL) and the next request starts a new one.
 
-Why two decoders: decord is fast at random access, but 0.6.0 cannot open AV1 and gives up on the
-first damaged packet. PyAV reads AV1 and decodes sequentially, so it can return the frames before a
-damaged region (`partial=True`). decord applies a rotation tag and PyAV does not; frames from either
-come back as displayed (rotated), so the two are interchangeable.
+Why two decoders: decord (the `decord2` distribution: maintained, FFmpeg 8, AV1) is fast at random
+access but gives up on the first damaged packet. PyAV decodes sequentially, so it can return the
+frames before a damaged region (`partial=True`), and it takes over whatever decord cannot open or
+turn (decord2 3.4 fails on some tiny rotated frames). decord applies a rotation tag and PyAV does
+not; frames from either come back as displayed (rotated), so the two are interchangeable.
 
 Frame choice (same for both decoders): sample times are the midpoints of `num_frames` equal bins of
 [start_s, end_s) (or every 1/fps s starting half a period in), and each sample takes the frame whose

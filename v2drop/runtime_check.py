@@ -26,10 +26,12 @@ import torch
 import transformers
 from torch import nn
 
-from v2drop import reference, static_decode, testing
+from v2drop import reference, static_decode
 from v2drop.adapters import adapter_for
 from v2drop.api import disable, last_stats, patch
 from v2drop.schedule import Schedule
+from vlm import testing
+from vlm.families import FAMILIES
 
 NUM_LAYERS = 4
 NEW_TOKENS = 3
@@ -106,7 +108,7 @@ def run(family: str) -> SelfCheckResult:
 
 def _samples(family: str) -> list[testing.Sample]:
     """Two videos of different sizes (Qwen) behind prompts of different lengths: a padded batch."""
-    sizes = ((2, 4, 4), (2, 6, 4)) if family in testing.QWEN_FAMILIES else ((2, 0, 0), (2, 0, 0))
+    sizes = ((2, 4, 4), (2, 6, 4)) if FAMILIES[family].patch_grid_inputs else ((2, 0, 0), (2, 0, 0))
     questions = ("What happens in this clip?", "Describe the people, the colours and the places in it.")
     return [testing.Sample(q, testing.Visual("video", size)) for q, size in zip(questions, sizes)]
 

@@ -45,14 +45,13 @@ from workers.generation import GenResult, generate_batch
 from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
 from workers.provenance import engine_columns, engine_fingerprint
+from vlm.families import needs_equal_frame_count
 
 __all__ = ["Captioner", "caption_rows", "expand_prompts", "build_inputs", "generate_batch", "OUTPUT_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 ERROR_STAGE = "model"
-# pixel_values_videos is one [B, T, C, H, W] tensor for these: a batch needs one frame count T.
-EQUAL_FRAME_COUNT_FAMILIES = frozenset({"llava_onevision"})
 CLIP_LEVEL_PROMPT = ""  # rows about the whole clip (passthrough, unusable frames), not one prompt
 DROPPED_INPUT_COLUMNS = ("frames",)
 OUTPUT_COLUMNS = (
@@ -293,7 +292,7 @@ def next_call(items: Sequence[Item], remaining: list[int], chunk: int, rows: int
 
 def batch_groups(model: Any, items: Sequence[Item]) -> list[list[int]]:
     """Item indices grouped into what may share one generate call, in first-seen order."""
-    if getattr(model.config, "model_type", None) not in EQUAL_FRAME_COUNT_FAMILIES:
+    if not needs_equal_frame_count(model.config):  # one [B, T, C, H, W] video tensor needs one T
         return [list(range(len(items)))]
     groups: dict[int, list[int]] = {}
     for index, (row, _) in enumerate(items):

@@ -16,10 +16,9 @@ import torch
 
 import v2drop
 from v2drop.flops import TextShape, prefill_flops
+from vlm import families
 
 log = logging.getLogger(__name__)
-
-_VISUAL_ID_KEYS = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
 
 
 def stats_marker(model: Any) -> object | None:
@@ -63,6 +62,5 @@ def stock_stats(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def visual_token_ids(model: Any) -> list[int]:
-    """Image and video placeholder ids from the model config (both spellings of transformers)."""
-    ids = {getattr(model.config, key, None) for key in _VISUAL_ID_KEYS}
-    return sorted(int(i) for i in ids if i is not None)
+    """Image and video placeholder ids from the model config (the keys are the family's row)."""
+    return sorted(set(families.visual_token_ids(model.config)))

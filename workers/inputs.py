@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from vlm.processing import sampled_video_metadata
+
 FRAME_COLUMNS = ("frames", "frames_shape", "frames_dtype", "timestamps_s")
 _FALLBACK_FPS = 1.0  # only when a row carries neither >= 2 timestamps nor a clip duration
 
@@ -103,11 +105,10 @@ def chat_text(processor: Any, prompt: str, system: str | None) -> str:
 
 
 def video_metadata(row: Mapping[str, Any], frames: np.ndarray) -> dict[str, Any]:
-    """What the video processor needs about frames we already sampled: their count and rate, and
-    their indices among them (Qwen3-VL writes each frame pair's time, index / fps, into the prompt)."""
+    """What the video processor needs about the clip's frames, which the decode stage already
+    sampled: their count and their rate, from the decoded timestamps (vlm.processing explains)."""
     num_frames, height, width, _ = frames.shape
-    return {"total_num_frames": num_frames, "fps": clip_fps(row), "frames_indices": list(range(num_frames)),
-            "height": height, "width": width}
+    return sampled_video_metadata(num_frames, clip_fps(row), height=height, width=width)
 
 
 def build_inputs(processor: Any, items: Sequence[Item], system: str | None = None) -> Any:

@@ -6,14 +6,15 @@ output row (`model_id`, `model_revision`, `model_random_weights`):
 
 | source                         | resolved to                                   | random weights |
 |--------------------------------|-----------------------------------------------|----------------|
-| `tiny:qwen2_5_vl` (`qwen3_vl`, `llava_onevision`) | `<cache_dir>/tiny/...` built offline | yes |
+| `tiny:<family>` (`vlm.families.TINY_FAMILIES`) | `<cache_dir>/tiny/...` built offline | yes |
 | `s3://bucket/models/qwen7b`    | `<cache_dir>/s3/<hash>/`, downloaded once     | if tiny-built  |
 | `/models/qwen7b`, `./m`, `~/m` | that folder (must exist)                      | if tiny-built  |
 | `Qwen/Qwen2.5-VL-7B-Instruct`  | the hub cache snapshot (revision = its commit)| no             |
 
 Downloads and tiny builds are shared by every actor on a node: `Storage.download_prefix` takes
-a file lock and writes a completion marker; `tiny.build_cached` builds into a temporary folder
-and renames it into place.
+a file lock and writes a completion marker; `vlm.tiny.build_cached` builds into a temporary folder
+and renames it into place. How a source is written is `vlm.sources` (preflight reads the same
+rules); the model and processor come from `vlm.loading`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from typing import Any
 
 import torch
 
+from vlm import loading, tiny
+from vlm.sources import S3_PREFIX, TINY_PREFIX, looks_like_path, tiny_family
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "~/.cache/v2drop-batch"
-TINY_PREFIX = "tiny:"
-S3_PREFIX = "s3://"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -67,16 +69,9 @@ def resolve_model_source(
         return _resolve_tiny(source, cache)
     if source.startswith(S3_PREFIX):
         return _resolve_s3(source, cache, storage)
-    if _looks_like_path(source):
+    if looks_like_path(source):
         return _resolve_local(source, revision)
     return _resolve_hub(source, revision)
-
-
-def _looks_like_path(source: str) -> bool:
-    """A path if it exists or is written like one; `org/name` that does not exist is a hub id."""
-    if os.path.exists(os.path.expanduser(source)):
-        return True
-    return source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") > 1
 
 
 def _resolve_local(source: str, revision: str | None) -> ResolvedModel:
@@ -86,7 +81,7 @@ def _resolve_local(source: str, revision: str | None) -> ResolvedModel:
             f"model path {source} does not exist (model.source); point model.source at a folder "
             f"written by save_pretrained, a hub id, an s3:// prefix, or tiny:<family>"
         )
-    return ResolvedModel(str(path), model_id=source, revision=revision, random_weights=_is_random_weights(path))
+    return ResolvedModel(str(path), model_id=source, revision=revision, random_weights=tiny.is_random_weights(path))
 
 
 def _resolve_hub(model_id: str, revision: str | None) -> ResolvedModel:
@@ -121,22 +116,13 @@ def _resolve_s3(uri: str, cache: Path, storage: Any) -> ResolvedModel:
     target = cache / "s3" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     log.info("model %s -> %s", uri, target)
     path = storage.download_prefix(uri, str(target))
-    return ResolvedModel(str(path), model_id=uri, revision=None, random_weights=_is_random_weights(path))
+    return ResolvedModel(str(path), model_id=uri, revision=None, random_weights=tiny.is_random_weights(path))
 
 
 def _resolve_tiny(source: str, cache: Path) -> ResolvedModel:
     """Build (once per node: build_cached renames a finished temp dir into place) and mark random."""
-    from v2drop import tiny
-
-    path = tiny.build_cached(source[len(TINY_PREFIX):], cache / "tiny")
+    path = tiny.build_cached(tiny_family(source), cache / "tiny")
     return ResolvedModel(str(path), model_id=source, revision=None, random_weights=tiny.is_random_weights(path))
-
-
-def _is_random_weights(path: str | os.PathLike) -> bool:
-    """A tiny model copied elsewhere (a folder, S3) still carries v2drop.tiny's marker file."""
-    from v2drop import tiny
-
-    return tiny.is_random_weights(path)
 
 
 def choose_device(num_gpus: float | None = None) -> str:
@@ -175,23 +161,16 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 def load_model(
     resolved: ResolvedModel, *, dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "cpu"
 ) -> tuple[torch.nn.Module, Any]:
-    """Load model + processor in eval mode on `device`; the processor pads on the LEFT so that
-    every sample's last prompt token sits at the end, where generate appends."""
-    from transformers import AutoModelForImageTextToText
-
-    from v2drop.processing import load_processor
-
+    """Model + processor (vlm.loading.load) in eval mode on `device`, with the job's dtype and
+    attention names resolved for this device; the processor pads on the LEFT for generate."""
     kwargs = {"revision": resolved.revision} if _is_hub_id(resolved) else {}
-    model = AutoModelForImageTextToText.from_pretrained(
+    return loading.load(
         resolved.path_or_id,
         dtype=torch_dtype(dtype, device),
         attn_implementation=effective_attn_implementation(attn_implementation, device),
+        device=device,
         **kwargs,
     )
-    # The real processor where torchvision exists (GPU images); else the same processor class
-    # with a numpy/PIL video processor (v2drop.processing explains why).
-    processor = load_processor(resolved.path_or_id, padding_side="left", **kwargs)
-    return model.to(device).eval(), processor
 
 
 def _is_hub_id(resolved: ResolvedModel) -> bool:

@@ -104,7 +104,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory, shared_videos: Path) -> Pat
     (folder / "random.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
     (folder / "notes.mp4").write_text("this is a text file, not a video\n")
     make_video(folder / "long.mp4", "libx264", 150, 1, 64, 48)  # 2.5 minutes -> 30 clips of 5 s
-    make_video(folder / "av1.webm", "libsvtav1", 6, 4, 64, 64)  # decord 0.6 cannot open AV1
+    make_video(folder / "av1.webm", "libsvtav1", 6, 4, 64, 64)  # decord2 reads AV1 (decord 0.6 could not)
     make_video(folder / "thin.mp4", "libx264", 3, 4, 1680, 8)  # the model refuses this clip
     return folder
 
@@ -175,7 +175,7 @@ def test_every_input_is_accounted_for(caption_run: tuple[Path, dict, Any], video
         assert (row["job"], row["run_id"], row["run_date"]) == ("caption", run_id, dt.date(int(run_id[:4]), int(run_id[4:6]), int(run_id[6:8])))
     assert_unique_keys(rows)
     decoders = {Path(u).name: d for u, d in zip(rows["video_uri"].to_pylist(), rows["decoder"].to_pylist()) if d}
-    assert decoders["av1.webm"] == "pyav" and decoders["nasa_13013.mp4"] == "decord"
+    assert decoders["av1.webm"] == "decord" and decoders["nasa_13013.mp4"] == "decord"
     assert "zero.mp4: file is empty" in " ".join(e for e in rows["error"].to_pylist() if e)
     partial = {Path(r["video_uri"]).name: r for r in rows.to_pylist() if r["partial_reason"]}
     assert list(partial) == ["corrupted.mp4"]  # the frames before the damage serve their clip, and say so

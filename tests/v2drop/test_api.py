@@ -5,7 +5,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import v2drop
-from v2drop import testing as models
+from vlm import testing as models
 from v2drop.compat import output_cache
 
 

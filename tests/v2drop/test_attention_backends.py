@@ -20,8 +20,8 @@ import torch
 
 import v2drop
 from tests.v2drop import flash_reference
-from v2drop import testing as models
-from v2drop.testing import Sample
+from vlm import testing as models
+from vlm.testing import Sample
 from tests.v2drop.test_engine import DROP, FAMILIES, IDENTITY, generate, mixed_samples, video
 
 NEEDS_FLASH_ATTENTION = "needs a CUDA GPU and the flash-attn package (pip install '.[gpu]')"

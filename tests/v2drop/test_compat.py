@@ -17,7 +17,7 @@ from packaging.version import Version
 import v2drop
 import v2drop.api as api
 from v2drop import compat, loop, runtime_check, static_decode
-from v2drop import testing as models
+from vlm import testing as models
 
 REPO = Path(__file__).resolve().parents[2]
 OLDEST_DIR = REPO / ".venv" / "transformers-oldest"

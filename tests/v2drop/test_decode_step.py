@@ -13,7 +13,7 @@ import torch
 
 import v2drop
 from bench.op_counts import decode_step_counts
-from v2drop import testing as models
+from vlm import testing as models
 from v2drop import key_masks
 
 NUM_LAYERS = 28

@@ -7,8 +7,9 @@ import torch
 
 import v2drop
 from v2drop import reference
-from v2drop import testing as models
-from v2drop.testing import Sample, Visual
+from vlm import testing as models
+from vlm.families import FAMILIES as ROWS
+from vlm.testing import Sample, Visual
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision")
 IDENTITY = v2drop.Schedule(layers=(1, 4, 6), keep=(1.0, 1.0, 1.0))
@@ -20,7 +21,7 @@ SCHEDULES = [pytest.param(DROP, id="drop-2-4-6"), pytest.param(EARLY, id="drop-1
 
 
 def video(family: str, size: int = 0) -> Visual:
-    if family in models.QWEN_FAMILIES:
+    if ROWS[family].patch_grid_inputs:
         return Visual("video", ((2, 4, 4), (2, 6, 4), (1, 4, 8))[size])
     return Visual("video", (2, 0, 0))
 

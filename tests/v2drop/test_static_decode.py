@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import v2drop
-from v2drop import testing as models
+from vlm import testing as models
 from v2drop import static_decode
 
 NUM_LAYERS = 8

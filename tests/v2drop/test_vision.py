@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v2drop import testing as models
-from v2drop import tiny, vision
+from vlm import testing as models
+from v2drop import vision
+from vlm import tiny
+from vlm.families import FAMILIES
 
 GRIDS = {
     "one-video-even-windows": [(2, 16, 16)],
@@ -34,7 +36,7 @@ def _tower(family: str, attn: str = "sdpa"):
 def _encode(model, grids) -> torch.Tensor:
     patches = sum(t * h * w for t, h, w in grids)
     family = model.config.model_type
-    pixels = torch.randn(patches, models.PATCH_DIM[family], generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(patches, FAMILIES[family].patch_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.model.get_video_features(pixels, torch.tensor(grids), return_dict=True)
     return torch.cat(list(out.pooler_output))

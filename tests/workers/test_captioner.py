@@ -1,7 +1,6 @@
-"""workers.captioner on CPU with tiny random-weight models (v2drop.tiny), called directly (no Ray).
+"""workers.captioner on CPU with tiny random-weight models (vlm.tiny), called directly (no Ray).
 
-The model tests use `v2drop.processing.load_processor`: the real processor where torchvision is
-importable, the offline one (same processor class, numpy/PIL video processor) where it is not.
+The model tests use the families' real processors (`vlm.processing.load_processor`), as production does.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def test_a_template_that_puts_the_question_first_is_not_shared() -> None:
     """Then no prefix is common to a clip's questions; the call runs unshared instead."""
     from types import SimpleNamespace
 
-    from v2drop import testing as models
+    from vlm import testing as models
 
     def question_first(messages, **kwargs):
         question = messages[-1]["content"][1]["text"]

@@ -1,7 +1,9 @@
 """What the generic decoder loop needs to know about one model family.
 
 An adapter is data plus a few small functions; the loop in `v2drop.loop` does the rest. Adding
-a family (Qwen2-VL, Qwen3-VL, ...) is one small file that builds a `FamilyAdapter`.
+a family is one row in `vlm.families` (what the project knows about it: classes, placeholder
+tokens, the tiny builder's config) and one small file here that builds a `FamilyAdapter` (what
+the engine needs: positions, per-layer additions).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from vlm import families
 
 
 def no_layer_additions(kwargs: dict, inputs_embeds: torch.Tensor) -> None:
@@ -37,9 +41,9 @@ class FamilyAdapter:
         return model.model.language_model
 
     def visual_token_ids(self, model: nn.Module) -> tuple[int, ...]:
-        """Token ids whose positions hold visual features (image and video placeholders)."""
-        config = model.config
-        return tuple(int(getattr(config, key)) for key in ("image_token_id", "video_token_id"))
+        """Token ids whose positions hold visual features (image and video placeholders): the
+        config keys are the family's row in `vlm.families`."""
+        return families.visual_token_ids(model.config)
 
 
 def default_positions(text_model, inputs_embeds, position_ids, cache):

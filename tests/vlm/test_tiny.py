@@ -1,41 +1,35 @@
-"""v2drop.tiny: real classes, random seeded weights, offline; token counts agree between processor and model.
-
-transformers 5.23 cannot construct either family's processor without torchvision (the processor
-constructor looks up the video-processor base class). Where torchvision is missing, the count
-checks call the real processors' counting methods on an instance whose constructor is skipped, and
-the full round trip goes through `v2drop.processing.load_processor` (the offline processor there).
-"""
+"""vlm.tiny: real classes, random seeded weights, offline; token counts agree between processor and model."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from v2drop.processing import video_metadata
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from v2drop import tiny  # noqa: E402
+from vlm import loading, tiny  # noqa: E402
+from vlm.families import FAMILIES, TINY_FAMILIES  # noqa: E402
+from vlm.processing import load_processor, sampled_video_metadata  # noqa: E402
 
 NUM_LAYERS = 3
-# 4 frames of 112x112 and one 112x112 image; see the module docstring of v2drop.tiny for the arithmetic.
+# 4 frames of 112x112 and one 112x112 image; see the module docstring of vlm.tiny for the arithmetic.
 # Qwen3-VL: patch 16, sides rounded to multiples of 32 (112 -> 128): the same counts as Qwen2.5-VL's 112 / 14.
 EXPECTED_TOKENS = {"qwen2_5_vl": {"video": 32, "image": 16}, "qwen3_vl": {"video": 32, "image": 16},
-                   "llava_onevision": {"video": 65, "image": 136}}
+                   "llava_onevision": {"video": 65, "image": 136}, "qwen2_vl": {"video": 32, "image": 16}}
 QWEN_PADS = {"video": "<|video_pad|>", "image": "<|image_pad|>"}
-PAD_TOKENS = {"qwen2_5_vl": QWEN_PADS, "qwen3_vl": QWEN_PADS, "llava_onevision": {"video": "<video>", "image": "<image>"}}
+PAD_TOKENS = {"qwen2_5_vl": QWEN_PADS, "qwen3_vl": QWEN_PADS, "qwen2_vl": QWEN_PADS,
+              "llava_onevision": {"video": "<video>", "image": "<image>"}}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {family: tiny.build(family, root / family, num_layers=NUM_LAYERS) for family in tiny.FAMILIES}
+    return {family: tiny.build(family, root / family, num_layers=NUM_LAYERS) for family in TINY_FAMILIES}
 
 
 def _tokenizer(path: Path):
@@ -49,11 +43,12 @@ def _messages() -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_build_saves_real_model_whose_token_ids_match_the_tokenizer(built: dict[str, Path], family: str) -> None:
-    model = tiny.load_model(built[family])
+    model = loading.load_model(built[family])
     tokenizer = _tokenizer(built[family])
-    expected_class = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "llava_onevision": "LlavaOnevision"}[family]
+    expected_class = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "llava_onevision": "LlavaOnevision",
+                      "qwen2_vl": "Qwen2VL"}[family]
     assert type(model).__name__ == f"{expected_class}ForConditionalGeneration"
     assert model.config.text_config.num_hidden_layers == NUM_LAYERS
     assert model.config.text_config.vocab_size >= len(tokenizer)
@@ -67,7 +62,7 @@ def test_build_saves_real_model_whose_token_ids_match_the_tokenizer(built: dict[
 
 
 def test_qwen_special_ids_and_mrope_section(built: dict[str, Path]) -> None:
-    config = tiny.load_model(built["qwen2_5_vl"]).config
+    config = loading.load_model(built["qwen2_5_vl"]).config
     tokenizer = _tokenizer(built["qwen2_5_vl"])
     assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
     assert config.vision_end_token_id == tokenizer.convert_tokens_to_ids("<|vision_end|>")
@@ -75,7 +70,7 @@ def test_qwen_special_ids_and_mrope_section(built: dict[str, Path]) -> None:
     assert config.vision_config.fullatt_block_indexes == [1]
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_chat_template_renders_family_tokens(built: dict[str, Path], family: str) -> None:
     rendered = _tokenizer(built[family]).apply_chat_template(_messages(), tokenize=False, add_generation_prompt=True)
     qwen = (
@@ -86,20 +81,21 @@ def test_chat_template_renders_family_tokens(built: dict[str, Path], family: str
     expected = {
         "qwen2_5_vl": qwen,
         "qwen3_vl": qwen,
+        "qwen2_vl": qwen,
         "llava_onevision": "<|im_start|>user\n<image>\n<video>\nDescribe this video in detail.<|im_end|>\n"
         "<|im_start|>assistant\n",
     }
     assert rendered == expected[family]
-    assert (built[family] / "chat_template.jinja").read_text() == tiny._chat_template(family)
+    assert (built[family] / "chat_template.jinja").read_text() == FAMILIES[family].chat_template
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_same_seed_gives_identical_weights(built: dict[str, Path], family: str, tmp_path: Path) -> None:
-    again = tiny.load_model(tiny.build(family, tmp_path / "again", num_layers=NUM_LAYERS)).state_dict()
-    first = tiny.load_model(built[family]).state_dict()
+    again = loading.load_model(tiny.build(family, tmp_path / "again", num_layers=NUM_LAYERS)).state_dict()
+    first = loading.load_model(built[family]).state_dict()
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
-    other = tiny.load_model(tiny.build(family, tmp_path / "other", num_layers=NUM_LAYERS, seed=1)).state_dict()
+    other = loading.load_model(tiny.build(family, tmp_path / "other", num_layers=NUM_LAYERS, seed=1)).state_dict()
     assert not torch.equal(first["lm_head.weight"], other["lm_head.weight"])
     assert (built[family] / "tokenizer.json").read_text() == (tmp_path / "again" / "tokenizer.json").read_text()
 
@@ -154,26 +150,10 @@ def _frames() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(4, 112, 112, 3), dtype=np.uint8)
 
 
-def _counting_processor(family: str, path: Path):
-    """The real processor class without its constructor (which needs torchvision), holding just what its
-    counting methods read: the image processor loaded from `path` and the saved processor settings."""
-    from transformers import AutoImageProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor
-
-    cls = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else LlavaOnevisionProcessor
-    processor = object.__new__(cls)
-    processor.image_processor = AutoImageProcessor.from_pretrained(path)
-    video_config = json.loads((path / "video_preprocessor_config.json").read_text())
-    processor.video_processor = SimpleNamespace(merge_size=video_config.get("merge_size"))
-    for key, value in json.loads((path / "processor_config.json").read_text()).items():
-        setattr(processor, key, value)
-    processor.image_token, processor.video_token = PAD_TOKENS[family]["image"], PAD_TOKENS[family]["video"]
-    return processor
-
-
 def _vision_inputs(family: str, path: Path) -> tuple[dict, dict[str, int]]:
     """Pixel tensors for one image (real image processor) and one 4-frame video (layout of the real video
     processor), plus the placeholder counts the real processor's own methods give for them."""
-    processor = _counting_processor(family, path)
+    processor = load_processor(path)
     image = processor.image_processor(images=[_frames()[0]], return_tensors="pt")
     if family == "qwen2_5_vl":
         video_grid_thw = torch.tensor([[2, 8, 8]])  # 4 frames / temporal patch 2; 112 / 14 = 8
@@ -216,7 +196,7 @@ def _prompt_ids(family: str, path: Path, counts: dict[str, int]) -> tuple[torch.
 def test_processor_counts_equal_model_features(built: dict[str, Path], family: str) -> None:
     """The model raises unless every placeholder gets exactly one visual feature, so a generate and a
     forward that succeed prove the processor's counts and the model's feature counts agree."""
-    model = tiny.load_model(built[family])
+    model = loading.load_model(built[family])
     vision, counts = _vision_inputs(family, built[family])
     assert counts == EXPECTED_TOKENS[family]
     input_ids, mm_token_type_ids = _prompt_ids(family, built[family], counts)
@@ -241,12 +221,12 @@ def _one_video_token_short(inputs: dict, video_token_id: int) -> dict:
     return {k: v[:, keep] if k in per_token else v for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_real_processor_round_trip(built: dict[str, Path], family: str) -> None:
-    model, processor = tiny.load(built[family])  # the offline processor where torchvision is missing
+    model, processor = loading.load(built[family])
     text = processor.apply_chat_template(_messages(), tokenize=False, add_generation_prompt=True)
     inputs = processor(
-        text=[text], videos=[_frames()], images=[_frames()[0]], video_metadata=video_metadata([4], 2.0),
+        text=[text], videos=[_frames()], images=[_frames()[0]], video_metadata=[sampled_video_metadata(4, 2.0)],
         do_sample_frames=False, padding=True, return_tensors="pt",
     )
     ids = inputs["input_ids"][0]
@@ -255,10 +235,27 @@ def test_real_processor_round_trip(built: dict[str, Path], family: str) -> None:
         assert int((ids == pad_id).sum()) == EXPECTED_TOKENS[family][kind]
     if family != "llava_onevision":
         assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]] and inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
-        assert "mm_token_type_ids" in inputs and ("second_per_grid_ts" in inputs) == (family == "qwen2_5_vl")
+        assert "mm_token_type_ids" in inputs and ("second_per_grid_ts" in inputs) == FAMILIES[family].second_per_grid_ts
     if family == "qwen3_vl":  # one span per temporal patch, behind its time: frames 0-1 and 2-3 at 2 fps
         text = processor.tokenizer.decode(ids)
         assert "<0.2 seconds><|vision_start|>" in text and "<1.2 seconds><|vision_start|>" in text
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape[1] == ids.shape[0] + 3
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_saved_processor_loads_as_the_real_classes_the_table_names(built: dict[str, Path], family: str) -> None:
+    processor = load_processor(built[family])
+    row = FAMILIES[family]
+    loaded = (type(processor), type(processor.image_processor), type(processor.video_processor))
+    assert tuple(cls.__name__ for cls in loaded) == (
+        row.processor_class, row.image_processor_class, row.video_processor_class)
+    assert processor.tokenizer.padding_side == "left"
+    assert type(loading.load_model(built[family])).__name__ == row.model_class
+
+
+def test_loading_refuses_a_family_outside_the_table_before_reading_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no weights at all
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'; supported: qwen2_5_vl"):
+        loading.load_model(tmp_path)

@@ -1,9 +1,11 @@
 """Tiny real-architecture models and hand-built multimodal batches: for the engine's tests and for
-its run-time self-check (`v2drop.self_check`), which is why they live in the package.
+its run-time self-check (`v2drop.self_check`), which is why they live in a package, not in tests/.
 
 Inputs are built the way the families' processors build them (chat template, one placeholder
 token per visual feature, left padding, `mm_token_type_ids`, `second_per_grid_ts`), with random
-pixel values: the engine never looks at pixels, only at the hidden states they produce.
+pixel values: the engine never looks at pixels, only at the hidden states they produce. Two input
+layouts exist: Qwen-style (flattened patches + grids, `temporal_patch_size` 2) and LLaVA-OneVision's
+([n, T, C, H, W] frames); the family's row says which.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from functools import lru_cache
 
 import torch
 
-from v2drop import tiny
-
-PATCH_DIM = {"qwen2_5_vl": 3 * 2 * 14 * 14, "qwen2_vl": 3 * 2 * 14 * 14, "qwen3_vl": 3 * 2 * 16 * 16}  # channels * temporal_patch * patch²
-QWEN_FAMILIES = tuple(PATCH_DIM)
+from vlm import tiny
+from vlm.families import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def model(family: str, *, num_layers: int = 8, dtype=torch.float32, attn: str = 
 
 
 def num_visual_tokens(family: str, visual: Visual) -> int:
-    if family in QWEN_FAMILIES:
+    if FAMILIES[family].patch_grid_inputs:
         t, h, w = visual.grid
         return t * h * w // 4  # spatial merge 2x2
     frames = visual.grid[0]
@@ -54,9 +54,8 @@ def num_visual_tokens(family: str, visual: Visual) -> int:
 
 
 def _placeholder(family: str, kind: str) -> str:
-    if family in QWEN_FAMILIES:
-        return "<|video_pad|>" if kind == "video" else "<|image_pad|>"
-    return "<video>" if kind == "video" else "<image>"
+    row = FAMILIES[family]
+    return row.video_token if kind == "video" else row.image_token
 
 
 def _prompt_text(family: str, sample: Sample) -> str:
@@ -69,7 +68,7 @@ def _prompt_text(family: str, sample: Sample) -> str:
     if sample.visual is None:
         return text
     marker = _placeholder(family, sample.visual.kind)
-    if family == "qwen3_vl" and sample.visual.kind == "video":
+    if FAMILIES[family].timestamped_video_spans and sample.visual.kind == "video":
         # Qwen3-VL's processor gives each temporal patch its own span behind a timestamp.
         t, h, w = sample.visual.grid
         frame = marker * (h * w // 4)
@@ -89,8 +88,8 @@ def batch(family: str, samples: list[Sample], *, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     visuals = [s.visual for s in samples if s.visual is not None]
-    if family in QWEN_FAMILIES:
-        inputs.update(_qwen_visual_inputs(family, tok, input_ids, visuals, generator))
+    if FAMILIES[family].patch_grid_inputs:
+        inputs.update(_patch_grid_inputs(family, tok, input_ids, visuals, generator))
     elif visuals:
         frames = visuals[0].grid[0]
         assert all(v.kind == "video" and v.grid[0] == frames for v in visuals), "LLaVA-OV: same-length videos"
@@ -98,17 +97,18 @@ def batch(family: str, samples: list[Sample], *, seed: int = 0) -> dict:
     return inputs
 
 
-def _qwen_visual_inputs(family: str, tok, input_ids, visuals: list[Visual], generator) -> dict:
-    video_id = tok.convert_tokens_to_ids("<|video_pad|>")
-    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+def _patch_grid_inputs(family: str, tok, input_ids, visuals: list[Visual], generator) -> dict:
+    row = FAMILIES[family]
+    video_id = tok.convert_tokens_to_ids(row.video_token)
+    image_id = tok.convert_tokens_to_ids(row.image_token)
     out = {"mm_token_type_ids": (input_ids == image_id).int() + 2 * (input_ids == video_id).int()}
     for kind, prefix in (("video", "_videos"), ("image", "")):
         grids = [v.grid for v in visuals if v.kind == kind]
         if grids:
             patches = sum(t * h * w for t, h, w in grids)
-            out[f"pixel_values{prefix}"] = torch.randn(patches, PATCH_DIM[family], generator=generator)
+            out[f"pixel_values{prefix}"] = torch.randn(patches, row.patch_dim, generator=generator)
             out[f"{kind}_grid_thw"] = torch.tensor(grids)
-    if family == "qwen2_5_vl" and any(v.kind == "video" for v in visuals):
+    if row.second_per_grid_ts and any(v.kind == "video" for v in visuals):
         out["second_per_grid_ts"] = torch.tensor([1.0] * sum(v.kind == "video" for v in visuals))
     return out
 
@@ -121,7 +121,7 @@ def select(inputs: dict, family: str, samples: list[Sample], index: int) -> dict
     # Reuse the batch's pixels for this sample so its outputs can be compared.
     order = [i for i, s in enumerate(samples) if s.visual is not None]
     position = order.index(index)
-    if family in QWEN_FAMILIES:
+    if FAMILIES[family].patch_grid_inputs:
         kind = samples[index].visual.kind
         same_kind = [i for i in order if samples[i].visual.kind == kind]
         prefix = "_videos" if kind == "video" else ""

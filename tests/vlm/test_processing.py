@@ -1,4 +1,8 @@
-"""v2drop.processing: OfflineProcessor turns frames + prompts into inputs the tiny real models consume.
+"""vlm.processing: the families' real processors (torchvision video processors, on CPU too) turn
+frames + prompts into inputs the tiny real models consume, with the frame rate we sampled at.
+
+The pixel checks pin the settings `vlm.tiny` saves (patch sizes, mean/std, sizes) and the layout
+the models read, through transformers' own processors: these are what production runs.
 
 Token counts (tiny models: patch 14, merge 2, temporal patch 2; LLaVA-OV 112 px frames, 8x8 patches):
   qwen2_5_vl       3 frames 90x120 -> 84x112, padded to 4 frames -> grid (2, 6, 8) -> 2*6*8/4 = 24 tokens
@@ -16,16 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-from v2drop import tiny
-from v2drop.processing import OfflineProcessor, has_torchvision, load_processor, video_metadata
+from vlm import loading, tiny
+from vlm.families import FAMILIES, TINY_FAMILIES
+from vlm.processing import load_processor, sampled_video_metadata
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # OPENAI_CLIP, saved by tiny.build
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen3_vl": "<|video_pad|>", "llava_onevision": "<video>"}
-IMAGE_TOKEN = {"qwen2_5_vl": "<|image_pad|>", "qwen3_vl": "<|image_pad|>", "llava_onevision": "<image>"}
 # (frames, height, width) per video and the placeholder tokens each must expand to (module docstring).
 VIDEOS = {
     "qwen2_5_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),
+    "qwen2_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),
     "qwen3_vl": ([(3, 90, 120), (4, 112, 112)], [24, 32]),  # sides to multiples of 32: 96x128, 128x128
     "llava_onevision": ([(4, 90, 120), (4, 112, 112)], [65, 65]),
 }
@@ -35,12 +39,12 @@ QUESTIONS = ("Describe this video.", "What is happening in the video? Describe t
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("tiny_processing")
-    return {family: tiny.build_cached(family, root, num_layers=2) for family in tiny.FAMILIES}
+    return {family: tiny.build_cached(family, root, num_layers=2) for family in TINY_FAMILIES}
 
 
 @pytest.fixture(scope="module")
 def processors(built: dict) -> dict:
-    return {family: OfflineProcessor.from_pretrained(path) for family, path in built.items()}
+    return {family: load_processor(path) for family, path in built.items()}
 
 
 def _random_video(shape: tuple[int, int, int], seed: int) -> np.ndarray:
@@ -50,7 +54,12 @@ def _random_video(shape: tuple[int, int, int], seed: int) -> np.ndarray:
 
 def _prompt(processor, kind: str, question: str) -> str:
     conversation = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(conversation)
+    return processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def _call(processor, **kwargs):
+    """The pipeline's way of calling a processor: frames already sampled, padded, torch tensors."""
+    return processor(**{"do_sample_frames": False, "padding": True, "return_tensors": "pt", **kwargs})
 
 
 def _count(processor, inputs, token: str) -> list[int]:
@@ -62,31 +71,30 @@ def _video_batch(processor, family: str, fps: list[float] | None = None):
     shapes, _ = VIDEOS[family]
     videos = [_random_video(shape, seed) for seed, shape in enumerate(shapes)]
     texts = [_prompt(processor, "video", question) for question in QUESTIONS]
-    metadata = video_metadata([shape[0] for shape in shapes], fps) if fps else None
-    return processor(text=texts, videos=videos, video_metadata=metadata)
+    metadata = [sampled_video_metadata(shape[0], rate) for shape, rate in zip(shapes, fps)] if fps else None
+    return processor(text=texts, videos=videos, video_metadata=metadata, do_sample_frames=False, padding=True,
+                     return_tensors="pt")
 
 
 def _generate(path, inputs) -> torch.Tensor:
-    model = tiny.load_model(path)
+    model = loading.load_model(path)
     with torch.no_grad():  # the model raises if placeholder tokens and visual features disagree
         return model.generate(**inputs, max_new_tokens=3, do_sample=False)
 
 
 # --------------------------------------------------------------------------------------------- loading
-def test_load_processor_is_offline_without_torchvision_and_says_so(built, caplog):
-    assert not has_torchvision(), "this test documents the CPU case; the comparison test covers torchvision"
-    with caplog.at_level(logging.INFO, logger="v2drop.processing"):
+def test_load_processor_is_the_real_processor_padding_left_and_says_so(built, caplog):
+    with caplog.at_level(logging.INFO, logger="vlm.processing"):
         processor = load_processor(built["qwen2_5_vl"])
-    assert isinstance(processor, OfflineProcessor) and processor.family == "qwen2_5_vl"
-    assert [r.getMessage() for r in caplog.records if "OfflineProcessor" in r.getMessage()]
-    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessor"  # the torchvision one
+    assert [r.getMessage() for r in caplog.records if "Qwen2_5_VLProcessor" in r.getMessage()]
     assert processor.tokenizer.padding_side == "left"
 
 
 def test_llava_onevision_parts_come_from_the_saved_files(processors):
     processor = processors["llava_onevision"]
-    assert type(processor.image_processor).__name__ == "LlavaOnevisionImageProcessorPil"
-    assert processor.processor.num_image_tokens == 64  # processor_config.json
+    assert processor.num_image_tokens == 64  # processor_config.json
     assert (processor.video_processor.size.height, processor.video_processor.size.width) == (112, 112)
 
 
@@ -96,31 +104,33 @@ def test_qwen_video_settings_fall_back_to_the_image_config_as_released_checkpoin
     import json
     import shutil
 
-    path = shutil.copytree(built["qwen2_5_vl"], tmp_path / "qwen", ignore=shutil.ignore_patterns("video_*"))
-    config = json.loads((path / "preprocessor_config.json").read_text())
-    config.pop("size")
-    (path / "preprocessor_config.json").write_text(json.dumps(config | {"min_pixels": 3136, "max_pixels": 12845056}))
-    size = OfflineProcessor.from_pretrained(path).video_processor.size
+    path = shutil.copytree(built["qwen2_5_vl"], tmp_path / "qwen")
+    saved = json.loads((path / "processor_config.json").read_text())
+    image = {k: v for k, v in saved["image_processor"].items() if k != "size"}
+    image |= {"min_pixels": 3136, "max_pixels": 12845056, "processor_class": saved["processor_class"]}
+    (path / "preprocessor_config.json").write_text(json.dumps(image))  # the released layout
+    (path / "processor_config.json").unlink()
+    size = load_processor(path).video_processor.size
     assert (size.shortest_edge, size.longest_edge) == (3136, 12845056)
 
 
-def test_unknown_model_is_refused_with_the_supported_families(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="qwen2_5_vl, qwen3_vl, llava_onevision"):
-        OfflineProcessor.from_pretrained(tmp_path)
+@pytest.mark.parametrize(("num_frames", "fps"), [(0, 2.0), (4, 0.0), (4, float("nan"))])
+def test_sampled_video_metadata_refuses_what_no_video_has(num_frames, fps):
+    with pytest.raises(ValueError, match="num_frames >= 1 and fps > 0"):
+        sampled_video_metadata(num_frames, fps)
 
 
 # --------------------------------------------------------------------------------------------- videos
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_video_batch_runs_generate_with_one_placeholder_per_feature(built, processors, family):
     processor = processors[family]
     inputs = _video_batch(processor, family, fps=[2.0, 2.0])
-    assert _count(processor, inputs, VIDEO_TOKEN[family]) == VIDEOS[family][1]
+    assert _count(processor, inputs, FAMILIES[family].video_token) == VIDEOS[family][1]
     out = _generate(built[family], inputs)
     assert out.shape[0] == 2 and inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 3
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_padding_is_left_by_default_and_padding_side_is_honoured(processors, family):
     processor = processors[family]
     left = _video_batch(processor, family)
@@ -130,7 +140,7 @@ def test_padding_is_left_by_default_and_padding_side_is_honoured(processors, fam
     shapes, _ = VIDEOS[family]
     videos = [_random_video(shape, seed) for seed, shape in enumerate(shapes)]
     texts = [_prompt(processor, "video", question) for question in QUESTIONS]
-    right = processor(text=texts, videos=videos, padding_side="right")
+    right = _call(processor, text=texts, videos=videos, padding_side="right")
     assert right["attention_mask"][:, 0].tolist() == [1, 1] and right["attention_mask"][0, -1] == 0
 
 
@@ -148,15 +158,23 @@ def test_qwen_outputs_mark_video_tokens_and_time_per_grid(processors):
     assert _video_batch(processor, "qwen2_5_vl")["second_per_grid_ts"].tolist() == pytest.approx([2 / 24] * 2)
 
 
-def test_llava_onevision_outputs_and_equal_frame_counts(processors):
-    processor = processors["llava_onevision"]
-    inputs = _video_batch(processor, "llava_onevision")
+def test_llava_onevision_outputs(processors):
+    inputs = _video_batch(processors["llava_onevision"], "llava_onevision")
     assert set(inputs) == {"input_ids", "attention_mask", "pixel_values_videos"}
     assert inputs["pixel_values_videos"].shape == (2, 4, 3, 112, 112)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_equal_frame_count_rule_of_the_table_is_what_the_processor_needs(processors, family):
+    """workers.captioner batches by frame count exactly for the families whose row says so."""
+    processor = processors[family]
     videos = [_random_video((4, 112, 112), 0), _random_video((6, 112, 112), 1)]
     texts = [_prompt(processor, "video", question) for question in QUESTIONS]
-    with pytest.raises(ValueError, match=r"same number of frames, got \[4, 6\]"):
-        processor(text=texts, videos=videos)
+    if FAMILIES[family].equal_frame_count:
+        with pytest.raises(ValueError, match="equal size"):
+            _call(processor, text=texts, videos=videos)
+    else:
+        assert _count(processor, _call(processor, text=texts, videos=videos), FAMILIES[family].video_token)[1] > 0
 
 
 def _solid_video() -> np.ndarray:
@@ -173,7 +191,7 @@ def _normalized(rgb: tuple[int, int, int]) -> np.ndarray:
 
 def test_qwen_pixels_of_a_solid_video_equal_the_formula(processors):
     processor = processors["qwen2_5_vl"]
-    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[_solid_video()])
+    inputs = _call(processor, text=[_prompt(processor, "video", "Hi")], videos=[_solid_video()])
     assert inputs["video_grid_thw"].tolist() == [[1, 4, 4]]  # 56x56 stays 56x56: 4x4 patches, 2 frames -> t=1
     assert _count(processor, inputs, "<|video_pad|>") == [4]  # 1*4*4 / 2**2
     frames = [_normalized((255, 0, 0)), _normalized((0, 128, 255))]
@@ -188,7 +206,7 @@ def test_qwen_patch_order_equals_a_loop_over_merge_windows(processors):
     temporal group, merge-window row, merge-window column, row inside the window, column inside it."""
     processor = processors["qwen2_5_vl"]
     video = _random_video((3, 56, 56), seed=7)  # 3 frames: the last is repeated to make 4
-    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[video])
+    inputs = _call(processor, text=[_prompt(processor, "video", "Hi")], videos=[video])
     pixels = (video.astype(np.float32) / 255 - MEAN) / STD  # [T, H, W, C]
     pixels = np.concatenate([pixels, pixels[-1:]]).transpose(0, 3, 1, 2)  # [4, C, H, W]
     rows = []
@@ -208,7 +226,7 @@ def test_qwen3_pixels_and_spans_of_a_solid_video_equal_the_formula(processors):
     """Patch 16 and mean/std 0.5; 64x64 frames are kept (multiple of 32), so 2 frames -> grid (1, 4, 4)."""
     processor = processors["qwen3_vl"]
     video = np.stack([np.pad(frame, ((0, 8), (0, 8), (0, 0)), mode="edge") for frame in _solid_video()])  # 64x64
-    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[video], video_metadata=video_metadata([2], 2.0))
+    inputs = _call(processor, text=[_prompt(processor, "video", "Hi")], videos=[video], video_metadata=[sampled_video_metadata(2, 2.0)])
     assert inputs["video_grid_thw"].tolist() == [[1, 4, 4]]
     assert _count(processor, inputs, "<|video_pad|>") == [4]
     assert "<0.2 seconds><|vision_start|><|video_pad|>" in processor.tokenizer.decode(inputs["input_ids"][0])
@@ -219,7 +237,7 @@ def test_qwen3_pixels_and_spans_of_a_solid_video_equal_the_formula(processors):
 
 def test_llava_onevision_pixels_of_a_solid_video_equal_the_formula(processors):
     processor = processors["llava_onevision"]
-    inputs = processor(text=[_prompt(processor, "video", "Hi")], videos=[_solid_video()])
+    inputs = _call(processor, text=[_prompt(processor, "video", "Hi")], videos=[_solid_video()])
     pixels = inputs["pixel_values_videos"].numpy()
     assert pixels.shape == (1, 2, 3, 112, 112)  # resized to the saved size
     assert _count(processor, inputs, "<video>") == [2 * 4 * 4 + 1]
@@ -229,14 +247,14 @@ def test_llava_onevision_pixels_of_a_solid_video_equal_the_formula(processors):
 
 
 # --------------------------------------------------------------------------------------------- images
-def test_qwen_images_equal_the_pil_image_processor_and_mix_with_videos(built, processors):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def test_qwen_images_equal_the_saved_image_processor_and_mix_with_videos(built, processors):
+    from transformers import AutoImageProcessor
 
     processor = processors["qwen2_5_vl"]
     images = [_random_video((1, 100, 140), 3)[0], _random_video((1, 112, 112), 4)[0]]
     texts = [_prompt(processor, "image", question) for question in QUESTIONS]
-    inputs = processor(text=texts, images=images)
-    direct = Qwen2VLImageProcessorPil.from_pretrained(built["qwen2_5_vl"])(images, return_tensors="pt")
+    inputs = _call(processor, text=texts, images=images)
+    direct = AutoImageProcessor.from_pretrained(built["qwen2_5_vl"])(images, return_tensors="pt")
     assert torch.equal(inputs["pixel_values"], direct["pixel_values"])
     assert torch.equal(inputs["image_grid_thw"], direct["image_grid_thw"])
     grids = direct["image_grid_thw"]
@@ -245,7 +263,7 @@ def test_qwen_images_equal_the_pil_image_processor_and_mix_with_videos(built, pr
     assert torch.equal(inputs["mm_token_type_ids"], (inputs["input_ids"] == image_id).long())
     _generate(built["qwen2_5_vl"], inputs)
 
-    mixed = processor(
+    mixed = _call(processor, 
         text=[_prompt(processor, "image", QUESTIONS[0]), _prompt(processor, "video", QUESTIONS[1])],
         images=images[:1],
         videos=[_random_video((4, 112, 112), 5)],
@@ -256,52 +274,17 @@ def test_qwen_images_equal_the_pil_image_processor_and_mix_with_videos(built, pr
 
 def test_llava_onevision_image_runs_generate(built, processors):
     processor = processors["llava_onevision"]
-    inputs = processor(text=[_prompt(processor, "image", QUESTIONS[0])], images=[_random_video((1, 112, 112), 6)[0]])
-    assert _count(processor, inputs, "<image>") == [136]  # anyres 2x2: 64 base + 8*8 + 8 newlines (tiny docstring)
+    inputs = _call(processor, text=[_prompt(processor, "image", QUESTIONS[0])], images=[_random_video((1, 112, 112), 6)[0]])
+    assert _count(processor, inputs, "<image>") == [136]  # anyres 2x2: 64 base + 8*8 + 8 newlines (vlm.tiny docstring)
     _generate(built["llava_onevision"], inputs)
 
 
 # --------------------------------------------------------------------------------------------- text
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_chat_template_and_decode_delegate_to_the_tokenizer(processors, family):
     processor = processors[family]
     text = _prompt(processor, "video", "Describe this video.")
-    assert text.endswith("<|im_start|>assistant\n") and VIDEO_TOKEN[family] in text
+    assert text.endswith("<|im_start|>assistant\n") and FAMILIES[family].video_token in text
     ids = processor.tokenizer("Describe this video.")["input_ids"]
     assert processor.decode(ids) == "Describe this video."
     assert processor.batch_decode([ids, ids]) == ["Describe this video."] * 2
-
-
-# --------------------------------------------------------------------------------------------- parity
-NEEDS_TORCHVISION = "needs torchvision: compares OfflineProcessor with the real processor"
-
-
-@pytest.mark.skipif(not has_torchvision(), reason=NEEDS_TORCHVISION)
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_offline_processor_matches_the_real_processor(built, processors, family):
-    from transformers import AutoProcessor
-
-    real = AutoProcessor.from_pretrained(built[family])
-    real.tokenizer.padding_side = "left"
-    shapes, _ = VIDEOS[family]
-    videos = [_random_video(shape, seed) for seed, shape in enumerate(shapes)]
-    texts = [_prompt(processors[family], "video", question) for question in QUESTIONS]
-    metadata = video_metadata([shape[0] for shape in shapes], 2.0)
-    kwargs = dict(text=texts, videos=videos, video_metadata=metadata, padding=True, return_tensors="pt")
-    expected, got = real(**kwargs), processors[family](**kwargs)
-    assert set(got) == set(expected)
-    for key in expected:
-        if key.startswith("pixel_values"):
-            # PIL and torchvision bicubic may round a resized pixel one grey level apart: 1 / 255 / 0.26 = 0.015.
-            torch.testing.assert_close(got[key], expected[key], atol=0.02, rtol=0)
-        else:
-            assert torch.equal(got[key], expected[key]), key
-
-
-def test_frame_sampling_and_center_crop_are_refused_with_what_to_do_instead(processors):
-    processor = processors["qwen2_5_vl"]
-    text, video = [_prompt(processor, "video", "Hi")], [_random_video((4, 56, 56), 0)]
-    with pytest.raises(ValueError, match="already sampled.*video_metadata"):
-        processor(text=text, videos=video, do_sample_frames=True)
-    with pytest.raises(ValueError, match="do_center_crop"):
-        processor(text=text, videos=video, do_center_crop=True)
