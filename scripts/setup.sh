@@ -14,6 +14,10 @@ stamp=".venv/.installed-$(cat pyproject.toml requirements.lock requirements-olde
 if [ ! -f "$stamp" ]; then
   pip install -q -c requirements.lock torch torchvision
   pip install -q -c requirements.lock -e '.[dev]'
+  if pip show -q decord 2>/dev/null; then  # a venv from before decord2: both own the `decord` package
+    pip uninstall -q -y decord
+    pip install -q -c requirements.lock --force-reinstall --no-deps decord2
+  fi
   rm -rf .venv/transformers-oldest
   pip install -q --no-deps --target .venv/transformers-oldest -r requirements-oldest.txt
   rm -f .venv/.installed-*

@@ -217,3 +217,34 @@ def test_a_run_with_nothing_to_do_still_gets_a_report(outputs: dict[str, Path]) 
     assert len(reports) == 2
     empty = min(reports, key=lambda p: len(p.read_text()))
     assert "no clips finished" in empty.read_text() and "none: every row is ok" in empty.read_text()
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """A local Spark (PySpark from the dev extra, on the machine's Java), 1 core, no UI."""
+    from pyspark.sql import SparkSession
+
+    session = (SparkSession.builder.master("local[1]").appName("v2drop-docs")
+               .config("spark.ui.enabled", "false").config("spark.sql.session.timeZone", "UTC")
+               .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+def test_spark_reads_rows_errors_and_every_summary_with_no_workaround(outputs: dict[str, Path], spark) -> None:
+    """As docs/schema.md says: spark.read.parquet on the folders, with and without mergeSchema."""
+    from pyspark.sql.types import DateType, DoubleType
+
+    mixed, clean = outputs["mixed"], outputs["clean"]
+    for merge in ("false", "true"):
+        rows = spark.read.option("mergeSchema", merge).parquet(f"{mixed}/data")
+        assert isinstance(rows.schema["run_date"].dataType, DateType)
+        assert rows.filter("status = 'error'").count() == 1
+        assert rows.filter("status = 'ok'").count() > 0
+        runs = spark.read.option("mergeSchema", merge).parquet(f"{clean}/summaries")  # two runs, one with 0 ok rows
+        assert runs.count() == 2 and runs.filter("rows_ok = 0").count() == 1
+        summaries = runs.unionByName(spark.read.option("mergeSchema", merge).parquet(f"{mixed}/summaries"))  # another output
+        assert summaries.count() == 3
+        assert isinstance(summaries.schema["video_seconds_processed"].dataType, DoubleType)
+        assert isinstance(summaries.schema["run_date"].dataType, DateType)
