@@ -35,6 +35,7 @@ import os
 import sys
 
 from pipeline import config as config_module
+from workers import settings as settings_module
 from pipeline.config import ConfigError, JobConfig, load_job, to_yaml, with_absolute_paths
 from pipeline.redact import redact
 
@@ -79,7 +80,8 @@ def start_line(job_file: str, cfg: JobConfig) -> str:
 
 
 def config_help() -> str:
-    """Every section and key with its type, default and the comment beside it in pipeline/config.py."""
+    """Every section and key with its type, default and the comment beside it in pipeline/config.py
+    (or workers/settings.py, for the sections the model actor consumes)."""
     comments = _field_comments()
     lines = ["Keys (override as section.key=value; defaults from pipeline/config.py):"]
     for section in dataclasses.fields(JobConfig):
@@ -104,8 +106,15 @@ def _comment(comments: dict[tuple[str, str], str], cls: str, name: str) -> str:
 
 
 def _field_comments() -> dict[tuple[str, str], str]:
-    """(class, field) -> the comment on the field's line, or on the line(s) just above it."""
-    source = inspect.getsource(config_module)
+    """(class, field) -> the comment on the field's line, or on the line(s) just above it, from
+    pipeline/config.py and the actor's sections it composes (workers/settings.py)."""
+    found: dict[tuple[str, str], str] = {}
+    for module in (config_module, settings_module):
+        found.update(_comments_in(inspect.getsource(module)))
+    return found
+
+
+def _comments_in(source: str) -> dict[tuple[str, str], str]:
     lines = source.splitlines()
     found = {}
     for node in ast.walk(ast.parse(source)):
