@@ -1,6 +1,7 @@
 """CLI: ``python -m pipeline JOB.yaml [--dry-run] [key=value ...]`` (also what a job file's shebang runs).
 
-``python -m pipeline --help`` lists every section and key with its default (from pipeline/config.py).
+``python -m pipeline --help`` lists every section and key with its default (from pipeline/config.py and
+workers/settings.py, the model actor's sections it composes).
 ``--dry-run`` validates, discovers and probes, then prints the plan without Ray or a model (pipeline.plan).
 
 Exit codes (docs/architecture.md, "Exit codes"); every non-zero one prints one line to stderr:
@@ -83,7 +84,7 @@ def config_help() -> str:
     """Every section and key with its type, default and the comment beside it in pipeline/config.py
     (or workers/settings.py, for the sections the model actor consumes)."""
     comments = _field_comments()
-    lines = ["Keys (override as section.key=value; defaults from pipeline/config.py):"]
+    lines = ["Keys (override as section.key=value; defaults from pipeline/config.py and workers/settings.py):"]
     for section in dataclasses.fields(JobConfig):
         cls = getattr(config_module, _section_class(section), None)
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
