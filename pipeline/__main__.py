@@ -1,6 +1,7 @@
 """CLI: ``python -m pipeline JOB.yaml [--dry-run] [key=value ...]`` (also what a job file's shebang runs).
 
-``python -m pipeline --help`` lists every section and key with its default (from pipeline/config.py).
+``python -m pipeline --help`` lists every section and key with its default (from pipeline/config.py and
+workers/settings.py, the model actor's sections it composes).
 ``--dry-run`` validates, discovers and probes, then prints the plan without Ray or a model (pipeline.plan).
 
 Exit codes (docs/architecture.md, "Exit codes"); every non-zero one prints one line to stderr:
@@ -35,6 +36,7 @@ import os
 import sys
 
 from pipeline import config as config_module
+from workers import settings as settings_module
 from pipeline.config import ConfigError, JobConfig, load_job, to_yaml, with_absolute_paths
 from pipeline.redact import redact
 
@@ -79,9 +81,10 @@ def start_line(job_file: str, cfg: JobConfig) -> str:
 
 
 def config_help() -> str:
-    """Every section and key with its type, default and the comment beside it in pipeline/config.py."""
+    """Every section and key with its type, default and the comment beside it in pipeline/config.py
+    (or workers/settings.py, for the sections the model actor consumes)."""
     comments = _field_comments()
-    lines = ["Keys (override as section.key=value; defaults from pipeline/config.py):"]
+    lines = ["Keys (override as section.key=value; defaults from pipeline/config.py and workers/settings.py):"]
     for section in dataclasses.fields(JobConfig):
         cls = getattr(config_module, _section_class(section), None)
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
@@ -104,8 +107,15 @@ def _comment(comments: dict[tuple[str, str], str], cls: str, name: str) -> str:
 
 
 def _field_comments() -> dict[tuple[str, str], str]:
-    """(class, field) -> the comment on the field's line, or on the line(s) just above it."""
-    source = inspect.getsource(config_module)
+    """(class, field) -> the comment on the field's line, or on the line(s) just above it, from
+    pipeline/config.py and the actor's sections it composes (workers/settings.py)."""
+    found: dict[tuple[str, str], str] = {}
+    for module in (config_module, settings_module):
+        found.update(_comments_in(inspect.getsource(module)))
+    return found
+
+
+def _comments_in(source: str) -> dict[tuple[str, str], str]:
     lines = source.splitlines()
     found = {}
     for node in ast.walk(ast.parse(source)):

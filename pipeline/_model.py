@@ -11,7 +11,6 @@ the driver, and every block has the same types.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from typing import Any, Mapping
@@ -26,23 +25,21 @@ from workers.provenance import engine_fingerprint
 
 
 def captioner_kwargs(cfg: JobConfig) -> dict[str, Any]:
-    """Constructor arguments of the actor: plain dicts, so the worker needs no pipeline types."""
+    """Constructor arguments of the actor: the typed sections of workers.settings (picklable
+    dataclasses, defined below the pipeline so the worker needs no pipeline types)."""
     return {
-        "model_cfg": dataclasses.asdict(cfg.model),
-        "generation_cfg": dataclasses.asdict(cfg.generation),
-        "prompt_cfg": dataclasses.asdict(cfg.prompt),
-        "cache_dir": cfg.model.cache_dir,
+        "model": cfg.model,
+        "generation": cfg.generation,
+        "prompt": cfg.prompt,
+        "quality": cfg.quality,
+        "actors": cfg.actors,
         "storage": Storage(cfg.storage),  # picklable; its S3 clients are built in the actor
-        "num_gpus": cfg.actors.num_gpus,
-        "quality_cfg": dataclasses.asdict(cfg.quality),
-        "memory_fraction": cfg.actors.memory_fraction,
-        "memory_budget_gib": cfg.actors.memory_budget_gib,
     }
 
 
 def run_fingerprint(cfg: JobConfig) -> str:
     """The engine fingerprint this run's actors stamp on their rows (what resume compares)."""
-    return engine_fingerprint(dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.generation), cfg.prompt.system)
+    return engine_fingerprint(cfg.model, cfg.generation, cfg.prompt.system)
 
 
 class CaptionStage(Captioner):

@@ -12,14 +12,14 @@ Columns out (`CLIP_SCHEMA`): those plus clip_index, start_s, end_s, clip_id.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping
+from typing import Any, Collection
 
 import pyarrow as pa
 
 from pipeline._probe import PROBED_SCHEMA
 from pipeline._rows import extend_schema, to_table
 from pipeline.clips import clip_id, plan_clips
-from pipeline.config import ClipsConfig, JobConfig
+from pipeline.config import ClipsConfig, JobConfig, PromptConfig
 from workers.inputs import prompts_for_row
 
 CLIP_SCHEMA = extend_schema(
@@ -43,14 +43,14 @@ def key(clip: str, prompt: str | None) -> tuple[str, str]:
 
 
 def shard_batch(
-    table: pa.Table, *, clips: ClipsConfig, settings: str, prompt_cfg: Mapping[str, Any], done: Collection[tuple[str, str]]
+    table: pa.Table, *, clips: ClipsConfig, settings: str, prompt_cfg: PromptConfig, done: Collection[tuple[str, str]]
 ) -> pa.Table:
     rows = [clip for row in table.to_pylist() for clip in shard_row(row, clips, settings, prompt_cfg, done)]
     return to_table(rows, CLIP_SCHEMA)
 
 
 def shard_row(
-    row: dict[str, Any], clips: ClipsConfig, settings: str, prompt_cfg: Mapping[str, Any], done: Collection[tuple[str, str]]
+    row: dict[str, Any], clips: ClipsConfig, settings: str, prompt_cfg: PromptConfig, done: Collection[tuple[str, str]]
 ) -> list[dict[str, Any]]:
     uri = row["video_uri"]
     if row["status"] != "ok":

@@ -1,4 +1,7 @@
-"""Job configuration: one dataclass per YAML section, defaults in exactly one place.
+"""Job configuration: one dataclass per YAML section, defaults in exactly one place each.
+
+The sections the model actor consumes (model, actors, prompt, generation, quality) are defined in
+workers/settings.py and composed here; the pipeline's own sections are defined below.
 
 Merge order (later wins)::
 
@@ -23,6 +26,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.redact import SECRET_KEY, redact, scrub_secrets
+# The sections the model actor consumes are defined beside it (workers may not import pipeline);
+# re-exported here, so the job config reads as one module to its users.
+from workers.settings import (  # noqa: F401 - re-exported
+    ActorsConfig,
+    ConfigError,
+    GenerationConfig,
+    ModelConfig,
+    PromptConfig,
+    QualityConfig,
+)
+from workers.settings import require as _require
+from workers.settings import require_choice as _require_choice
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 # URI schemes the storage layer reads and writes; anything else (gs://, abfs://, hdfs://) is
@@ -33,18 +48,6 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-
-class ConfigError(ValueError):
-    """An invalid job configuration; the message names the dotted key and what is allowed."""
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _require_choice(value: Any, key: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, key, f"must be one of {' | '.join(allowed)}, got {value!r}")
 
 
 def uri_scheme(uri: str) -> str:
@@ -142,105 +145,6 @@ class DecodeConfig:
 
 
 @dataclass
-class ModelConfig:
-    source: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id, local path, s3:// prefix, or tiny:<family>
-    revision: Optional[str] = None
-    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
-    attn_implementation: str = "flash_attention_2"  # flash_attention_2 | sdpa | eager
-    retention: float = 0.25  # V²Drop layer-averaged visual-token retention; 1.0 = off
-    # variation = V²Drop; random = a seeded random subset at the same schedule (the control baseline)
-    scorer: str = "variation"
-    cache_dir: Optional[str] = None  # node-local cache; None = ~/.cache/v2drop-batch
-
-    def __post_init__(self) -> None:
-        _require(bool(self.source), "model.source", "must be a hub id, local path, s3:// prefix or tiny:<family>")
-        _require_supported_scheme(self.source, "model.source", ("s3",))
-        _require_supported_scheme(self.cache_dir or "", "model.cache_dir", ("file",))
-        _require_choice(self.dtype, "model.dtype", ("bfloat16", "float16", "float32"))
-        _require_choice(self.attn_implementation, "model.attn_implementation", ("flash_attention_2", "sdpa", "eager"))
-        _require(0 < self.retention <= 1, "model.retention", f"must be in (0, 1] (1.0 = no dropping), got {self.retention}")
-        _require_choice(self.scorer, "model.scorer", ("variation", "random"))
-
-
-@dataclass
-class ActorsConfig:
-    num_gpus: float = 1.0  # per actor; fractional allowed; 0 on CPU
-    min_size: int = 1
-    max_size: int = 8
-    # Clips one actor call receives from Ray Data: the most one model call holds. Each model call
-    # takes as many of them as fit the memory budget below (workers.call_size, v2drop.memory), so
-    # V²Drop's smaller cache gives larger calls. 64 clips of 2,048 visual tokens: 5.9 GiB of frames.
-    batch_size: int = 64
-    memory_fraction: float = 0.9  # share of the GPU memory free after loading that one model call may use
-    memory_budget_gib: Optional[float] = None  # a fixed budget instead (any device); on CPU, none if unset
-
-    def __post_init__(self) -> None:
-        _require(0 < self.memory_fraction <= 1, "actors.memory_fraction", f"must be in (0, 1], got {self.memory_fraction}")
-        _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "actors.memory_budget_gib",
-                 f"must be > 0 GiB or null, got {self.memory_budget_gib}")
-        _require(self.num_gpus >= 0, "actors.num_gpus", f"must be >= 0, got {self.num_gpus}")
-        _require(self.min_size >= 1, "actors.min_size", f"must be >= 1, got {self.min_size}")
-        _require(
-            self.min_size <= self.max_size,
-            "actors.max_size",
-            f"must be >= actors.min_size={self.min_size}, got {self.max_size}",
-        )
-        _require(self.batch_size >= 1, "actors.batch_size", f"must be >= 1, got {self.batch_size}")
-
-
-@dataclass
-class PromptConfig:
-    task: str = "caption"  # caption | qa
-    caption: str = "Describe this video in detail."
-    questions: list[str] = field(default_factory=list)  # qa: several per clip; a manifest row may bring its own
-    system: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        _require_choice(self.task, "prompt.task", ("caption", "qa"))
-        _require(self.task != "caption" or bool(self.caption), "prompt.caption", "must not be empty for task caption")
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    # Several prompts about one clip (qa) prefill its video once and continue per prompt from
-    # that cache (workers.shared_prefix); false gives each prompt its own copy of the video.
-    share_video_prefix: bool = True
-    # static: v2drop.static_decode (a preallocated cache per V²Drop stage, one static-shape step
-    # captured as a CUDA graph on GPU; greedy only; 2-2.5x faster decode steps on an H200, see
-    # bench/results/model-cuda-7b.md); dynamic: transformers' generate() on a DynamicCache;
-    # auto: static when greedy (temperature 0), dynamic when sampling.
-    decode_engine: str = "auto"
-
-    def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        _require_choice(self.decode_engine, "generation.decode_engine", ("auto", "static", "dynamic"))
-        _require(self.decode_engine != "static" or self.temperature == 0, "generation.decode_engine",
-                 "static decodes greedily: it needs generation.temperature 0 (or use auto or dynamic)")
-        _require(self.temperature >= 0, "generation.temperature", f"must be >= 0, got {self.temperature}")
-        _require(0 < self.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class QualityConfig:
-    """The shadow quality guard (workers.shadow): a sample of clips also run with V²Drop off."""
-
-    shadow_fraction: float = 0.02  # share of clips, chosen by a hash of clip_id; 0 = no shadow
-    # Mean shadow agreement (word-level LCS ratio, dropped vs full-token output) below this gives
-    # a warning. Greedy outputs that part ways keep diverging, so long captions score far below
-    # short answers at the same quality: set it from a run at a retention you trust.
-    min_agreement: float = 0.5
-    enforce: bool = False  # true: below min_agreement the run exits non-zero, after writing everything
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.shadow_fraction <= 1, "quality.shadow_fraction",
-                 f"must be in [0, 1] (0 = no shadow), got {self.shadow_fraction}")
-        _require(0 <= self.min_agreement <= 1, "quality.min_agreement", f"must be in [0, 1], got {self.min_agreement}")
-
-
-@dataclass
 class RunConfig:
     resume: bool = True
     ray_address: Optional[str] = None  # None: the cluster `ray job submit` runs in, else a new local Ray
@@ -290,6 +194,9 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         _require_finite_numbers(self)
+        # Which schemes a model may come from is the storage layer's fact, so it is checked here.
+        _require_supported_scheme(self.model.source, "model.source", ("s3",))
+        _require_supported_scheme(self.model.cache_dir or "", "model.cache_dir", ("file",))
         # The job name becomes a Hive partition value and a path segment.
         _require(
             re.fullmatch(r"[A-Za-z0-9_.-]+", self.job or "") is not None,

@@ -150,9 +150,7 @@ def _io_kwargs(cfg: JobConfig, storage: Storage, **extra: Any) -> dict[str, Any]
 
 
 def _shard_kwargs(cfg: JobConfig, done: set[tuple[str, str]]) -> dict[str, Any]:
-    import dataclasses
-
-    return {"clips": cfg.clips, "settings": settings_key(cfg), "prompt_cfg": dataclasses.asdict(cfg.prompt), "done": done}
+    return {"clips": cfg.clips, "settings": settings_key(cfg), "prompt_cfg": cfg.prompt, "done": done}
 
 
 def _count_ok(clips: Any) -> int:

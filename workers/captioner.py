@@ -1,7 +1,9 @@
 """The caption / QA stage: a Ray Data actor class and the pure functions it delegates to.
 
-    ds.map_batches(Captioner, fn_constructor_args=(model_cfg, generation_cfg, prompt_cfg, cache_dir),
+    ds.map_batches(Captioner, fn_constructor_args=(cfg.model, cfg.generation, cfg.prompt, cfg.quality, cfg.actors),
                    batch_size=actors.batch_size, num_gpus=actors.num_gpus, concurrency=(min, max))
+
+It takes the typed config sections of workers.settings (picklable dataclasses), never dicts.
 
 Cardinality: 1:N. A clip row becomes one row per prompt (caption: 1; qa: one per question);
 a row whose incoming `status` is not 'ok' (an upstream 'error' or 'skipped') passes through as
@@ -45,6 +47,7 @@ from workers.generation import GenResult, generate_batch
 from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompts, prompts_for_row
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
 from workers.provenance import engine_columns, engine_fingerprint
+from workers.settings import ActorsConfig, GenerationConfig, ModelConfig, PromptConfig, QualityConfig
 from vlm.families import needs_equal_frame_count
 
 __all__ = ["Captioner", "caption_rows", "expand_prompts", "build_inputs", "generate_batch", "OUTPUT_COLUMNS"]
@@ -101,50 +104,45 @@ class Captioner:
 
     def __init__(
         self,
-        model_cfg: Mapping[str, Any],
-        generation_cfg: Mapping[str, Any],
-        prompt_cfg: Mapping[str, Any],
-        cache_dir: str | None = None,
+        model: ModelConfig,
+        generation: GenerationConfig,
+        prompt: PromptConfig,
+        quality: QualityConfig | None = None,
+        actors: ActorsConfig | None = None,
         *,
         storage: Any = None,
-        num_gpus: float | None = None,
-        quality_cfg: Mapping[str, Any] | None = None,
-        memory_fraction: float = 0.9,
-        memory_budget_gib: float | None = None,
     ) -> None:
-        self.model_cfg, self.generation_cfg, self.prompt_cfg = map(_as_dict, (model_cfg, generation_cfg, prompt_cfg))
-        self.quality_cfg = _as_dict(quality_cfg)  # {} (no shadow) when a caller passes none
-        fingerprint = engine_fingerprint(self.model_cfg, self.generation_cfg, self.prompt_cfg["system"])
-        self.loaded = load_for_captioning(self.model_cfg, cache_dir, storage, num_gpus, fingerprint)
-        model = self.loaded.model
-        budget = memory_budget_bytes(model.device, memory_fraction, memory_budget_gib)  # after loading
-        self.loaded.sizer = call_sizer(model, v2drop.schedule_of(model), int(self.generation_cfg["max_new_tokens"]), budget)
+        """`quality` None: no shadow guard; `actors` None: its defaults (a GPU when one is visible).
+        `storage` is the picklable pipeline.storage.Storage, needed only for an s3:// model.source."""
+        self.generation, self.prompt, self.quality = generation, prompt, quality
+        actors = actors or ActorsConfig()
+        fingerprint = engine_fingerprint(model, generation, prompt.system)
+        self.loaded = load_for_captioning(model, storage, actors.num_gpus, fingerprint)
+        loaded_model = self.loaded.model
+        budget = memory_budget_bytes(loaded_model.device, actors.memory_fraction, actors.memory_budget_gib)  # after loading
+        self.loaded.sizer = call_sizer(loaded_model, v2drop.schedule_of(loaded_model), generation.max_new_tokens, budget)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
         rows = batch_to_rows(batch)
-        out = caption_rows(self.loaded, rows, self.prompt_cfg, self.generation_cfg, self.quality_cfg)
-        return rows_to_columns(out)
+        return rows_to_columns(caption_rows(self.loaded, rows, self.prompt, self.generation, self.quality))
 
 
 def load_for_captioning(
-    model_cfg: Mapping[str, Any], cache_dir: str | None, storage: Any = None, num_gpus: float | None = None,
-    fingerprint: str | None = None,
+    model_cfg: ModelConfig, storage: Any = None, num_gpus: float | None = None, fingerprint: str | None = None,
 ) -> LoadedModel:
     """Resolve, load, switch V²Drop on when model.retention < 1, and self-check the engine.
     `fingerprint` (workers.provenance.engine_fingerprint) is stamped on every row."""
-    source = str(model_cfg["source"])
     resolved = resolve_model_source(
-        source, revision=model_cfg.get("revision"), cache_dir=cache_dir or model_cfg.get("cache_dir"), storage=storage
+        model_cfg.source, revision=model_cfg.revision, cache_dir=model_cfg.cache_dir, storage=storage
     )
     model, processor = load_model(
         resolved,
-        dtype=model_cfg.get("dtype", "float32"),
-        attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
+        dtype=model_cfg.dtype,
+        attn_implementation=model_cfg.attn_implementation,
         device=choose_device(num_gpus),
     )
     v2drop.vision.install(model)  # batched window attention on sdpa towers, stock and V²Drop alike
-    retention = float(model_cfg.get("retention", 1.0))
-    scorer = str(model_cfg.get("scorer") or "variation")
+    retention, scorer = model_cfg.retention, model_cfg.scorer
     enable_v2drop(model, retention, scorer)
     # Also at retention 1.0: the row says which engine produced it, and a broken stack fails here.
     check = v2drop.self_check(model)
@@ -162,19 +160,12 @@ def enable_v2drop(model: Any, retention: float, scorer: str = "variation") -> No
     log.info("V²Drop on (%s): %s over %d layers (retention %.3f)", scorer, schedule, num_layers, retention)
 
 
-def _as_dict(cfg: Any) -> dict[str, Any]:
-    """Config sections arrive as dicts (or the pipeline's dataclasses); work on plain dicts."""
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.asdict(cfg)
-    return dict(cfg or {})
-
-
 # -- pure functions: rows in, rows out --------------------------------------------------------
 
 
 def caption_rows(
-    loaded: LoadedModel, rows: Sequence[Row], prompt_cfg: Mapping[str, Any], generation_cfg: Mapping[str, Any],
-    quality_cfg: Mapping[str, Any] | None = None,
+    loaded: LoadedModel, rows: Sequence[Row], prompt_cfg: PromptConfig, generation_cfg: GenerationConfig,
+    quality_cfg: QualityConfig | None = None,
 ) -> list[Row]:
     """Output rows for a batch of clip rows, in input order (see the module docstring)."""
     started_at = utc_now()
@@ -182,8 +173,8 @@ def caption_rows(
     runnable = [row for row, problem in plan if problem is None and not is_passthrough(row)]
     items = expand_prompts(runnable, prompt_cfg)
     chunk = max(1, len(rows))
-    generated = run_items(loaded, items, prompt_cfg.get("system"), generation_cfg, chunk=chunk)
-    shadows = iter(run_shadow(loaded, items, generated, prompt_cfg.get("system"), generation_cfg, quality_cfg, chunk))
+    generated = run_items(loaded, items, prompt_cfg.system, generation_cfg, chunk=chunk)
+    shadows = iter(run_shadow(loaded, items, generated, prompt_cfg.system, generation_cfg, quality_cfg, chunk))
     results = iter(generated)
     finished_at = utc_now()
     stamp = {**identity_columns(loaded), "started_at": started_at, "finished_at": finished_at}
@@ -201,11 +192,12 @@ def caption_rows(
 
 def run_shadow(
     loaded: LoadedModel, items: Sequence[Item], results: Sequence[GenResult], system: str | None,
-    generation_cfg: Mapping[str, Any], quality_cfg: Mapping[str, Any] | None, chunk: int,
+    generation_cfg: GenerationConfig, quality_cfg: QualityConfig | None, chunk: int,
 ) -> list[Row]:
     """Per item, the shadow columns of workers.shadow ({} outside the sample); the shadow runs
-    after the batch's own generate, so the row's timings do not include it."""
-    fraction = float((quality_cfg or {}).get("shadow_fraction") or 0.0)
+    after the batch's own generate, so the row's timings do not include it. No quality section:
+    no shadow."""
+    fraction = quality_cfg.shadow_fraction if quality_cfg is not None else 0.0
     return shadow.shadow_columns(
         loaded.model, loaded.processor, items, results, system, generation_cfg, fraction=fraction, chunk=chunk,
         reenable=lambda model: enable_v2drop(model, loaded.retention_asked, loaded.scorer),
@@ -217,7 +209,7 @@ def is_passthrough(row: Mapping[str, Any]) -> bool:
     return row.get("status") not in (None, "ok")
 
 
-def row_problem(row: Mapping[str, Any], prompt_cfg: Mapping[str, Any]) -> str | None:
+def row_problem(row: Mapping[str, Any], prompt_cfg: PromptConfig) -> str | None:
     """Why this stage cannot use the row (bad frames, no question), or None to run it."""
     try:
         decode_frames(row)
@@ -229,7 +221,7 @@ def row_problem(row: Mapping[str, Any], prompt_cfg: Mapping[str, Any]) -> str | 
 
 
 def run_items(
-    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any], chunk: int
+    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: GenerationConfig, chunk: int
 ) -> list[GenResult]:
     """Results for `items` in order, at most `chunk` clips per generate call.
 
@@ -243,7 +235,7 @@ def run_items(
     [0, 1], [3], [2].
     """
     results: list[GenResult | None] = [None] * len(items)
-    share = shares_video_prefix(generation_cfg)
+    share = generation_cfg.share_video_prefix
     for indices in batch_groups(loaded.model, items):
         remaining = list(indices)
         while remaining:
@@ -257,11 +249,6 @@ def run_items(
                 loaded.sizer.learn([(r.prompt_tokens, r.visual_tokens_per_stage[0]) for r in outcomes
                                     if r.status == "ok" and r.visual_tokens_per_stage])
     return results  # type: ignore[return-value] - every index was filled
-
-
-def shares_video_prefix(generation_cfg: Mapping[str, Any]) -> bool:
-    """generation.share_video_prefix; on unless a config says otherwise (pipeline.config's default)."""
-    return bool(generation_cfg.get("share_video_prefix", True))
 
 
 def call_groups(items: Sequence[Item], indices: list[int], chunk: int, share: bool) -> list[list[int]]:
@@ -301,7 +288,7 @@ def batch_groups(model: Any, items: Sequence[Item]) -> list[list[int]]:
 
 
 def generate_with_fallback(
-    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any]
+    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: GenerationConfig
 ) -> list[GenResult]:
     """Batched generate; on OOM split in halves, on any other error retry items one by one."""
     try:
@@ -339,11 +326,11 @@ def new_batch_id() -> str:
 
 
 def generate_items(
-    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any]
+    loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: GenerationConfig
 ) -> list[GenResult]:
     """One generate call; clips with several prompts share their video prefill when allowed."""
     results = None
-    if shares_video_prefix(generation_cfg) and shared_prefix.has_shared_clips(items):
+    if generation_cfg.share_video_prefix and shared_prefix.has_shared_clips(items):
         results = shared_prefix.generate_shared(loaded.model, loaded.processor, items, system, generation_cfg)
     if results is None:
         inputs = build_inputs(loaded.processor, items, system)

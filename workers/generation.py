@@ -28,6 +28,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from v2drop import static_decode
 from workers.drop_stats import stats_marker, visual_stats
+from workers.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
 STOP_CHECK_EVERY = 8  # static engine: one host-device sync per 8 steps to stop once every row is done
@@ -120,13 +121,12 @@ def _peak_rss_bytes() -> int | None:
     return None
 
 
-def sampling_kwargs(generation_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def sampling_kwargs(generation_cfg: GenerationConfig) -> dict[str, Any]:
     """Greedy at temperature 0 (deterministic); otherwise nucleus sampling."""
-    kwargs: dict[str, Any] = {"max_new_tokens": int(generation_cfg.get("max_new_tokens", 512))}
-    temperature = float(generation_cfg.get("temperature", 0.0))
-    if temperature == 0:
+    kwargs: dict[str, Any] = {"max_new_tokens": generation_cfg.max_new_tokens}
+    if generation_cfg.temperature == 0:
         return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {**kwargs, "do_sample": True, "temperature": temperature, "top_p": float(generation_cfg.get("top_p", 1.0))}
+    return {**kwargs, "do_sample": True, "temperature": generation_cfg.temperature, "top_p": generation_cfg.top_p}
 
 
 def stop_token_ids(model: Any, processor: Any) -> set[int]:
@@ -172,16 +172,15 @@ def pad_token_id(model: Any, processor: Any) -> int | None:
     return pad
 
 
-def decode_engine(generation_cfg: Mapping[str, Any]) -> str:
+def decode_engine(generation_cfg: GenerationConfig) -> str:
     """'static' or 'dynamic': generation.decode_engine, with auto = static for greedy decoding
     (v2drop.static_decode; greedy only) and dynamic for sampling."""
-    engine = generation_cfg.get("decode_engine", "auto")
-    if engine == "auto":
-        return "static" if float(generation_cfg.get("temperature", 0.0)) == 0 else "dynamic"
-    return engine
+    if generation_cfg.decode_engine == "auto":
+        return "static" if generation_cfg.temperature == 0 else "dynamic"
+    return generation_cfg.decode_engine
 
 
-def run_decode(model: Any, inputs: Mapping[str, Any], generation_cfg: Mapping[str, Any],
+def run_decode(model: Any, inputs: Mapping[str, Any], generation_cfg: GenerationConfig,
                engine: str, **generate_kwargs: Any) -> torch.Tensor:
     """Sequences [B, P + N] from one engine. The static engine captures its step as a CUDA graph
     on a GPU and checks every STOP_CHECK_EVERY steps whether every row has finished."""
@@ -195,7 +194,7 @@ def run_decode(model: Any, inputs: Mapping[str, Any], generation_cfg: Mapping[st
 
 
 def timed_generate(
-    model: Any, processor: Any, make_inputs: Callable[[], Mapping[str, Any]], generation_cfg: Mapping[str, Any]
+    model: Any, processor: Any, make_inputs: Callable[[], Mapping[str, Any]], generation_cfg: GenerationConfig
 ):
     """Decode once on what `make_inputs()` returns; returns (generate inputs, sequences
     [B, P+N], prefill_ms, generate_ms, peak bytes, fallback reason or None). `make_inputs` runs
@@ -232,7 +231,7 @@ def cache_arg_given(inputs: Mapping[str, Any]) -> bool:
 
 
 def generate_batch(
-    model: Any, processor: Any, inputs: Mapping[str, Any], generation_cfg: Mapping[str, Any]
+    model: Any, processor: Any, inputs: Mapping[str, Any], generation_cfg: GenerationConfig
 ) -> list[GenResult]:
     """Generate for one padded batch; one GenResult per sample, in batch order."""
     inputs = move_inputs(inputs, model)

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vlm.processing import sampled_video_metadata
+from workers.settings import PromptConfig
 
 FRAME_COLUMNS = ("frames", "frames_shape", "frames_dtype", "timestamps_s")
 _FALLBACK_FPS = 1.0  # only when a row carries neither >= 2 timestamps nor a clip duration
@@ -76,7 +77,7 @@ def row_questions(row: Mapping[str, Any]) -> list[str]:
     return [str(q) for q in value if q is not None and str(q).strip()]
 
 
-def expand_prompts(batch_rows: Sequence[Row], prompt_cfg: Mapping[str, Any]) -> list[Item]:
+def expand_prompts(batch_rows: Sequence[Row], prompt_cfg: PromptConfig) -> list[Item]:
     """One item per (clip, prompt): caption -> the caption prompt; qa -> every configured question
     then the row's own, without repeats (the output key is (clip_id, prompt))."""
     items: list[Item] = []
@@ -86,14 +87,11 @@ def expand_prompts(batch_rows: Sequence[Row], prompt_cfg: Mapping[str, Any]) -> 
     return items
 
 
-def prompts_for_row(row: Mapping[str, Any], prompt_cfg: Mapping[str, Any]) -> list[str]:
-    task = prompt_cfg.get("task", "caption")
-    if task == "caption":
-        return [str(prompt_cfg["caption"])]
-    if task == "qa":
-        questions = [str(q) for q in prompt_cfg.get("questions") or []] + row_questions(row)
-        return list(dict.fromkeys(questions))
-    raise ValueError(f"prompt.task must be 'caption' or 'qa', got {task!r}")
+def prompts_for_row(row: Mapping[str, Any], prompt_cfg: PromptConfig) -> list[str]:
+    if prompt_cfg.task == "caption":
+        return [prompt_cfg.caption]
+    # qa (PromptConfig allows no other task): the job's questions, then the row's own, once each
+    return list(dict.fromkeys([str(q) for q in prompt_cfg.questions] + row_questions(row)))
 
 
 def chat_text(processor: Any, prompt: str, system: str | None) -> str:

@@ -22,10 +22,11 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import v2drop
 from workers.generation import decode_engine
+from workers.settings import GenerationConfig, ModelConfig
 
 MODEL_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention", "scorer")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p")
@@ -34,12 +35,13 @@ PROJECT = "v2drop-batch"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def engine_fingerprint(model_cfg: Mapping[str, Any], generation_cfg: Mapping[str, Any], system: str | None) -> str:
-    """Example: ({'source': 'tiny:qwen2_5_vl', 'retention': 0.25, ...}, {'max_new_tokens': 512, ...},
-    None) -> '3f9c0d...' (16 hex digits); the same arguments always give the same digits."""
+def engine_fingerprint(model_cfg: ModelConfig, generation_cfg: GenerationConfig, system: str | None) -> str:
+    """Example: (ModelConfig(source='tiny:qwen2_5_vl', retention=0.25, ...), GenerationConfig(), None)
+    -> '3f9c0d...' (16 hex digits); the same settings always give the same digits (resume compares
+    them across versions of this code, so the identity below keeps its keys and their order)."""
     identity = {
-        "model": {key: model_cfg[key] for key in MODEL_KEYS},
-        "generation": {key: generation_cfg[key] for key in GENERATION_KEYS},
+        "model": {key: getattr(model_cfg, key) for key in MODEL_KEYS},
+        "generation": {key: getattr(generation_cfg, key) for key in GENERATION_KEYS},
         # the resolved engine (static or dynamic): their bf16 kernels differ, so may their tokens
         "decode_engine": decode_engine(generation_cfg),
         "system": system,

@@ -39,6 +39,7 @@ import v2drop
 from workers import agreement
 from workers.drop_stats import stats_marker, visual_stats
 from workers.generation import GenResult, generate_batch, move_inputs
+from workers.settings import GenerationConfig
 from workers.inputs import Item, build_inputs, decode_frames
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def dropped_first_logits(model: Any, inputs: Mapping[str, Any]) -> tuple[torch.T
 
 def compare(
     model: Any, processor: Any, items: Sequence[Item], dropped_texts: Sequence[str | None], system: str | None,
-    generation_cfg: Mapping[str, Any], reenable: Reenable,
+    generation_cfg: GenerationConfig, reenable: Reenable,
 ) -> list[dict[str, Any]]:
     """Shadow columns for `items` (one model call: equal frame counts where the family needs it),
     whose dropped outputs were `dropped_texts`; see the module docstring."""
@@ -151,7 +152,7 @@ def row_columns(
 
 def shadow_columns(
     model: Any, processor: Any, items: Sequence[Item], results: Sequence[GenResult], system: str | None,
-    generation_cfg: Mapping[str, Any], *, fraction: float, reenable: Reenable, chunk: int,
+    generation_cfg: GenerationConfig, *, fraction: float, reenable: Reenable, chunk: int,
 ) -> list[dict[str, Any]]:
     """Per item, its shadow columns ({} when not in the sample, or when its own generate failed).
 

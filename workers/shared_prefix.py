@@ -34,6 +34,7 @@ from v2drop.compat import cache_kwarg, output_cache
 from v2drop.flops import TextShape, continuation_flops
 from workers.drop_stats import engine_stats, stats_marker, stock_stats, visual_token_ids
 from workers.generation import GenResult, move_inputs, pad_token_id, results_for, timed_generate
+from workers.settings import GenerationConfig
 from workers.inputs import Item, chat_text, decode_frames, video_metadata
 
 # Two prompts that share no first character: the chat texts agree exactly up to where the prompt goes.
@@ -155,7 +156,7 @@ def continuation_rope_deltas(model: Any, prefix: Mapping[str, Any]) -> torch.Ten
 
 
 def generate_shared(
-    model: Any, processor: Any, items: Sequence[Item], system: str | None, generation_cfg: Mapping[str, Any]
+    model: Any, processor: Any, items: Sequence[Item], system: str | None, generation_cfg: GenerationConfig
 ) -> list[GenResult] | None:
     """Results for `items`, in order, with one video prefill per clip; None if the prompts
     cannot be split (the caller then runs them unshared)."""

@@ -13,8 +13,8 @@ What validates against what:
     ConfigMap): spec.versions[v1].schema.openAPIV3Schema of the CRDs in
     ../shared/schemas/kuberay/, made strict by `strict_crd_schema` (below).
   * infra/Dockerfile: a structural lint (no Docker engine here).
-  * Sizing: jobs/caption.yaml's actors/decode sections (or, until it exists, the YAML block in
-    docs/architecture.md) against the GPU/CPU worker groups and launcher node types.
+  * Sizing: jobs/caption.yaml's actors/decode sections, resolved over the config defaults,
+    against the GPU/CPU worker groups and launcher node types.
 Each check is a function returning a list of problems, so the negative tests can show it fails.
 """
 
@@ -79,16 +79,10 @@ def all_k8s_objects() -> list[tuple[str, dict]]:
 
 
 def job_config(root: Path = ROOT) -> tuple[dict, str]:
-    """jobs/caption.yaml if it exists, else the job YAML block of docs/architecture.md."""
-    path = root / "jobs" / "caption.yaml"
-    if path.exists():
-        return yaml.safe_load(path.read_text()), "jobs/caption.yaml"
-    doc = (root / "docs" / "architecture.md").read_text()
-    for block in re.findall(r"```yaml\n(.*?)```", doc, flags=re.S):
-        cfg = yaml.safe_load(block)
-        if isinstance(cfg, dict) and "actors" in cfg and "decode" in cfg:
-            return cfg, "docs/architecture.md"
-    pytest.fail("neither jobs/caption.yaml nor a job YAML block in docs/architecture.md")
+    """jobs/caption.yaml resolved over the config defaults (the file states only what differs)."""
+    from pipeline.config import load_job, to_dict
+
+    return to_dict(load_job(root / "jobs" / "caption.yaml")), "jobs/caption.yaml (resolved)"
 
 
 # ----------------------------------------------------------------------------- CRD schemas
@@ -431,14 +425,13 @@ def test_expected_files_exist():
         assert (INFRA / rel).is_file(), f"infra/{rel} missing"
 
 
-def test_job_config_falls_back_to_architecture_doc(tmp_path, job):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "architecture.md").write_text((ROOT / "docs" / "architecture.md").read_text())
-    cfg, source = job_config(tmp_path)
-    assert source == "docs/architecture.md"
-    assert cfg["actors"]["num_gpus"] == job["actors"]["num_gpus"]
-    assert cfg["actors"]["max_size"] == job["actors"]["max_size"]
-    assert cluster_problems(load_one(K8S / "raycluster.yaml")["spec"], cfg) == []
+def test_job_config_is_the_resolved_caption_job(job):
+    """The sizing checks read the values a run uses: the job file's keys over the defaults of
+    pipeline/config.py (jobs/caption.yaml restates none of them)."""
+    from workers.settings import ActorsConfig
+
+    assert (job["actors"]["num_gpus"], job["actors"]["max_size"]) == (ActorsConfig().num_gpus, ActorsConfig().max_size)
+    assert "decode" in job and job["decode"]["num_cpus"] > 0
 
 
 def test_kuberay_crds_present():

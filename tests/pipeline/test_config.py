@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline._model import captioner_kwargs
 from pipeline.config import (
-    ConfigError, JobConfig, absolute_uri, check_local_input, load_job, resolve, scrub_secrets, to_yaml,
+    ConfigError, JobConfig, absolute_uri, check_local_input, load_job, resolve, scrub_secrets, to_dict, to_yaml,
 )
+from workers import settings
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -22,7 +26,7 @@ def error_of(*layers: dict) -> str:
 
 def test_defaults_are_the_production_job() -> None:
     cfg = load_job(JOBS / "caption.yaml")
-    assert cfg == resolve([])  # the reference YAML spells out exactly the dataclass defaults
+    assert cfg == resolve([])  # the caption job is the defaults: its file restates none of them
     assert (cfg.model.source, cfg.model.dtype, cfg.model.attn_implementation) == (
         "Qwen/Qwen2.5-VL-7B-Instruct", "bfloat16", "flash_attention_2")
     assert (cfg.model.retention, cfg.actors.num_gpus) == (0.25, 1.0)
@@ -110,3 +114,47 @@ def test_resolved_config_is_yaml_without_secrets() -> None:
 
 def test_structured_defaults_are_the_only_defaults() -> None:
     assert resolve([]) == JobConfig()
+
+
+def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'model': {'dtype': 'float32'}} -> {'model.dtype': 'float32'}; lists are values."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize("name", ["caption.yaml", "qa.yaml", "presets/offline.yaml"])
+def test_job_files_state_only_what_differs_from_the_defaults_each_with_a_comment(name: str) -> None:
+    """One home per default (pipeline/config.py, workers/settings.py): a job file or preset that
+    restates one is a second copy that goes stale. `job` names the file's output partition."""
+    text = (JOBS / name).read_text()
+    defaults = leaves(to_dict(JobConfig()))
+    stated = leaves(yaml.safe_load(text))
+    restated = [key for key, value in stated.items() if key != "job" and defaults[key] == value]
+    assert not restated, f"{name} restates defaults: {restated}"
+    sections = {f.name for f in dataclasses.fields(JobConfig)}
+    keys = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-"))]
+    bare = [line for line in keys if " #" not in line and line.rstrip(":") not in sections]
+    assert not bare, f"{name}: keys without a comment saying why: {bare}"
+
+
+def test_the_actor_gets_the_typed_sections_and_they_survive_pickling() -> None:
+    """Ray pickles the constructor arguments; the worker receives dataclasses, never dicts."""
+    cfg = load_job(JOBS / "qa.yaml", ["preset=offline", "quality.shadow_fraction=0.5", "actors.memory_budget_gib=2"])
+    kwargs = pickle.loads(pickle.dumps(captioner_kwargs(cfg)))
+    assert {name: type(value) for name, value in kwargs.items() if name != "storage"} == {
+        "model": settings.ModelConfig, "generation": settings.GenerationConfig, "prompt": settings.PromptConfig,
+        "quality": settings.QualityConfig, "actors": settings.ActorsConfig}
+    assert (kwargs["model"], kwargs["prompt"], kwargs["quality"], kwargs["actors"]) == (
+        cfg.model, cfg.prompt, cfg.quality, cfg.actors)
+    assert kwargs["actors"].memory_budget_gib == 2.0 and kwargs["prompt"].questions == cfg.prompt.questions
+
+
+def test_the_model_sections_are_the_workers_own_classes() -> None:
+    """One definition: pipeline.config composes workers.settings' classes rather than copying them."""
+    types = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+    for section, cls in (("model", settings.ModelConfig), ("actors", settings.ActorsConfig),
+                         ("prompt", settings.PromptConfig), ("generation", settings.GenerationConfig),
+                         ("quality", settings.QualityConfig)):
+        assert types[section] == cls.__name__ and isinstance(getattr(JobConfig(), section), cls)

@@ -49,9 +49,9 @@ class FrameStatsStage:
     def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
         from workers.provenance import engine_fingerprint
 
-        self.run_id, self.prompt_cfg = run_id, captioner_kwargs["prompt_cfg"]
-        self.fingerprint = engine_fingerprint(captioner_kwargs["model_cfg"], captioner_kwargs["generation_cfg"],
-                                              captioner_kwargs["prompt_cfg"]["system"])
+        self.run_id, self.prompt_cfg = run_id, captioner_kwargs["prompt"]
+        self.fingerprint = engine_fingerprint(captioner_kwargs["model"], captioner_kwargs["generation"],
+                                              captioner_kwargs["prompt"].system)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         from workers.captioner import batch_to_rows, passthrough_row, rows_to_columns, utc_now
@@ -64,7 +64,7 @@ class FrameStatsStage:
         return to_output_table(rows_to_columns(out), self.run_id)
 
 
-def answer(row: dict[str, Any], prompt_cfg: dict[str, Any], stamp: dict[str, Any]) -> list[dict[str, Any]]:
+def answer(row: dict[str, Any], prompt_cfg: Any, stamp: dict[str, Any]) -> list[dict[str, Any]]:
     from workers.inputs import decode_frames, prompts_for_row
 
     frames = decode_frames(row)
@@ -283,7 +283,7 @@ class CrashOnceStage(FrameStatsStage):
 
     def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
         super().__init__(run_id, **captioner_kwargs)
-        self.marker, self.batches = Path(captioner_kwargs["cache_dir"]) / "crashed-once", 0
+        self.marker, self.batches = Path(captioner_kwargs["model"].cache_dir) / "crashed-once", 0
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         self.batches += 1

@@ -31,6 +31,9 @@ def test_help_lists_every_key_with_its_default(capsys: pytest.CaptureFixture) ->
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             assert f"  {section.name}.{f.name} = {default!r}" in text, f"{section.name}.{f.name}"
     assert "run.log_level = 'INFO'    # driver log: DEBUG | INFO | WARNING | ERROR" in text
+    # the model actor's sections are defined in workers/settings.py: their comments are shown too
+    assert "model.retention = 0.25    # V²Drop layer-averaged visual-token retention; 1.0 = off" in text
+    assert "quality.shadow_fraction = 0.02    # share of clips, chosen by a hash of clip_id; 0 = no shadow" in text
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(shared_videos: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

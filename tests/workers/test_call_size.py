@@ -10,6 +10,7 @@ import pytest
 
 from workers.call_size import FIRST_CALL_ROWS
 from workers.captioner import Captioner
+from workers.settings import ActorsConfig
 from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, cache_dir, clip_row, model_cfg  # noqa: F401 (fixture)
 
 CLIPS = [clip_row(f"c{i}", 4, 168, 168, seed=i) for i in range(8)]  # 72 visual tokens each
@@ -23,12 +24,12 @@ def call_sizes(captioner: Captioner) -> list[int]:
 
 @pytest.fixture(scope="module")
 def stock(cache_dir):
-    return Captioner(model_cfg(retention=1.0), GREEDY, CAPTION, cache_dir, memory_budget_gib=1.0)
+    return Captioner(model_cfg(retention=1.0, cache_dir=cache_dir), GREEDY, CAPTION, actors=ActorsConfig(memory_budget_gib=1.0))
 
 
 @pytest.fixture(scope="module")
 def dropping(cache_dir):
-    return Captioner(model_cfg(retention=0.25), GREEDY, CAPTION, cache_dir, memory_budget_gib=1.0)
+    return Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION, actors=ActorsConfig(memory_budget_gib=1.0))
 
 
 def test_the_first_call_learns_the_row_size_and_later_calls_fill_the_budget(stock):
@@ -52,4 +53,4 @@ def test_v2drop_rows_are_smaller_so_its_calls_are_larger(stock, dropping):
 
 
 def test_without_a_budget_on_cpu_one_call_takes_the_whole_batch(cache_dir):
-    assert call_sizes(Captioner(model_cfg(), GREEDY, CAPTION, cache_dir)) == [len(CLIPS)]
+    assert call_sizes(Captioner(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)) == [len(CLIPS)]

@@ -22,16 +22,18 @@ from workers.captioner import OUTPUT_COLUMNS, Captioner
 from workers.generation import GenResult, count_output_tokens
 from workers.inputs import build_inputs, clip_fps, decode_frames, expand_prompts
 from workers.loading import ModelSourceError, resolve_model_source
+from workers.settings import GenerationConfig, ModelConfig, PromptConfig
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - pytest fixtures
 
 MAX_NEW_TOKENS = 6
-CAPTION = {"task": "caption", "caption": "Describe this video.", "questions": [], "system": None}
-GREEDY = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "top_p": 1.0}
+CAPTION = PromptConfig(task="caption", caption="Describe this video.")
+GREEDY = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
 
 
-def model_cfg(source: str = "tiny:qwen2_5_vl", retention: float = 1.0) -> dict[str, Any]:
-    return {"source": source, "revision": None, "dtype": "float32", "attn_implementation": "sdpa",
-            "retention": retention, "scorer": "variation", "cache_dir": None}
+def model_cfg(source: str = "tiny:qwen2_5_vl", retention: float = 1.0, cache_dir: str | None = None) -> ModelConfig:
+    """A CPU model section: float32 and sdpa (the defaults are the GPU's bfloat16 and flash attention)."""
+    return ModelConfig(source=source, dtype="float32", attn_implementation="sdpa", retention=retention,
+                       cache_dir=cache_dir)
 
 
 def clip_row(clip_id: str, num_frames: int, height: int, width: int, seed: int = 0) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def qwen(cache_dir: str) -> Captioner:
-    return Captioner(model_cfg(), GREEDY, CAPTION, cache_dir)
+    return Captioner(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)
 
 
 # -- pure functions ----------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def test_clip_fps_is_the_sampling_rate_of_the_frames() -> None:
 
 
 def test_qa_prompts_are_configured_questions_then_the_rows_own_without_repeats() -> None:
-    cfg = {"task": "qa", "questions": ["What happens?", "Who is there?"]}
+    cfg = PromptConfig(task="qa", questions=["What happens?", "Who is there?"])
     row = {"questions": np.array(["Who is there?", "Where is it?"], dtype=object)}
     prompts = [prompt for _, prompt in expand_prompts([row], cfg)]
     assert prompts == ["What happens?", "Who is there?", "Where is it?"]
@@ -197,7 +199,7 @@ def test_output_matches_the_parquet_schema(qwen: Captioner) -> None:
 
 
 def test_qa_two_questions_give_two_rows_per_clip(qwen: Captioner) -> None:
-    qa = {"task": "qa", "caption": "", "questions": ["What happens?", "What colour is it?"], "system": "Be brief."}
+    qa = PromptConfig(task="qa", questions=["What happens?", "What colour is it?"], system="Be brief.")
     rows = captioner_module.batch_to_rows(as_batch(THREE_CLIPS[:2]))
     out = captioner_module.rows_to_columns(captioner_module.caption_rows(qwen.loaded, rows, qa, GREEDY))
     assert list(zip(out["clip_id"], out["prompt"])) == [
@@ -222,7 +224,7 @@ def test_error_rows_pass_through_and_corrupt_frames_fail_alone(qwen: Captioner) 
 def test_rows_say_what_produced_them(cache_dir: str, qwen: Captioner) -> None:
     from workers.provenance import engine_fingerprint
 
-    quarter = Captioner(model_cfg(retention=0.25), GREEDY, CAPTION, cache_dir)
+    quarter = Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     depth = quarter.loaded.model.config.get_text_config().num_hidden_layers
     schedule = list(v2drop.Schedule.for_retention(depth, 0.25).layers)
     for captioner, cfg, layers in ((qwen, model_cfg(), []), (quarter, model_cfg(retention=0.25), schedule)):
@@ -243,13 +245,13 @@ def test_a_failing_self_check_fails_model_loading(cache_dir: str, monkeypatch) -
     runtime_check._cached.cache_clear()
     try:
         with pytest.raises(v2drop.SelfCheckError, match="keep at 1.0"):
-            Captioner(model_cfg(), GREEDY, CAPTION, cache_dir)
+            Captioner(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)
     finally:
         runtime_check._cached.cache_clear()
 
 
 def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: str, qwen: Captioner) -> None:
-    dropping = Captioner(model_cfg(retention=0.25), GREEDY, CAPTION, cache_dir)
+    dropping = Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     full, dropped = qwen(as_batch(THREE_CLIPS)), dropping(as_batch(THREE_CLIPS))
 
     assert dropped["status"] == ["ok"] * 3 and dropped["retention_asked"] == [0.25] * 3
@@ -263,7 +265,7 @@ def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: st
 
 
 def test_llava_onevision_runs_through_the_same_captioner(cache_dir: str, caplog) -> None:
-    llava = Captioner(model_cfg("tiny:llava_onevision", retention=0.25), GREEDY, CAPTION, cache_dir)
+    llava = Captioner(model_cfg("tiny:llava_onevision", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 2, 84, 140, 1), clip_row("c", 4, 140, 84, 2)]
     with caplog.at_level(logging.WARNING, logger="workers.captioner"):
         out = llava(as_batch(clips))
@@ -289,12 +291,12 @@ def test_s3_model_is_downloaded_once_into_the_node_cache_and_captions(cache_dir,
     again = resolve_model_source(uri + "/", cache_dir=node_cache, storage=storage)
     assert first.path_or_id == again.path_or_id and first.path_or_id.startswith(str(node_cache))
     assert first.model_id == uri and first.random_weights is True  # the tiny marker travelled with the files
-    out = Captioner(model_cfg(uri), GREEDY, CAPTION, str(node_cache), storage=storage)(as_batch(THREE_CLIPS[:1]))
+    out = Captioner(model_cfg(uri, cache_dir=str(node_cache)), GREEDY, CAPTION, storage=storage)(as_batch(THREE_CLIPS[:1]))
     assert out["status"] == ["ok"] and out["model_id"] == [uri]
 
 
 def test_qwen3_vl_runs_through_the_same_captioner(cache_dir: str) -> None:
-    qwen3 = Captioner(model_cfg("tiny:qwen3_vl", retention=0.25), GREEDY, CAPTION, cache_dir)
+    qwen3 = Captioner(model_cfg("tiny:qwen3_vl", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 6, 84, 140, 1)]
     out = qwen3(as_batch(clips))
 

@@ -6,9 +6,11 @@ the rows say why."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from pipeline.config import GenerationConfig, ConfigError
+from workers.settings import ConfigError, GenerationConfig, PromptConfig
 from v2drop import static_decode
 from workers import captioner as captioner_module
 from workers.captioner import load_for_captioning
@@ -23,12 +25,12 @@ SAME = ("clip_id", "prompt", "status", "output_text", "output_tokens", "prompt_t
 @pytest.fixture(scope="module", params=list(CLIPS))
 def loaded(request, tmp_path_factory):
     family = request.param
-    return family, load_for_captioning(model_cfg(f"tiny:{family}", 0.25), str(tmp_path_factory.mktemp("cache")))
+    return family, load_for_captioning(model_cfg(f"tiny:{family}", 0.25, str(tmp_path_factory.mktemp("cache"))))
 
 
-def rows_for(loaded_model, family: str, prompt_cfg: dict, engine: str) -> list[dict]:
+def rows_for(loaded_model, family: str, prompt_cfg: PromptConfig, engine: str) -> list[dict]:
     rows = captioner_module.batch_to_rows(as_batch(list(CLIPS[family])))
-    return captioner_module.caption_rows(loaded_model, rows, prompt_cfg, {**GREEDY, "decode_engine": engine})
+    return captioner_module.caption_rows(loaded_model, rows, prompt_cfg, dataclasses.replace(GREEDY, decode_engine=engine))
 
 
 @pytest.mark.parametrize("prompt_cfg", [CAPTION, QA], ids=["caption", "qa-shared-prefix"])
@@ -55,9 +57,9 @@ def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monke
 
 
 def test_auto_is_static_when_greedy_and_dynamic_when_sampling():
-    assert decode_engine({**GREEDY, "decode_engine": "auto"}) == "static"
-    assert decode_engine({**GREEDY, "temperature": 0.7, "decode_engine": "auto"}) == "dynamic"
-    assert decode_engine({**GREEDY, "decode_engine": "dynamic"}) == "dynamic"
+    assert decode_engine(dataclasses.replace(GREEDY, decode_engine="auto")) == "static"
+    assert decode_engine(dataclasses.replace(GREEDY, temperature=0.7, decode_engine="auto")) == "dynamic"
+    assert decode_engine(dataclasses.replace(GREEDY, decode_engine="dynamic")) == "dynamic"
 
 
 def test_static_with_sampling_is_refused_naming_the_key():
@@ -70,7 +72,7 @@ def test_static_with_sampling_is_refused_naming_the_key():
 def test_the_engine_is_part_of_the_fingerprint():
     """Rows decoded by the other engine are redone on resume: bf16 kernels differ between them."""
     cfg = model_cfg()
-    assert engine_fingerprint(cfg, {**GREEDY, "decode_engine": "static"}, None) != \
-        engine_fingerprint(cfg, {**GREEDY, "decode_engine": "dynamic"}, None)
-    assert engine_fingerprint(cfg, {**GREEDY, "decode_engine": "static"}, None) == \
-        engine_fingerprint(cfg, {**GREEDY, "decode_engine": "auto"}, None)
+    assert engine_fingerprint(cfg, dataclasses.replace(GREEDY, decode_engine="static"), None) != \
+        engine_fingerprint(cfg, dataclasses.replace(GREEDY, decode_engine="dynamic"), None)
+    assert engine_fingerprint(cfg, dataclasses.replace(GREEDY, decode_engine="static"), None) == \
+        engine_fingerprint(cfg, dataclasses.replace(GREEDY, decode_engine="auto"), None)

@@ -12,22 +12,24 @@ import v2drop
 from tests.workers.test_captioner import CAPTION, GREEDY, cache_dir, clip_row, model_cfg  # noqa: F401 - fixture
 from workers import agreement, shadow
 from workers.captioner import Captioner, caption_rows, enable_v2drop
+from workers.settings import PromptConfig, QualityConfig
 
 CLIPS = [clip_row("a", 2, 56, 84, 0), clip_row("b", 2, 84, 56, 1), clip_row("c", 2, 56, 56, 2)]
-ALL = {"shadow_fraction": 1.0}
+ALL = QualityConfig(shadow_fraction=1.0)
+NONE = QualityConfig(shadow_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
 def full(cache_dir: str) -> Captioner:
-    return Captioner(model_cfg(retention=1.0), GREEDY, CAPTION, cache_dir)
+    return Captioner(model_cfg(retention=1.0, cache_dir=cache_dir), GREEDY, CAPTION)
 
 
 @pytest.fixture(scope="module")
 def dropping(cache_dir: str) -> Captioner:
-    return Captioner(model_cfg(retention=0.25), GREEDY, CAPTION, cache_dir)
+    return Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
 
 
-def shadow_of(captioner: Captioner, clips: list[dict], quality: dict) -> list[dict]:
+def shadow_of(captioner: Captioner, clips: list[dict], quality: QualityConfig) -> list[dict]:
     return caption_rows(captioner.loaded, clips, CAPTION, GREEDY, quality)
 
 
@@ -67,9 +69,9 @@ def test_at_retention_one_the_guard_reports_full_agreement(full: Captioner) -> N
 def test_with_drops_the_shadow_is_the_full_model_and_its_measures_describe_the_texts(
     full: Captioner, dropping: Captioner
 ) -> None:
-    plain = [r["output_text"] for r in shadow_of(dropping, CLIPS, {"shadow_fraction": 0.0})]
+    plain = [r["output_text"] for r in shadow_of(dropping, CLIPS, NONE)]
     rows = shadow_of(dropping, CLIPS, ALL)
-    reference = [r["output_text"] for r in shadow_of(full, CLIPS, {})]
+    reference = [r["output_text"] for r in shadow_of(full, CLIPS, NONE)]
 
     assert [r["output_text"] for r in rows] == plain  # the shadow leaves the run's own outputs alone ...
     assert v2drop.is_enabled(dropping.loaded.model)  # ... and V²Drop on afterwards
@@ -91,7 +93,7 @@ def test_only_sampled_ok_clips_get_shadow_columns(full: Captioner) -> None:
     draws = sorted(CLIPS, key=lambda clip: shadow.sample_draw(clip["clip_id"]))
     fraction = (shadow.sample_draw(draws[0]["clip_id"]) + shadow.sample_draw(draws[1]["clip_id"])) / 2
     broken = {**clip_row("z", 2, 56, 56), "frames_shape": [3, 56, 56, 3]}
-    rows = shadow_of(full, [*CLIPS, broken], {"shadow_fraction": fraction})
+    rows = shadow_of(full, [*CLIPS, broken], QualityConfig(shadow_fraction=fraction))
     shadowed = {r["clip_id"] for r in rows if r["shadow_output_text"] is not None}
     assert shadowed == {draws[0]["clip_id"]}
     assert all(r["shadow_lcs_ratio"] is None for r in rows if r["clip_id"] not in shadowed)
@@ -109,9 +111,9 @@ def test_switching_v2drop_off_is_undone_even_when_the_block_fails(dropping: Capt
 def test_qa_shadows_every_question_of_a_sampled_clip_against_the_stock_models_answers(
     full: Captioner, dropping: Captioner
 ) -> None:
-    qa = {"task": "qa", "caption": "", "questions": ["What happens?", "What colour is it?"], "system": None}
+    qa = PromptConfig(task="qa", questions=["What happens?", "What colour is it?"])
     rows = caption_rows(dropping.loaded, CLIPS[:2], qa, GREEDY, ALL)  # the video prefill is shared per clip
-    reference = caption_rows(full.loaded, CLIPS[:2], qa, GREEDY, {})
+    reference = caption_rows(full.loaded, CLIPS[:2], qa, GREEDY, NONE)
     assert [(r["clip_id"], r["prompt"]) for r in rows] == [(r["clip_id"], r["prompt"]) for r in reference]
     assert [r["shadow_output_text"] for r in rows] == [r["output_text"] for r in reference]
     assert all(r["shadow_lcs_ratio"] == agreement.lcs_ratio(r["shadow_output_text"], r["output_text"]) for r in rows)

@@ -3,6 +3,8 @@ prompt per question (the unshared path), with tiny random-weight models on CPU."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,12 +15,13 @@ from workers.captioner import call_groups, load_for_captioning
 from workers.drop_stats import visual_token_ids
 from workers.generation import move_inputs
 from workers.inputs import build_inputs
+from workers.settings import PromptConfig
 from tests.v2drop import flash_reference
 from tests.v2drop.test_attention_backends import use_kernel
 from tests.workers.test_captioner import GREEDY, as_batch, clip_row, model_cfg
 
 QUESTIONS = ["What happens in this clip?", "Who?", "Tell me a long story about the colours, the people and the places."]
-QA = {"task": "qa", "caption": "", "questions": QUESTIONS[:2], "system": "Be brief."}
+QA = PromptConfig(task="qa", questions=QUESTIONS[:2], system="Be brief.")
 # Clip b's 6 frames at 2 fps give temporal M-RoPE positions (0, 2, 4) that run past its spatial
 # ones (84 x 56 px -> 3 x 2 merged patches): the case where Qwen's stored rope deltas are off by one.
 CLIPS = {
@@ -32,7 +35,7 @@ GENERATE = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logi
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, request):
     family, retention = request.param
-    return family, load_for_captioning(model_cfg(f"tiny:{family}", retention), str(tmp_path_factory.mktemp("cache")))
+    return family, load_for_captioning(model_cfg(f"tiny:{family}", retention, str(tmp_path_factory.mktemp("cache"))))
 
 
 def items_for(family: str):
@@ -103,7 +106,7 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
     try:
         shared = captioner_module.caption_rows(model_and_processor, rows, QA, GREEDY)
         assert videos_encoded == [2]  # both clips in one call, each once
-        unshared = captioner_module.caption_rows(model_and_processor, rows, QA, {**GREEDY, "share_video_prefix": False})
+        unshared = captioner_module.caption_rows(model_and_processor, rows, QA, dataclasses.replace(GREEDY, share_video_prefix=False))
         assert videos_encoded == [2, 2, 2]  # 2 items per call, each with its own copy of its video
     finally:
         hook.remove()
@@ -112,7 +115,7 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
     assert [{k: r[k] for k in same} for r in shared] == [{k: r[k] for k in same} for r in unshared]
     # FLOPs: each clip's prefix is counted once, split over its questions, instead of once per question.
     shape = TextShape.from_config(model_and_processor.model.config.get_text_config())
-    call = shared_prefix.plan(model_and_processor.processor, [(r, q) for r in rows for q in QA["questions"]], "Be brief.",
+    call = shared_prefix.plan(model_and_processor.processor, [(r, q) for r in rows for q in QA.questions], "Be brief.",
                               visual_token_ids(model_and_processor.model))
     for clip in range(2):
         indices = call.clip_items[clip]
