@@ -35,6 +35,7 @@ import logging
 import socket
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -236,12 +237,12 @@ def run_items(
     """
     results: list[GenResult | None] = [None] * len(items)
     share = generation_cfg.share_video_prefix
+
+    def rows() -> int:  # asked before each call, after the previous call's learn
+        return loaded.sizer.rows_per_call(len(items)) if loaded.sizer else len(items)
+
     for indices in batch_groups(loaded.model, items):
-        remaining = list(indices)
-        while remaining:
-            rows = loaded.sizer.rows_per_call(len(items)) if loaded.sizer else len(items)
-            part = next_call(items, remaining, chunk, rows, share)
-            remaining = [i for i in remaining if i not in set(part)]
+        for part in planned_calls(items, indices, chunk, share, rows):
             outcomes = generate_with_fallback(loaded, [items[i] for i in part], system, generation_cfg)
             for i, outcome in zip(part, outcomes):
                 results[i] = outcome
@@ -251,14 +252,23 @@ def run_items(
     return results  # type: ignore[return-value] - every index was filled
 
 
-def call_groups(items: Sequence[Item], indices: list[int], chunk: int, share: bool) -> list[list[int]]:
-    """`indices` cut into generate calls: `chunk` whole clips per call when sharing the video
-    prefill, else `chunk` items. Example: clips [a, a, b, c, c], chunk 2, share -> [0, 1, 2], [3, 4]."""
-    calls, remaining = [], list(indices)
+def planned_calls(items: Sequence[Item], indices: list[int], chunk: int, share: bool,
+                  rows: Callable[[], int]) -> Iterator[list[int]]:
+    """`indices` cut into generate calls, lazily: `rows()` (the memory budget in items) is asked
+    before each call, so it can learn from the one before."""
+    remaining = list(indices)
     while remaining:
-        calls.append(next_call(items, remaining, chunk, len(remaining), share))
-        remaining = [i for i in remaining if i not in set(calls[-1])]
-    return calls
+        part = next_call(items, remaining, chunk, rows(), share)
+        taken = set(part)
+        remaining = [i for i in remaining if i not in taken]
+        yield part
+
+
+def call_groups(items: Sequence[Item], indices: list[int], chunk: int, share: bool) -> list[list[int]]:
+    """`indices` cut into generate calls without a memory budget: `chunk` whole clips per call when
+    sharing the video prefill, else `chunk` items. Example: clips [a, a, b, c, c], chunk 2,
+    share -> [0, 1, 2], [3, 4]."""
+    return list(planned_calls(items, indices, chunk, share, lambda: len(indices)))
 
 
 def next_call(items: Sequence[Item], remaining: list[int], chunk: int, rows: int, share: bool) -> list[int]:
