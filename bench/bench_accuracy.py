@@ -39,9 +39,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+
 from bench import report as report_file
 
 REPO = Path(__file__).resolve().parents[1]

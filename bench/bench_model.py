@@ -42,8 +42,8 @@ from bench.bench_v2drop import SEVEN_B, hardware, kv_cache_bytes
 from bench.op_counts import decode_step_counts
 from bench.report import timed
 from v2drop import static_decode, vision
-from vlm import tiny
 from v2drop.compat import output_cache
+from vlm import tiny
 
 VARIANTS = ("stock", "v2drop")
 ENGINES = ("dynamic", "static")
@@ -184,7 +184,6 @@ def measure_batch(model, tokenizer, args, schedule, batch: int) -> list[dict]:
     clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
     vision_ms, encoded = timed_median(lambda: encode(model, clips), args.repeats, args.device)
     inputs = text_inputs(clips, encoded)
-    del clips
     rows = []
     for variant in VARIANTS:
         set_variant(model, variant, schedule)
@@ -197,7 +196,7 @@ def measure_batch(model, tokenizer, args, schedule, batch: int) -> list[dict]:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 generate_ms, (kv_bytes, tokens) = timed_median(
-                    lambda: run_generate(model, inputs, new_tokens, engine, args), args.repeats, args.device)
+                    lambda n=new_tokens, e=engine: run_generate(model, inputs, n, e, args), args.repeats, args.device)
                 peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
                 rows.append(row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes))
                 tokens_by_engine[engine, new_tokens] = tokens
@@ -310,10 +309,12 @@ def step_profile(model, tokenizer, args, schedule, batch: int, steps: int = 16) 
         set_variant(model, variant, schedule)
         for engine in args.engines:
             try:
-                call = lambda n: run_generate(model, inputs, n, engine, args)
+                def call(n: int, engine: str = engine) -> object:
+                    return run_generate(model, inputs, n, engine, args)
+
                 call(steps + 1)  # warm-up
-                wall_ms = (timed(lambda: call(steps + 1), args.device)[0] - timed(lambda: call(1), args.device)[0]) / steps
-                one, many = kernel_ms(lambda: call(1)), kernel_ms(lambda: call(steps + 1))
+                wall_ms = (timed(lambda c=call: c(steps + 1), args.device)[0] - timed(lambda c=call: c(1), args.device)[0]) / steps
+                one, many = kernel_ms(lambda c=call: c(1)), kernel_ms(lambda c=call: c(steps + 1))
                 per_step = {k: ((ms - one.get(k, (0, 0))[0]) / steps, (n - one.get(k, (0, 0))[1]) / steps)
                             for k, (ms, n) in many.items()}
                 top = sorted(per_step.items(), key=lambda kv: -kv[1][0])[:6]

@@ -37,7 +37,6 @@ Writes bench/results/pipeline-cpu[-qa][-tiny].json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -47,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
 from bench import report as report_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Pipeline throughput, {a['job']}: {first} vs {second} ({report['hardware']})",
         "",
-        f"Variants: " + "; ".join(f"{name} = `{' '.join(o)}`" for name, o in report["variants_overrides"].items()) + ".",
+        "Variants: " + "; ".join(f"{name} = `{' '.join(o)}`" for name, o in report["variants_overrides"].items()) + ".",
         "",
         f"`pipeline.run.run` on jobs/{a['job']}.yaml preset=offline over `{a['videos']}`: "
         f"{report['model']} ({c['model']['dtype']}, {c['model']['attn_implementation']}), "

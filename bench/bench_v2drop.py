@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 import v2drop
-from vlm import tiny
-from v2drop.compat import output_cache
 from bench import report as report_file
 from bench.report import timed
+from v2drop.compat import output_cache
+from vlm import tiny
 
 VARIANTS = ("full", "v2drop", "random")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -36,9 +36,9 @@ import os
 import sys
 
 from pipeline import config as config_module
-from workers import settings as settings_module
 from pipeline.config import ConfigError, JobConfig, load_job, to_yaml, with_absolute_paths
 from pipeline.redact import redact
+from workers import settings as settings_module
 
 USAGE = ("usage: python -m pipeline JOB.yaml [--dry-run] [key=value ...]   e.g. preset=offline model.retention=0.5\n"
          "       python -m pipeline --help                                 every key with its default")

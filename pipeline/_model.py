@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -66,7 +67,7 @@ def to_output_table(columns: dict[str, list] | pa.Table, run_id: str, on_gpu: bo
     columns["prompt"] = [p or "" for p in columns.get("prompt", [None] * n)]  # '' = video/clip-level row
     for name in ("started_at", "finished_at"):
         columns[name] = [_utc(v) for v in columns.get(name, [None] * n)]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     columns["finished_at"] = [v or now for v in columns["finished_at"]]
     peak = columns.pop("peak_memory_bytes", [None] * n)
     columns["peak_device_memory_bytes" if on_gpu else "peak_host_rss_bytes"] = peak
@@ -105,7 +106,7 @@ def call_shares(batch_ids: list, prefill_ms: list, generate_ms: list, flops_drop
 def _utc(value: Any) -> dt.datetime | None:
     if value is None or isinstance(value, dt.datetime):
         return value
-    return dt.datetime.fromisoformat(str(value)).astimezone(dt.timezone.utc)
+    return dt.datetime.fromisoformat(str(value)).astimezone(dt.UTC)
 
 
 def _name_file(uri: str, error: str | None) -> str | None:

@@ -6,7 +6,8 @@ optional columns happen to be all null still has the same types as its neighbour
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 

@@ -12,7 +12,8 @@ Columns out (`CLIP_SCHEMA`): those plus clip_index, start_s, end_s, clip_id.
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 import pyarrow as pa
 

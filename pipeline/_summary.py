@@ -20,10 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schema import PARTITION_COLUMNS, SUMMARY_FILE_SCHEMA, conform
-
 from pipeline._quality import QualityStats, format_quality
 from pipeline.config import JobConfig
+from pipeline.schema import PARTITION_COLUMNS, SUMMARY_FILE_SCHEMA, conform
 from pipeline.storage import Storage
 from workers.provenance import software_versions
 

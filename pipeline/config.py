@@ -20,12 +20,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.redact import SECRET_KEY, redact, scrub_secrets
+
 # The sections the model actor consumes are defined beside it (workers may not import pipeline);
 # re-exported here, so the job config reads as one module to its users.
 from workers.settings import (  # noqa: F401 - re-exported
@@ -66,7 +67,7 @@ def _require_supported_scheme(uri: str, key: str, allowed: tuple[str, ...] = SUP
 class InputConfig:
     uri: str = "../shared/videos"  # folder, glob, s3://bucket/prefix, or manifest (.csv/.jsonl/.parquet)
     extensions: list[str] = field(default_factory=lambda: ["mp4", "mkv", "mov", "webm", "avi", "m4v"])
-    limit: Optional[int] = None  # at most this many videos (sorted by uri); None = all
+    limit: int | None = None  # at most this many videos (sorted by uri); None = all
 
     def __post_init__(self) -> None:
         _require(bool(self.uri), "input.uri", "must name a folder, glob, s3:// prefix or manifest")
@@ -89,8 +90,8 @@ class OutputConfig:
 
 @dataclass
 class StorageConfig:
-    endpoint_url: Optional[str] = None  # e.g. http://127.0.0.1:9000 for MinIO/moto
-    region: Optional[str] = None
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO/moto
+    region: str | None = None
     addressing_style: str = "auto"  # auto | path | virtual
     max_attempts: int = 8  # retries with backoff on throttling/transient errors
     connect_timeout_s: float = 10.0  # per connection attempt
@@ -111,7 +112,7 @@ class ClipsConfig:
     clip_len_s: float = 10.0
     stride_s: float = 10.0  # < clip_len_s means overlap
     min_clip_len_s: float = 2.0  # a shorter tail is dropped; a shorter video is one clip of its whole length
-    max_clips_per_video: Optional[int] = None
+    max_clips_per_video: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.clip_len_s > 0, "clips.clip_len_s", f"must be > 0, got {self.clip_len_s}")
@@ -131,7 +132,7 @@ class ClipsConfig:
 @dataclass
 class DecodeConfig:
     num_frames: int = 16  # frames sampled evenly per clip (used when fps is null)
-    fps: Optional[float] = None  # sample at this rate instead
+    fps: float | None = None  # sample at this rate instead
     max_pixels: int = 200704  # per-frame pixel bound (448*448) applied before the processor
     timeout_s: float = 120.0  # a decode that takes longer is killed and recorded as an error
     num_cpus: float = 1.0  # CPUs per decode task
@@ -147,7 +148,7 @@ class DecodeConfig:
 @dataclass
 class RunConfig:
     resume: bool = True
-    ray_address: Optional[str] = None  # None: the cluster `ray job submit` runs in, else a new local Ray
+    ray_address: str | None = None  # None: the cluster `ray job submit` runs in, else a new local Ray
     gpu_hourly_usd: float = 3.0  # for cost per video-hour in the summary
     # More error rows than this fraction of the job's keys: exit code 5 after writing everything.
     max_error_fraction: float = 0.5
@@ -160,7 +161,7 @@ class RunConfig:
     ray_progress_bars: bool = False  # Ray Data's own per-operator bars (off: our progress line is the one display)
     report: bool = True  # write report.html (plots and tables) beside summary.json at the end
     # --dry-run's GPU-hour estimate when the output holds no earlier GPU run to learn it from; None: not estimated
-    expected_video_hours_per_gpu_hour: Optional[float] = None
+    expected_video_hours_per_gpu_hour: float | None = None
 
     def __post_init__(self) -> None:
         _require_choice(self.log_level, "run.log_level", LOG_LEVELS)
@@ -179,7 +180,7 @@ class RunConfig:
 @dataclass
 class JobConfig:
     job: str = "caption"  # job name; Hive partition `job=` of the output
-    preset: Optional[str] = None  # jobs/presets/<name>.yaml merged over the job file before CLI overrides
+    preset: str | None = None  # jobs/presets/<name>.yaml merged over the job file before CLI overrides
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)

@@ -63,7 +63,7 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
     check_local_input(cfg)
     check_model_source(cfg, storage)
     videos = discover_inputs(cfg, storage)  # 1
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     run_id = f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     lease = Lease(storage, lease_uri(cfg.output.uri, cfg.job), run_id, cfg.run.lease_ttl_s, log)
     with _output_errors(cfg):  # the first write: it also proves the output exists and is writable

@@ -11,8 +11,8 @@ it says 'ETA unknown'.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from pipeline._summary import RunStats
 

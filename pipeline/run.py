@@ -20,7 +20,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 
@@ -179,7 +180,7 @@ def write_rows(
         except Exception as e:
             if not isinstance(e, _write.OutputError | LeaseLost):
                 writer.flush()  # keep what finished; a re-run resumes from it
-            raise _model_load_error(e) or e
+            raise _model_load_error(e) or e  # noqa: B904 - the model-load error names its cause itself
         writer.flush()
     timer.check()
     progress.tick(force=True)
@@ -212,7 +213,7 @@ def summarize(cfg: JobConfig, storage: Storage, plan: Plan, stats: RunStats, fil
 
     resources = ray.cluster_resources()
     summary = build_summary(
-        stats, cfg, run_id=plan.run_id, started_at=plan.started_at, finished_at=dt.datetime.now(dt.timezone.utc),
+        stats, cfg, run_id=plan.run_id, started_at=plan.started_at, finished_at=dt.datetime.now(dt.UTC),
         planned_rows=total, resumed_keys=len(plan.done), cluster_cpus=resources.get("CPU", 0.0),
         cluster_gpus=resources.get("GPU", 0.0), files=files, config_yaml=to_yaml(cfg), engine_fingerprint=run_fingerprint(cfg),
         ray_job_submission_id=ray_job_submission_id(),

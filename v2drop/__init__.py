@@ -14,10 +14,10 @@ caller opts in, and self-checks each family once per process before patching it.
 Knows nothing of Ray.
 """
 
+from v2drop import vision as vision  # vision.install(model): batched window attention without flash-attn
 from v2drop.api import disable, enable, is_enabled, last_stats, schedule_of, select_cache_rows
-from v2drop.schedule import Schedule
 from v2drop.runtime_check import SelfCheckError, SelfCheckResult, self_check
-from v2drop import vision  # vision.install(model): batched window attention without flash-attn
+from v2drop.schedule import Schedule
 
 # Bump when a change to the engine can change its outputs for the same model and inputs: rows
 # written by another engine version are redone on resume (workers.provenance.engine_fingerprint).

@@ -9,8 +9,8 @@ The vision encoder and the lm head are left out: V²Drop changes neither.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class TextShape:
     num_layers: int
 
     @classmethod
-    def from_config(cls, text_config) -> "TextShape":
+    def from_config(cls, text_config) -> TextShape:
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         return cls(

@@ -25,18 +25,18 @@ A "stage" is a run of layers between drops: stage 0 is layers [0, d1), stage 1 [
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from v2drop import key_masks
 from v2drop.adapters.base import FamilyAdapter
 from v2drop.compat import cache_kwarg
 from v2drop.flops import TextShape, prefill_flops
-from v2drop import key_masks
 from v2drop.schedule import Schedule
 from v2drop.select import compact, keep_counts, select_visual, variation_scores
 from v2drop.tokens import TokenState

@@ -40,7 +40,7 @@ class ModelShape:
     dtype_bytes: int
 
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype) -> "ModelShape":
+    def from_config(cls, config, dtype: torch.dtype) -> ModelShape:
         """From a vision-language model's config (text_config and vision_config inside)."""
         text, vision = config.get_text_config(), config.vision_config
         heads = text.num_attention_heads

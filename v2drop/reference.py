@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from v2drop import Schedule
+from v2drop.schedule import Schedule
 
 
 class _Captured(Exception):
@@ -80,6 +80,7 @@ def forward_last_logits(model, schedule: Schedule, embeds, positions, visual, de
     source = list(range(embeds.shape[0]))  # each remaining token's index in the prompt
     for i, layer in enumerate(text_model.layers):
         if i in drops:
+            assert previous is not None, "Schedule layers start at 1: a drop always has a layer before it"
             keep = _reference_keep(hidden[0], previous[0], visual, drops[i])
             hidden, positions, visual = hidden[:, keep], positions[:, keep], visual[keep]
             source = [source[t] for t in keep]

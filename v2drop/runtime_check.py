@@ -65,7 +65,7 @@ def self_check(model_or_family: nn.Module | str, *, cached: bool = True) -> Self
     return _cached(family) if cached else run(family)
 
 
-@functools.lru_cache(maxsize=None)  # a failure raises, so only passes are remembered
+@functools.cache  # a failure raises, so only passes are remembered
 def _cached(family: str) -> SelfCheckResult:
     return run(family)
 

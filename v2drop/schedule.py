@@ -60,7 +60,7 @@ class Schedule:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def for_retention(cls, num_layers: int, retention: float = 0.25) -> "Schedule":
+    def for_retention(cls, num_layers: int, retention: float = 0.25) -> Schedule:
         """The default-shaped schedule whose layer-averaged retention is `retention`.
 
         Only the first stage's keep is solved for; the later stages keep fixed fractions

@@ -132,6 +132,7 @@ class CapturedStep:
     def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
         if self.graph is None:
             return self._warm_up_and_capture(token, t)
+        assert self.token is not None and self.out is not None  # set by the capture
         self.token.copy_(token)
         self.t.fill_(t)
         self.graph.replay()

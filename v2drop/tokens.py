@@ -25,7 +25,7 @@ class TokenState:
     # tokens that get nothing; None once the last addition is made, or for families without any.
     additions: torch.Tensor | None = None
 
-    def gather(self, index: torch.Tensor, index_valid: torch.Tensor) -> "TokenState":
+    def gather(self, index: torch.Tensor, index_valid: torch.Tensor) -> TokenState:
         """Tokens at `index` ([B, L'] int64); slots where `index_valid` is False become padding."""
         gathered = {f.name: _gather_tokens(getattr(self, f.name), index) for f in fields(self)}
         gathered["valid"] = gathered["valid"] & index_valid

@@ -10,8 +10,9 @@ Adding a family: one `Family` row here and one adapter file in `v2drop/adapters/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from vlm import templates
 
@@ -184,7 +185,7 @@ def _llava_onevision_processor(max_pixels: int) -> dict[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------- the table
-_QWEN = dict(
+_QWEN: dict[str, Any] = dict(
     image_token="<|image_pad|>", video_token="<|video_pad|>",
     visual_token_id_keys=("image_token_id", "video_token_id"),
     equal_frame_count=False, temporal_patch_size=2,
@@ -248,7 +249,7 @@ def family_of(config: Any) -> Family:
 
 def needs_equal_frame_count(config: Any) -> bool:
     """True when one generate call's videos must share a frame count; False for unknown families."""
-    row = FAMILIES.get(getattr(config, "model_type", None))
+    row = FAMILIES.get(str(getattr(config, "model_type", "")))
     return bool(row and row.equal_frame_count)
 
 

@@ -11,7 +11,7 @@ layouts exist: Qwen-style (flattened patches + grids, `temporal_patch_size` 2) a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -31,7 +31,7 @@ class Sample:
     visual: Visual | None
 
 
-@lru_cache(maxsize=None)
+@cache
 def tokenizer(family: str):
     return tiny.build_tokenizer(family)
 
@@ -45,7 +45,9 @@ def model(family: str, *, num_layers: int = 8, dtype=torch.float32, attn: str = 
     return built
 
 
-def num_visual_tokens(family: str, visual: Visual) -> int:
+def num_visual_tokens(family: str, visual: Visual | None) -> int:
+    if visual is None:
+        return 0
     if FAMILIES[family].patch_grid_inputs:
         t, h, w = visual.grid
         return t * h * w // 4  # spatial merge 2x2
@@ -116,16 +118,17 @@ def _patch_grid_inputs(family: str, tok, input_ids, visuals: list[Visual], gener
 def select(inputs: dict, family: str, samples: list[Sample], index: int) -> dict:
     """The inputs of sample `index` alone (unpadded), rebuilt with the same pixels."""
     single = batch(family, [samples[index]])
-    if samples[index].visual is None:
+    visual = samples[index].visual
+    if visual is None:
         return single
     # Reuse the batch's pixels for this sample so its outputs can be compared.
     order = [i for i, s in enumerate(samples) if s.visual is not None]
     position = order.index(index)
     if FAMILIES[family].patch_grid_inputs:
-        kind = samples[index].visual.kind
-        same_kind = [i for i in order if samples[i].visual.kind == kind]
+        kind = visual.kind
+        same_kind = [i for i in order if (v := samples[i].visual) is not None and v.kind == kind]
         prefix = "_videos" if kind == "video" else ""
-        sizes = [_patches(samples[i].visual) for i in same_kind]
+        sizes = [_patches(v) for i in same_kind if (v := samples[i].visual) is not None]
         start = sum(sizes[: same_kind.index(index)])
         single[f"pixel_values{prefix}"] = inputs[f"pixel_values{prefix}"][start : start + sizes[same_kind.index(index)]]
     else:

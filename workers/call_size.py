@@ -15,8 +15,9 @@ Example (Qwen2.5-VL-7B shapes, bf16, 2,048 visual tokens, 256 new tokens, 108 Gi
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -34,14 +34,15 @@ import datetime as dt
 import logging
 import socket
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 import v2drop
+from vlm.families import needs_equal_frame_count
 from workers import shadow, shared_prefix
 from workers.call_size import CallSizer, call_sizer, memory_budget_bytes
 from workers.generation import GenResult, generate_batch
@@ -49,7 +50,6 @@ from workers.inputs import Item, Row, build_inputs, decode_frames, expand_prompt
 from workers.loading import ResolvedModel, choose_device, load_model, resolve_model_source
 from workers.provenance import engine_columns, engine_fingerprint
 from workers.settings import ActorsConfig, GenerationConfig, ModelConfig, PromptConfig, QualityConfig
-from vlm.families import needs_equal_frame_count
 
 __all__ = ["Captioner", "caption_rows", "expand_prompts", "build_inputs", "generate_batch", "OUTPUT_COLUMNS"]
 
@@ -398,7 +398,7 @@ def result_row(row: Mapping[str, Any], prompt: str, result: GenResult, stamp: Ma
 
 def utc_now() -> dt.datetime:
     """Timezone-aware UTC datetimes: Arrow stores them as timestamp[us, UTC] (pipeline.schema)."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 # -- Ray Data batches <-> rows ----------------------------------------------------------------

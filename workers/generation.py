@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -55,7 +56,7 @@ class GenResult:
     fallback_batch_id: str | None = None  # ... and the id given to that failed call
 
     @classmethod
-    def failed(cls, error: BaseException) -> "GenResult":
+    def failed(cls, error: BaseException) -> GenResult:
         return cls(status="error", error=f"{type(error).__name__}: {error}")
 
 
@@ -86,7 +87,7 @@ class PeakMemory:
         self.peak_bytes: int | None = None
         self._rss_reset = False
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:

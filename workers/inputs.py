@@ -15,7 +15,8 @@ each holding its own copy of the clip's video tokens.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -14,7 +14,7 @@ Torch-free: the driver imports this without loading a model stack.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -33,13 +33,13 @@ def require_choice(value: Any, key: str, allowed: tuple[str, ...]) -> None:
 @dataclass
 class ModelConfig:
     source: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id, local path, s3:// prefix, or tiny:<family>
-    revision: Optional[str] = None
+    revision: str | None = None
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32
     attn_implementation: str = "flash_attention_2"  # flash_attention_2 | sdpa | eager
     retention: float = 0.25  # V²Drop layer-averaged visual-token retention; 1.0 = off
     # variation = V²Drop; random = a seeded random subset at the same schedule (the control baseline)
     scorer: str = "variation"
-    cache_dir: Optional[str] = None  # node-local cache; None = ~/.cache/v2drop-batch
+    cache_dir: str | None = None  # node-local cache; None = ~/.cache/v2drop-batch
 
     def __post_init__(self) -> None:
         require(bool(self.source), "model.source", "must be a hub id, local path, s3:// prefix or tiny:<family>")
@@ -59,7 +59,7 @@ class ActorsConfig:
     # V²Drop's smaller cache gives larger calls. 64 clips of 2,048 visual tokens: 5.9 GiB of frames.
     batch_size: int = 64
     memory_fraction: float = 0.9  # share of the GPU memory free after loading that one model call may use
-    memory_budget_gib: Optional[float] = None  # a fixed budget instead (any device); on CPU, none if unset
+    memory_budget_gib: float | None = None  # a fixed budget instead (any device); on CPU, none if unset
 
     def __post_init__(self) -> None:
         require(0 < self.memory_fraction <= 1, "actors.memory_fraction", f"must be in (0, 1], got {self.memory_fraction}")
@@ -80,7 +80,7 @@ class PromptConfig:
     task: str = "caption"  # caption | qa
     caption: str = "Describe this video in detail."
     questions: list[str] = field(default_factory=list)  # qa: several per clip; a manifest row may bring its own
-    system: Optional[str] = None
+    system: str | None = None
 
     def __post_init__(self) -> None:
         require_choice(self.task, "prompt.task", ("caption", "qa"))

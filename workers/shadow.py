@@ -30,8 +30,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -39,8 +40,8 @@ import v2drop
 from workers import agreement
 from workers.drop_stats import stats_marker, visual_stats
 from workers.generation import GenResult, generate_batch, move_inputs
-from workers.settings import GenerationConfig
 from workers.inputs import Item, build_inputs, decode_frames
+from workers.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class FirstLogits:
         self.head = model.get_output_embeddings()
         self.logits: torch.Tensor | None = None
 
-    def __enter__(self) -> "FirstLogits":
+    def __enter__(self) -> FirstLogits:
         self._handle = self.head.register_forward_hook(self._catch)
         return self
 

@@ -23,8 +23,9 @@ has in an unshared prompt. The tests compare the logits with unshared generation
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from v2drop.compat import cache_kwarg, output_cache
 from v2drop.flops import TextShape, continuation_flops
 from workers.drop_stats import engine_stats, stats_marker, stock_stats, visual_token_ids
 from workers.generation import GenResult, move_inputs, pad_token_id, results_for, timed_generate
-from workers.settings import GenerationConfig
 from workers.inputs import Item, chat_text, decode_frames, video_metadata
+from workers.settings import GenerationConfig
 
 # Two prompts that share no first character: the chat texts agree exactly up to where the prompt goes.
 _PROBES = ("\x01", "\x02")

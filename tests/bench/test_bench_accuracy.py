@@ -71,7 +71,7 @@ def test_the_harness_runs_every_variant_through_the_pipeline(ray_cluster: None, 
 
     variants = report["variants"]
     assert list(variants) == ["full", "v2drop-0.25", "random-0.25"]
-    for name, result in variants.items():
+    for result in variants.values():
         assert result["questions"] == 3 and result["rows_error"] == 0 and result["model_random_weights"]
         assert all(g["output"] is not None for g in result["graded"])  # every question answered by a real run
         options = {q: o for _, q, o, _ in toy}

@@ -26,7 +26,7 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert set(all_rows) == {(v, e, b, n) for v in ("stock", "v2drop") for e in ("dynamic", "static")
                              for b in (1, 2) for n in (3,)}
     assert report["static_step_captured"] is False and report["capture_error"] is None  # CPU: uncaptured
-    for (variant, engine, batch, new_tokens), row in all_rows.items():
+    for (_variant, _engine, _batch, new_tokens), row in all_rows.items():
         assert row["clips_per_s"] == pytest.approx(1e3 / row["total_ms_per_clip"])
         assert row["output_tokens_per_s"] == pytest.approx(new_tokens * row["clips_per_s"])
         assert row["total_ms_per_clip"] > row["vision_ms_per_clip"] > 0

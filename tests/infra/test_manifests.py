@@ -543,7 +543,7 @@ def test_cronjob_rbac_and_wiring(cronjob_docs):
 
 def test_images_pinned_and_consistent(launcher):
     images = set()
-    for where, obj in all_k8s_objects():
+    for _where, obj in all_k8s_objects():
         if obj["kind"] in CRD_FILES:
             for _, tmpl in pod_templates(obj):
                 images |= {c["image"] for c in tmpl["spec"]["containers"]}

@@ -42,7 +42,7 @@ def test_peak_memory_goes_to_the_column_of_what_was_measured(on_gpu: bool, measu
 
 def test_a_summary_row_has_the_declared_types_even_with_nothing_measured() -> None:
     cfg = JobConfig()
-    start = dt.datetime(2026, 11, 30, 1, 2, 3, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 11, 30, 1, 2, 3, tzinfo=dt.UTC)
     empty = build_summary(RunStats(), cfg, run_id="r", started_at=start, finished_at=start + dt.timedelta(seconds=3),
                           planned_rows=0, resumed_keys=4, cluster_cpus=2, cluster_gpus=0, files=[], config_yaml="x: 1",
                           engine_fingerprint="f")

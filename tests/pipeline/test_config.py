@@ -11,7 +11,15 @@ import yaml
 
 from pipeline._model import captioner_kwargs
 from pipeline.config import (
-    ConfigError, JobConfig, absolute_uri, check_local_input, load_job, resolve, scrub_secrets, to_dict, to_yaml,
+    ConfigError,
+    JobConfig,
+    absolute_uri,
+    check_local_input,
+    load_job,
+    resolve,
+    scrub_secrets,
+    to_dict,
+    to_yaml,
 )
 from workers import settings
 

@@ -24,8 +24,7 @@ import pytest
 
 from pipeline.config import load_job, with_absolute_paths
 from pipeline.run import run
-from pipeline.schema import (FILE_SCHEMA, PARTITIONING_SCHEMA, SCHEMA_VERSION, SUMMARY_FILE_SCHEMA,
-                             SUMMARY_SCHEMA, schema_version)
+from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, SCHEMA_VERSION, SUMMARY_FILE_SCHEMA, schema_version
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = {name: (REPO / "docs" / name).read_text() for name in ("schema.md", "cluster.md")}
@@ -124,7 +123,7 @@ def run_date_types(out: Path) -> dict[str, object]:
 def test_run_date_is_a_date_in_every_reader(outputs: dict[str, Path]) -> None:
     assert run_date_types(outputs["mixed"]) == {"duckdb": "DATE", "polars": pl.Date, "pyarrow": pa.date32(),
                                                 "pandas": dt.date}
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     rows = pl.scan_parquet(f"{outputs['mixed']}/data/**/*.parquet", hive_partitioning=True)
     assert rows.filter(pl.col("run_date") == today).select(pl.len()).collect().item() > 0
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pipeline.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_uri, read_lease
 from pipeline.config import StorageConfig
+from pipeline.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_uri, read_lease
 from pipeline.storage import Storage
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 

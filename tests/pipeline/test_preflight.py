@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, resolve
-from tests.s3_server import FAKE_AWS_ENV, s3_bucket, s3_server  # noqa: F401  (fixtures)
+from tests.s3_server import FAKE_AWS_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-typed-into-the-endpoint"

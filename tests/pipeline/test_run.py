@@ -496,8 +496,8 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
 def ray_job_metadata(gcs_address: str, env: dict) -> list[dict[str, str]]:
     """Every Ray job's config metadata, read from the cluster's GCS in a process of its own (this
     one is connected to the session cluster)."""
-    code = ("import json, ray._raylet as r; c = r.GcsClient(address=%r); "
-            "print(json.dumps([dict(i.config.metadata) for i in c.get_all_job_info().values()]))") % gcs_address
+    code = (f"import json, ray._raylet as r; c = r.GcsClient(address={gcs_address!r}); "
+            "print(json.dumps([dict(i.config.metadata) for i in c.get_all_job_info().values()]))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -5,7 +5,6 @@ main 307c679 (see the issue for what was observed there)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from pipeline.run import error_fraction, run
 from pipeline.storage import Storage
 from tests.pipeline.test_run import FrameStatsStage, by_file, cli_env, make_video, offline, read_rows
 from tests.s3_faults import FaultProxy
-from tests.s3_server import FAKE_AWS_ENV, s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-in-the-endpoint-7731"

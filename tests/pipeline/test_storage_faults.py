@@ -17,7 +17,6 @@ from pipeline._inputs import read_manifest
 from pipeline.config import StorageConfig
 from pipeline.storage import Storage, StorageError
 from tests.s3_faults import FaultProxy
-from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 BODY = os.urandom(300_000)
 PASSWORD = "hunter2-in-the-endpoint"

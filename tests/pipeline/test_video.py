@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import video
 from pipeline.clips import plan_clips
-from pipeline.video import DecodeTimeout, DecoderProcess, VideoError, decode_clip, probe
+from pipeline.video import DecoderProcess, DecodeTimeout, VideoError, decode_clip, probe
 
 SAMPLES = Path(__file__).parents[2].parent / "shared" / "videos"
 

@@ -20,7 +20,6 @@ from pipeline import _write
 from pipeline._write import FileKeys, OutputError, PartWriter, consolidate, read_state, rows_to_drop
 from pipeline.schema import FILE_SCHEMA
 from pipeline.storage import Storage
-from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 JOB = "caption"
 

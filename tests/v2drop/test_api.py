@@ -5,8 +5,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import v2drop
-from vlm import testing as models
 from v2drop.compat import output_cache
+from vlm import testing as models
 
 
 def test_unsupported_family_names_the_supported_ones():

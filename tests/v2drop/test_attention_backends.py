@@ -20,9 +20,9 @@ import torch
 
 import v2drop
 from tests.v2drop import flash_reference
+from tests.v2drop.test_engine import DROP, FAMILIES, IDENTITY, generate, mixed_samples, video
 from vlm import testing as models
 from vlm.testing import Sample
-from tests.v2drop.test_engine import DROP, FAMILIES, IDENTITY, generate, mixed_samples, video
 
 NEEDS_FLASH_ATTENTION = "needs a CUDA GPU and the flash-attn package (pip install '.[gpu]')"
 # Measured on CPU in float16: eager vs sdpa differ by <= 6e-4, while attending over another set of

@@ -13,8 +13,8 @@ import torch
 
 import v2drop
 from bench.op_counts import decode_step_counts
-from vlm import testing as models
 from v2drop import key_masks
+from vlm import testing as models
 
 NUM_LAYERS = 28
 MAX_EXTRA_OP_CALLS = 0.02

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import v2drop
-from vlm import testing as models
 from v2drop import static_decode
+from vlm import testing as models
 
 NUM_LAYERS = 8
 QUESTIONS = ["Describe.", "What happens in this long clip here?"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm import testing as models
 from v2drop import vision
+from vlm import testing as models
 from vlm import tiny
 from vlm.families import FAMILIES
 

@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
+from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, clip_row, model_cfg
 from workers.call_size import FIRST_CALL_ROWS
 from workers.captioner import Captioner
 from workers.settings import ActorsConfig
-from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, cache_dir, clip_row, model_cfg  # noqa: F401 (fixture)
 
 CLIPS = [clip_row(f"c{i}", 4, 168, 168, seed=i) for i in range(8)]  # 72 visual tokens each
 

@@ -16,14 +16,12 @@ import torch
 import v2drop
 from pipeline.config import StorageConfig
 from pipeline.storage import Storage
-
 from workers import captioner as captioner_module
 from workers.captioner import OUTPUT_COLUMNS, Captioner
 from workers.generation import GenResult, count_output_tokens
 from workers.inputs import build_inputs, clip_fps, decode_frames, expand_prompts
 from workers.loading import ModelSourceError, resolve_model_source
 from workers.settings import GenerationConfig, ModelConfig, PromptConfig
-from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - pytest fixtures
 
 MAX_NEW_TOKENS = 6
 CAPTION = PromptConfig(task="caption", caption="Describe this video.")
@@ -70,11 +68,6 @@ def as_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 THREE_CLIPS = [clip_row("a", 4, 112, 112, 0), clip_row("b", 6, 84, 140, 1), clip_row("c", 2, 140, 84, 2)]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("v2drop-batch-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import dataclasses
 
 import pytest
 
-from workers.settings import ConfigError, GenerationConfig, PromptConfig
+from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, model_cfg
+from tests.workers.test_shared_prefix import CLIPS, QA
 from v2drop import static_decode
 from workers import captioner as captioner_module
 from workers.captioner import load_for_captioning
 from workers.generation import decode_engine
 from workers.provenance import engine_fingerprint
-from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, model_cfg
-from tests.workers.test_shared_prefix import CLIPS, QA
+from workers.settings import ConfigError, GenerationConfig, PromptConfig
 
 SAME = ("clip_id", "prompt", "status", "output_text", "output_tokens", "prompt_tokens", "visual_tokens_per_stage")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import v2drop
-from tests.workers.test_captioner import CAPTION, GREEDY, cache_dir, clip_row, model_cfg  # noqa: F401 - fixture
+from tests.workers.test_captioner import CAPTION, GREEDY, clip_row, model_cfg
 from workers import agreement, shadow
 from workers.captioner import Captioner, caption_rows, enable_v2drop
 from workers.settings import PromptConfig, QualityConfig

@@ -8,6 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from tests.v2drop import flash_reference
+from tests.v2drop.test_attention_backends import use_kernel
+from tests.workers.test_captioner import GREEDY, as_batch, clip_row, model_cfg
 from v2drop.flops import TextShape, prefill_flops
 from workers import captioner as captioner_module
 from workers import shared_prefix
@@ -16,9 +19,6 @@ from workers.drop_stats import visual_token_ids
 from workers.generation import move_inputs
 from workers.inputs import build_inputs
 from workers.settings import PromptConfig
-from tests.v2drop import flash_reference
-from tests.v2drop.test_attention_backends import use_kernel
-from tests.workers.test_captioner import GREEDY, as_batch, clip_row, model_cfg
 
 QUESTIONS = ["What happens in this clip?", "Who?", "Tell me a long story about the colours, the people and the places."]
 QA = PromptConfig(task="qa", questions=QUESTIONS[:2], system="Be brief.")

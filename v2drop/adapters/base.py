@@ -8,8 +8,8 @@ the engine needs: positions, per-layer additions).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
