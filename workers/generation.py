@@ -52,7 +52,7 @@ class GenResult:
     status: str = "ok"
     error: str | None = None
     batch_id: str | None = None  # the generate call that made it (timings above are per call)
-    fallback_reason: str | None = None  # set when made by retrying a failed call (workers.captioner)
+    fallback_reason: str | None = None  # set when made by retrying a failed call (workers.model_calls)
     fallback_batch_id: str | None = None  # ... and the id given to that failed call
 
     @classmethod

@@ -16,8 +16,8 @@ from workers.settings import ActorsConfig
 CLIPS = [clip_row(f"c{i}", 4, 168, 168, seed=i) for i in range(8)]  # 72 visual tokens each
 
 
-def call_sizes(captioner: VideoModelWorker) -> list[int]:
-    out = captioner(as_batch(CLIPS))
+def call_sizes(worker: VideoModelWorker) -> list[int]:
+    out = worker(as_batch(CLIPS))
     assert out["status"] == ["ok"] * len(CLIPS)
     return list(Counter(out["batch_id"]).values())  # rows per call, in call order
 
@@ -42,8 +42,8 @@ def test_the_first_call_learns_the_row_size_and_later_calls_fill_the_budget(stoc
 
 
 def test_v2drop_rows_are_smaller_so_its_calls_are_larger(stock, dropping):
-    for captioner in (stock, dropping):
-        call_sizes(captioner)  # learn
+    for worker in (stock, dropping):
+        call_sizes(worker)  # learn
     assert dropping.loaded.sizer.row_bytes < stock.loaded.sizer.row_bytes
     budget = int(4.5 * stock.loaded.sizer.row_bytes)
     stock.loaded.sizer.budget_bytes = dropping.loaded.sizer.budget_bytes = budget

@@ -5,6 +5,7 @@ The model tests use the families' real processors (`vlm.processing.load_processo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,36 @@ def test_uncached_hub_id_offline_says_what_to_do(monkeypatch, tmp_path) -> None:
         resolve_model_source("nobody/not-a-cached-model", revision=None, cache_dir=tmp_path, storage=None)
 
 
+def test_model_columns_are_one_list_that_every_row_and_the_schema_follow() -> None:
+    from pipeline.schema import FILE_SCHEMA
+
+    assert {f.name for f in dataclasses.fields(GenResult)} <= set(MODEL_COLUMNS)
+    assert len(set(MODEL_COLUMNS)) == len(MODEL_COLUMNS)
+    assert set(MODEL_COLUMNS) - set(FILE_SCHEMA.names) == {"peak_memory_bytes"}  # pipeline._model renames it
+    stamp = {"model_id": "m", "started_at": "t0", "finished_at": "t1"}
+    ok = model_stage_module.result_row(THREE_CLIPS[0], "p", GenResult(output_text="x", prefill_ms=1.0), stamp)
+    failed = model_stage_module.result_row(THREE_CLIPS[0], "", GenResult(status="error", error="bad"), stamp)
+    passed = model_stage_module.passthrough_row(upstream_error_row("x"))
+    for row in (ok, failed, passed):
+        assert set(MODEL_COLUMNS) <= set(row) and "frames" not in row
+    assert (ok["output_text"], ok["prefill_ms"], ok["error_stage"], ok["model_id"]) == ("x", 1.0, None, "m")
+    assert (failed["status"], failed["error"], failed["error_stage"]) == ("error", "bad", "model")
+    assert (passed["status"], passed["error_stage"], passed["model_id"], passed["prompt"]) == ("error", "decode", None, "")
+
+
+def test_rows_to_columns_fills_missing_keys_in_first_seen_order() -> None:
+    columns = model_stage_module.rows_to_columns([{"a": 1, "b": 2}, {"c": 3, "a": 4}])
+    assert columns == {"a": [1, 4], "b": [2, None], "c": [None, 3]}
+
+
+def test_next_call_holds_whole_clips_within_the_memory_budget() -> None:
+    a, b, c = ({"clip": name} for name in "abc")
+    items = [(a, "q1"), (a, "q2"), (b, "q1"), (c, "q1"), (c, "q2")]
+    assert model_calls.next_call(items, [0, 1, 2, 3, 4], chunk=3, rows=3, share=True) == [0, 1, 2]
+    assert model_calls.next_call(items, [3, 4], chunk=3, rows=1, share=True) == [3, 4]  # always one whole clip
+    assert model_calls.next_call(items, [0, 1, 2, 3, 4], chunk=3, rows=2, share=False) == [0, 1]
+
+
 def test_tiny_source_resolves_to_random_weights(cache_dir: str) -> None:
     resolved = resolve_model_source("tiny:qwen2_5_vl", revision=None, cache_dir=cache_dir, storage=None)
     assert resolved.random_weights is True
@@ -218,8 +249,8 @@ def test_rows_say_what_produced_them(cache_dir: str, qwen: VideoModelWorker) -> 
     quarter = VideoModelWorker(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     depth = quarter.loaded.model.config.get_text_config().num_hidden_layers
     schedule = list(v2drop.Schedule.for_retention(depth, 0.25).layers)
-    for captioner, cfg, layers in ((qwen, model_cfg(), []), (quarter, model_cfg(retention=0.25), schedule)):
-        row = captioner(as_batch(THREE_CLIPS[:1]))
+    for worker, cfg, layers in ((qwen, model_cfg(), []), (quarter, model_cfg(retention=0.25), schedule)):
+        row = worker(as_batch(THREE_CLIPS[:1]))
         assert row["engine_fingerprint"] == [engine_fingerprint(cfg, GREEDY, None)]
         assert row["drop_layers"] == [layers] and len(row["drop_keep"][0]) == len(layers)
         assert row["self_check"][0].startswith("passed (qwen2_5_vl, transformers ")
@@ -255,10 +286,10 @@ def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: st
     assert dropped["flops_full"] == full["flops_full"]
 
 
-def test_llava_onevision_runs_through_the_same_captioner(cache_dir: str, caplog) -> None:
+def test_llava_onevision_runs_through_the_same_worker(cache_dir: str, caplog) -> None:
     llava = VideoModelWorker(model_cfg("tiny:llava_onevision", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 2, 84, 140, 1), clip_row("c", 4, 140, 84, 2)]
-    with caplog.at_level(logging.WARNING, logger="workers.model_stage"):
+    with caplog.at_level(logging.WARNING, logger="workers.model_calls"):
         out = llava(as_batch(clips))
 
     assert out["status"] == ["ok"] * 3 and all(text.strip() for text in out["output_text"])
@@ -286,7 +317,7 @@ def test_s3_model_is_downloaded_once_into_the_node_cache_and_captions(cache_dir,
     assert out["status"] == ["ok"] and out["model_id"] == [uri]
 
 
-def test_qwen3_vl_runs_through_the_same_captioner(cache_dir: str) -> None:
+def test_qwen3_vl_runs_through_the_same_worker(cache_dir: str) -> None:
     qwen3 = VideoModelWorker(model_cfg("tiny:qwen3_vl", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 6, 84, 140, 1)]
     out = qwen3(as_batch(clips))

@@ -29,8 +29,8 @@ def dropping(cache_dir: str) -> VideoModelWorker:
     return VideoModelWorker(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
 
 
-def shadow_of(captioner: VideoModelWorker, clips: list[dict], quality: QualityConfig) -> list[dict]:
-    return answer_rows(captioner.loaded, clips, CAPTION, GREEDY, quality)
+def shadow_of(worker: VideoModelWorker, clips: list[dict], quality: QualityConfig) -> list[dict]:
+    return answer_rows(worker.loaded, clips, CAPTION, GREEDY, quality)
 
 
 # -- choosing the sample ---------------------------------------------------------------------
