@@ -2,18 +2,17 @@
 
 Columns in: DECODED_SCHEMA. Columns out: `pipeline.schema.FILE_SCHEMA`, one row per
 (clip, prompt): caption -> 1 row per clip, qa -> one per question. A row that is already
-'error' or 'skipped' passes through as one row with prompt null.
+'error' or 'skipped' passes through as one row with prompt ''.
 
-`workers.captioner.Captioner` does the work; `CaptionStage` only shapes what it returns into the
-output schema inside the actor, so the frame bytes and the intermediate columns never travel to
-the driver, and every block has the same types.
+`workers.model_stage.VideoModelWorker` does the work on Arrow batches; `ModelStage` only shapes
+what it returns into the output schema inside the actor, so the frame bytes and the intermediate
+columns never travel to the driver, and every block has the same types.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -21,11 +20,16 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.schema import FILE_SCHEMA, conform
 from pipeline.storage import Storage
-from workers.captioner import Captioner
+from workers.model_stage import MODEL_COLUMNS, VideoModelWorker
 from workers.provenance import engine_fingerprint
 
+# The worker's peak_memory_bytes is written under the name of what it measured (to_output_table).
+_RENAMED = {"peak_memory_bytes"}
+if _undeclared := sorted(set(MODEL_COLUMNS) - _RENAMED - set(FILE_SCHEMA.names)):  # fails at import, not mid-run
+    raise ImportError(f"workers.model_stage.MODEL_COLUMNS {_undeclared} are not declared in pipeline.schema.ROW_SCHEMA")
 
-def captioner_kwargs(cfg: JobConfig) -> dict[str, Any]:
+
+def model_stage_kwargs(cfg: JobConfig) -> dict[str, Any]:
     """Constructor arguments of the actor: the typed sections of workers.settings (picklable
     dataclasses, defined below the pipeline so the worker needs no pipeline types)."""
     return {
@@ -43,14 +47,14 @@ def run_fingerprint(cfg: JobConfig) -> str:
     return engine_fingerprint(cfg.model, cfg.generation, cfg.prompt.system)
 
 
-class CaptionStage(Captioner):
-    """The Captioner actor, returning `FILE_SCHEMA` tables stamped with this run's id."""
+class ModelStage(VideoModelWorker):
+    """The VideoModelWorker actor, returning `FILE_SCHEMA` tables stamped with this run's id."""
 
-    def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
-        super().__init__(**captioner_kwargs)
+    def __init__(self, run_id: str, **model_stage_kwargs: Any) -> None:
+        super().__init__(**model_stage_kwargs)
         self.run_id = run_id
 
-    def __call__(self, batch: Mapping[str, Any]) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         on_gpu = getattr(self.loaded.model, "device", None) is not None and self.loaded.model.device.type == "cuda"
         return to_output_table(super().__call__(batch), self.run_id, on_gpu=on_gpu)
 

@@ -21,7 +21,7 @@ from pipeline._probe import PROBED_SCHEMA
 from pipeline._rows import extend_schema, to_table
 from pipeline.clips import clip_id, plan_clips
 from pipeline.config import ClipsConfig, JobConfig, PromptConfig
-from workers.inputs import prompts_for_row
+from workers.model_inputs import prompts_for_row
 
 CLIP_SCHEMA = extend_schema(
     PROBED_SCHEMA, ("clip_index", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("clip_id", pa.string()),

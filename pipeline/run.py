@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pipeline import _write
 from pipeline._decode import decode_batch
-from pipeline._model import CaptionStage, captioner_kwargs, run_fingerprint, to_output_table
+from pipeline._model import ModelStage, model_stage_kwargs, run_fingerprint, to_output_table
 from pipeline._probe import probe_batch
 from pipeline._shard import settings_key, shard_batch
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
@@ -50,11 +50,11 @@ class ModelLoadError(RuntimeError):
     """No model actor could load the model: nothing can be captioned (CLI exit code 3)."""
 
 
-def run(cfg: JobConfig, *, log: Callable[[str], None] = info, model_stage: type = CaptionStage,
+def run(cfg: JobConfig, *, log: Callable[[str], None] = info, model_stage: type = ModelStage,
         plan: Plan | None = None) -> dict[str, Any]:
     """Run the job on the connected Ray cluster (or a local one) and return the summary dict.
 
-    `model_stage` is the actor class of stage 5 (constructor: run_id + `captioner_kwargs`).
+    `model_stage` is the actor class of stage 5 (constructor: run_id + `model_stage_kwargs`).
     `plan`: stages 0-1 already done by `pipeline.preflight.prepare` (the CLI does them before
     Ray starts); its lease is released when the run ends, however it ends.
     """
@@ -122,9 +122,9 @@ def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str
             .map_batches(decode_batch, fn_kwargs={"decode": cfg.decode, **_io_kwargs(cfg, storage)},  # 4. 1:1
                          batch_size=CLIPS_PER_DECODE_TASK, batch_format="pyarrow", num_cpus=cfg.decode.num_cpus,
                          memory=DECODE_TASK_MEMORY_BYTES)
-            .map_batches(model_stage, fn_constructor_kwargs={"run_id": plan.run_id, **captioner_kwargs(cfg)},  # 5. 1:N
+            .map_batches(model_stage, fn_constructor_kwargs={"run_id": plan.run_id, **model_stage_kwargs(cfg)},  # 5. 1:N
                          compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min_size, max_size=cfg.actors.max_size),
-                         num_gpus=cfg.actors.num_gpus, batch_size=cfg.actors.batch_size, batch_format="numpy")
+                         num_gpus=cfg.actors.num_gpus, batch_size=cfg.actors.batch_size, batch_format="pyarrow")
         )
     rows.set_name(dataset_name(cfg, plan.run_id))
     stats, files = write_rows(rows, cfg, storage, plan, total, log)  # 6
@@ -188,13 +188,27 @@ def write_rows(
     return stats, _write.consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log)
 
 
-def _model_load_error(error: Exception) -> ModelLoadError | None:
-    """A failure while constructing the model actors means no actor could load the model."""
-    text = f"{type(error).__name__}: {error}"
-    if "CaptionStage.__init__" in text or "creation task" in text or "ActorDiedError" in text:
+def _model_load_error(error: BaseException) -> ModelLoadError | None:
+    """A model actor whose construction failed means no actor could load the model. Ray raises
+    that as a RayActorError (ActorDiedError) with `actor_init_failed`, possibly as the cause of
+    another error; an actor that dies later (a crash mid-batch) is not a load failure."""
+    from ray.exceptions import RayActorError
+
+    if any(isinstance(e, RayActorError) and e.actor_init_failed for e in _causes(error)):
+        text = f"{type(error).__name__}: {error}"
         return ModelLoadError(f"the model could not be loaded by any actor (model.source, model.dtype, "
                               f"model.attn_implementation): {_tail_lines(text, 2000)}")
     return None
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and what it was raised from, outermost first (a cycle stops the walk)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and not any(current is seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def _tail_lines(text: str, max_chars: int) -> str:

@@ -31,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Vision-attention classes whose forward this module reproduces (their code is the same in
-# qwen2_vl, qwen2_5_vl and qwen3_vl for transformers 5.23-5.24).
-ATTENTION_CLASSES = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention")
+from vlm.families import FAMILIES
+
+# Vision-attention classes whose forward this module reproduces: the family table's
+# `vision_attention_class` (their code is the same in qwen2_vl, qwen2_5_vl and qwen3_vl for
+# transformers 5.23-5.24).
+ATTENTION_CLASSES = frozenset(f.vision_attention_class for f in FAMILIES.values() if f.vision_attention_class)
 _INSTALLED_ATTR = "_v2drop_batched_vision"
 
 

@@ -51,6 +51,9 @@ class Family:
     chat_template: str
     tiny_config: TinyConfig
     tiny_processor: TinyProcessor
+    # the vision tower's attention class whose per-window loop v2drop.vision batches; None: the
+    # tower already runs its frames as one batch (SigLIP)
+    vision_attention_class: str | None = None
 
     @property
     def patch_grid_inputs(self) -> bool:
@@ -200,14 +203,16 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2_5_VLForConditionalGeneration", processor_class="Qwen2_5_VLProcessor",
             image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen2VLVideoProcessor",
             timestamped_video_spans=False, second_per_grid_ts=True, patch_size=PATCH_SIZE,
-            tiny_config=_qwen2_5_vl_config, tiny_processor=_qwen2_vl_processor, **_QWEN,
+            tiny_config=_qwen2_5_vl_config, tiny_processor=_qwen2_vl_processor,
+            vision_attention_class="Qwen2_5_VLVisionAttention", **_QWEN,
         ),
         Family(
             model_type="qwen3_vl", config_class="Qwen3VLConfig",
             model_class="Qwen3VLForConditionalGeneration", processor_class="Qwen3VLProcessor",
             image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen3VLVideoProcessor",
             timestamped_video_spans=True, second_per_grid_ts=False, patch_size=QWEN3_VL_PATCH_SIZE,
-            tiny_config=_qwen3_vl_config, tiny_processor=_qwen3_vl_processor, **_QWEN,
+            tiny_config=_qwen3_vl_config, tiny_processor=_qwen3_vl_processor,
+            vision_attention_class="Qwen3VLVisionAttention", **_QWEN,
         ),
         Family(
             model_type="llava_onevision", config_class="LlavaOnevisionConfig",
@@ -226,7 +231,8 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2VLForConditionalGeneration", processor_class="Qwen2VLProcessor",
             image_processor_class="Qwen2VLImageProcessor", video_processor_class="Qwen2VLVideoProcessor",
             timestamped_video_spans=False, second_per_grid_ts=False, patch_size=PATCH_SIZE,
-            tiny_config=_qwen2_vl_config, tiny_processor=_qwen2_vl_processor, **_QWEN,
+            tiny_config=_qwen2_vl_config, tiny_processor=_qwen2_vl_processor,
+            vision_attention_class="VisionAttention", **_QWEN,
         ),
     )
 }  # fmt: skip

@@ -6,7 +6,7 @@ or `actors.memory_budget_gib` when set (on any device; on CPU without it there i
 The bytes of a row come from the token counts of the previous call (prompt tokens, visual tokens
 before the first drop), through the V²Drop schedule: a dropped cache is smaller, so V²Drop gets
 larger calls from the same budget. The first call of an actor takes FIRST_CALL_ROWS rows, to
-learn the counts; an out-of-memory error still halves a call (workers.captioner).
+learn the counts; an out-of-memory error still halves a call (workers.model_calls).
 
 Example (Qwen2.5-VL-7B shapes, bf16, 2,048 visual tokens, 256 new tokens, 108 GiB budget):
 564 MiB per row stock -> 196 rows per call; 396 MiB with V²Drop at 25 % -> 279.

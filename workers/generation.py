@@ -20,15 +20,15 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+import v2drop
 from v2drop import static_decode
-from workers.drop_stats import stats_marker, visual_stats
 from workers.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class GenResult:
     status: str = "ok"
     error: str | None = None
     batch_id: str | None = None  # the generate call that made it (timings above are per call)
-    fallback_reason: str | None = None  # set when made by retrying a failed call (workers.captioner)
+    fallback_reason: str | None = None  # set when made by retrying a failed call (workers.model_calls)
     fallback_batch_id: str | None = None  # ... and the id given to that failed call
 
     @classmethod
@@ -236,19 +236,20 @@ def generate_batch(
 ) -> list[GenResult]:
     """Generate for one padded batch; one GenResult per sample, in batch order."""
     inputs = move_inputs(inputs, model)
-    marker = stats_marker(model)
+    marker = v2drop.stats_marker(model)
     _, sequences, prefill_ms, generate_ms, peak_bytes, fallback = timed_generate(
         model, processor, lambda: inputs, generation_cfg)
-    stats = visual_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
+    stats = v2drop.prefill_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
     return results_for(processor, model, inputs, sequences, stats, prefill_ms=prefill_ms,
                        generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)
 
 
 def results_for(
-    processor: Any, model: Any, inputs: Mapping[str, Any], sequences: torch.Tensor, stats: list[dict], **timing: Any
+    processor: Any, model: Any, inputs: Mapping[str, Any], sequences: torch.Tensor, stats: Sequence[v2drop.VisualStats],
+    **timing: Any,
 ) -> list[GenResult]:
-    """One GenResult per row of `sequences`: the text after the prompt, token counts, `stats`
-    (drop_stats columns) and the call's `timing` (prefill_ms, generate_ms, peak_memory_bytes)."""
+    """One GenResult per row of `sequences`: the text after the prompt, token counts, the visual
+    columns of `stats` and the call's `timing` (prefill_ms, generate_ms, peak_memory_bytes)."""
     new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
     output_tokens = count_output_tokens(new_tokens, stop_token_ids(model, processor))
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
@@ -256,6 +257,6 @@ def results_for(
         processor.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, output_tokens)
     ]
     return [
-        GenResult(output_text=text, prompt_tokens=int(prompt), output_tokens=int(n), **timing, **stat)
+        GenResult(output_text=text, prompt_tokens=int(prompt), output_tokens=int(n), **timing, **stat.columns())
         for text, prompt, n, stat in zip(texts, prompt_tokens, output_tokens, stats)
     ]

@@ -15,6 +15,8 @@ Downloads and tiny builds are shared by every actor on a node: `Storage.download
 a file lock and writes a completion marker; `vlm.tiny.build_cached` builds into a temporary folder
 and renames it into place. How a source is written is `vlm.sources` (preflight reads the same
 rules); the model and processor come from `vlm.loading`.
+
+`workers.model_stage.load_for_stage` runs these once per actor, then switches V²Drop on.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(
+def load_resolved(
     resolved: ResolvedModel, *, dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "cpu"
 ) -> tuple[torch.nn.Module, Any]:
     """Model + processor (vlm.loading.load) in eval mode on `device`, with the job's dtype and

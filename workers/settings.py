@@ -93,7 +93,8 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     # Several prompts about one clip (qa) prefill its video once and continue per prompt from
-    # that cache (workers.shared_prefix); false gives each prompt its own copy of the video.
+    # that cache (workers.shared_prefix; workers.model_calls.plan_call decides per call and logs
+    # a fallback); false gives each prompt its own copy of the video.
     share_video_prefix: bool = True
     # static: v2drop.static_decode (a preallocated cache per V²Drop stage, one static-shape step
     # captured as a CUDA graph on GPU; greedy only; 2-2.5x faster decode steps on an H200, see

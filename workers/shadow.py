@@ -38,9 +38,8 @@ import torch
 
 import v2drop
 from workers import agreement
-from workers.drop_stats import stats_marker, visual_stats
 from workers.generation import GenResult, generate_batch, move_inputs
-from workers.inputs import Item, build_inputs, decode_frames
+from workers.model_inputs import Item, build_inputs, decode_frames
 from workers.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -107,12 +106,12 @@ class FirstLogits:
 
 def dropped_first_logits(model: Any, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, list[float]]:
     """One prefill forward with the model as it runs (V²Drop on if enabled): the [B, V] logits of
-    the next token, and each row's analytic prefill FLOPs (workers.drop_stats)."""
-    marker = stats_marker(model)
+    the next token, and each row's analytic prefill FLOPs (v2drop.prefill_stats)."""
+    marker = v2drop.stats_marker(model)
     with torch.inference_mode():
         out = model(**inputs, use_cache=False, logits_to_keep=1)
-    stats = visual_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
-    return out.logits[:, -1, :].float(), [s["flops_dropped"] for s in stats]
+    stats = v2drop.prefill_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
+    return out.logits[:, -1, :].float(), [s.flops_dropped for s in stats]
 
 
 def compare(

@@ -1,7 +1,7 @@
 """Several prompts about one clip: the video is prefilled once, and its cache is shared.
 
 For QA every clip gets several questions. The chat prompt puts the video before the question
-(`workers.inputs.chat_text`), so all questions of a clip begin with the same tokens: system
+(`workers.model_inputs.chat_text`), so all questions of a clip begin with the same tokens: system
 prompt, user header, video. One generate call here:
 
 1. prefills those shared prefixes, one row per clip: the vision encoder and the language model
@@ -32,10 +32,8 @@ import torch
 
 import v2drop
 from v2drop.compat import cache_kwarg, output_cache
-from v2drop.flops import TextShape, continuation_flops
-from workers.drop_stats import engine_stats, stats_marker, stock_stats, visual_token_ids
 from workers.generation import GenResult, move_inputs, pad_token_id, results_for, timed_generate
-from workers.inputs import Item, chat_text, decode_frames, video_metadata
+from workers.model_inputs import Item, chat_text, decode_frames, video_metadata
 from workers.settings import GenerationConfig
 
 # Two prompts that share no first character: the chat texts agree exactly up to where the prompt goes.
@@ -66,26 +64,28 @@ def prompt_prefix(processor: Any, system: str | None) -> str:
     return first[:shared]
 
 
-def plan(processor: Any, items: Sequence[Item], system: str | None, visual_ids: Sequence[int]) -> SharedCall | None:
-    """Group `items` by clip and split their prompts; None when some prompt cannot be split
+def plan(processor: Any, items: Sequence[Item], system: str | None, visual_ids: Sequence[int]) -> SharedCall | str:
+    """Group `items` by clip and split their prompts, or say why some prompt cannot be split
     cleanly: the video is not all in the shared part (a template that puts the question first),
-    or tokens merge across the cut."""
+    or tokens merge across the cut. workers.call_plan.plan_call logs the reason."""
     prefix = prompt_prefix(processor, system)
     tokenizer = processor.tokenizer
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     if not set(prefix_ids) & set(visual_ids):
-        return None
+        return "the chat template puts no video before the prompt"
     clips: dict[int, int] = {}
     clip_items: list[list[int]] = []
     owner, suffix_ids = [], []
     for index, (row, prompt) in enumerate(items):
         text = chat_text(processor, prompt, system)
         if not text.startswith(prefix + prompt):
-            return None
+            return f"the chat text of prompt {prompt!r} does not begin with the shared prefix"
         suffix = text[len(prefix):]
         ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-        if set(ids) & set(visual_ids) or tokenizer(text, add_special_tokens=False)["input_ids"] != prefix_ids + ids:
-            return None
+        if set(ids) & set(visual_ids):
+            return f"prompt {prompt!r} is followed by visual tokens"
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != prefix_ids + ids:
+            return f"the tokens of prompt {prompt!r} merge with the prefix's across the cut"
         clip = clips.setdefault(id(row), len(clips))
         if clip == len(clip_items):
             clip_items.append([])
@@ -157,15 +157,11 @@ def continuation_rope_deltas(model: Any, prefix: Mapping[str, Any]) -> torch.Ten
 
 
 def generate_shared(
-    model: Any, processor: Any, items: Sequence[Item], system: str | None, generation_cfg: GenerationConfig
-) -> list[GenResult] | None:
-    """Results for `items`, in order, with one video prefill per clip; None if the prompts
-    cannot be split (the caller then runs them unshared)."""
-    call = plan(processor, items, system, visual_token_ids(model))
-    if call is None:
-        return None
+    model: Any, processor: Any, items: Sequence[Item], call: SharedCall, generation_cfg: GenerationConfig
+) -> list[GenResult]:
+    """Results for `items`, in order, with one video prefill per clip (`call`: how they split)."""
     prefix = move_inputs(prefix_inputs(processor, items, call), model)
-    clip_stats: list[dict] = []
+    clip_stats: list[v2drop.VisualStats] = []
 
     def make_inputs() -> dict[str, Any]:
         inputs, stats = prefill_and_fork(model, processor, call, prefix)
@@ -174,46 +170,21 @@ def generate_shared(
 
     inputs, sequences, prefill_ms, generate_ms, peak_bytes, fallback = timed_generate(
         model, processor, make_inputs, generation_cfg)
-    return results_for(processor, model, inputs, sequences, item_stats(model, call, clip_stats), prefill_ms=prefill_ms,
+    item_stats = [v2drop.continued(model, clip_stats[clip], len(suffix), len(call.clip_items[clip]))
+                  for clip, suffix in zip(call.owner, call.suffix_ids)]
+    return results_for(processor, model, inputs, sequences, item_stats, prefill_ms=prefill_ms,
                        generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)
 
 
-def prefill_and_fork(model: Any, processor: Any, call: SharedCall, prefix: Mapping[str, Any]) -> tuple[dict, list[dict]]:
+def prefill_and_fork(model: Any, processor: Any, call: SharedCall,
+                     prefix: Mapping[str, Any]) -> tuple[dict, list[v2drop.VisualStats]]:
     """Prefill the clips' prefixes, fork the cache per item; returns the `generate` inputs that
     continue from it, and per-clip stats of the prefill."""
-    marker = stats_marker(model)
+    marker = v2drop.stats_marker(model)
     out = model(**prefix, use_cache=True, logits_to_keep=1)
-    stats = prefix_stats(model, prefix, marker)
+    stats = v2drop.prefill_stats(model, prefix["input_ids"], prefix["attention_mask"], marker)
     cache = output_cache(out)
     fork_prefix_cache(model, cache, call.owner, continuation_rope_deltas(model, prefix))
     ids, mask = continuation_batch(prefix["input_ids"], prefix["attention_mask"], call.suffix_ids, call.owner,
                                    pad_token_id(model, processor))
     return {"input_ids": ids, "attention_mask": mask, **cache_kwarg(cache)}, stats
-
-
-def prefix_stats(model: Any, prefix: Mapping[str, Any], marker: object | None) -> list[dict]:
-    """Per clip: the drop_stats columns of its prefix prefill, plus the tokens each layer cached."""
-    if v2drop.is_enabled(model) and (stats := v2drop.last_stats(model)) is not marker:
-        return [{**engine_stats(s), "cached_per_layer": [s["num_text_tokens"] + n for n in s["visual_tokens_per_layer"]]}
-                for s in stats]
-    num_layers = model.config.get_text_config().num_hidden_layers
-    valid = prefix["attention_mask"].sum(dim=1).tolist()
-    return [{**s, "cached_per_layer": [int(n)] * num_layers}
-            for s, n in zip(stock_stats(model, prefix["input_ids"], prefix["attention_mask"]), valid)]
-
-
-def item_stats(model: Any, call: SharedCall, clip_stats: list[dict]) -> list[dict]:
-    """Per item: its clip's counts; FLOPs = an equal share of the clip's prefill plus its own
-    question over the clip's cache (full: the unpruned cache; dropped: the pruned one)."""
-    shape = TextShape.from_config(model.config.get_text_config())
-    unpruned = [[s["cached_per_layer"][0]] * shape.num_layers for s in clip_stats]  # layer 0 caches the whole prefix
-    stats = []
-    for clip, suffix in zip(call.owner, call.suffix_ids):
-        s, share = clip_stats[clip], len(call.clip_items[clip])
-        stats.append({
-            "retention_achieved": s["retention_achieved"],
-            "visual_tokens_per_stage": s["visual_tokens_per_stage"],
-            "flops_full": s["flops_full"] / share + continuation_flops(shape, len(suffix), unpruned[clip]),
-            "flops_dropped": s["flops_dropped"] / share + continuation_flops(shape, len(suffix), s["cached_per_layer"]),
-        })
-    return stats

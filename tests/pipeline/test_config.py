@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline._model import captioner_kwargs
+from pipeline._model import model_stage_kwargs
 from pipeline.config import (
     ConfigError,
     JobConfig,
@@ -150,7 +150,7 @@ def test_job_files_state_only_what_differs_from_the_defaults_each_with_a_comment
 def test_the_actor_gets_the_typed_sections_and_they_survive_pickling() -> None:
     """Ray pickles the constructor arguments; the worker receives dataclasses, never dicts."""
     cfg = load_job(JOBS / "qa.yaml", ["preset=offline", "quality.shadow_fraction=0.5", "actors.memory_budget_gib=2"])
-    kwargs = pickle.loads(pickle.dumps(captioner_kwargs(cfg)))
+    kwargs = pickle.loads(pickle.dumps(model_stage_kwargs(cfg)))
     assert {name: type(value) for name, value in kwargs.items() if name != "storage"} == {
         "model": settings.ModelConfig, "generation": settings.GenerationConfig, "prompt": settings.PromptConfig,
         "quality": settings.QualityConfig, "actors": settings.ActorsConfig}

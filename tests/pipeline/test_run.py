@@ -1,6 +1,6 @@
 """pipeline.run end to end on a real local Ray cluster: every input accounted for, resume, S3, CLI.
 
-The accounting tests run stage 5 with `FrameStatsStage`, an actor that keeps the Captioner's
+The accounting tests run stage 5 with `FrameStatsStage`, an actor that keeps the VideoModelWorker's
 contract (pass non-ok rows through, one row per (clip, prompt), error rows for clips it cannot
 use) but answers with frame statistics, so that dozens of clips of bookkeeping take seconds.
 The real tiny Qwen2.5-VL (random weights) runs stage 5 in `test_real_tiny_model_captions_and_answers`,
@@ -44,28 +44,28 @@ THIN_ASPECT = 200  # the Qwen processor refuses frames with an aspect ratio abov
 
 
 class FrameStatsStage:
-    """Stage-5 stand-in with the Captioner's row contract; answers with frame statistics."""
+    """Stage-5 stand-in with the VideoModelWorker's row contract; answers with frame statistics."""
 
-    def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
+    def __init__(self, run_id: str, **model_stage_kwargs: Any) -> None:
         from workers.provenance import engine_fingerprint
 
-        self.run_id, self.prompt_cfg = run_id, captioner_kwargs["prompt"]
-        self.fingerprint = engine_fingerprint(captioner_kwargs["model"], captioner_kwargs["generation"],
-                                              captioner_kwargs["prompt"].system)
+        self.run_id, self.prompt_cfg = run_id, model_stage_kwargs["prompt"]
+        self.fingerprint = engine_fingerprint(model_stage_kwargs["model"], model_stage_kwargs["generation"],
+                                              model_stage_kwargs["prompt"].system)
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        from workers.captioner import batch_to_rows, passthrough_row, rows_to_columns, utc_now
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from workers.model_stage import passthrough_row, rows_to_columns, utc_now
 
         stamp = {"model_id": "frame-stats", "model_random_weights": False, "started_at": utc_now(), "finished_at": utc_now(),
                  "engine_fingerprint": self.fingerprint}
         out = []
-        for row in batch_to_rows(batch):
+        for row in batch.to_pylist():
             out += [passthrough_row(row)] if row["status"] != "ok" else answer(row, self.prompt_cfg, stamp)
         return to_output_table(rows_to_columns(out), self.run_id)
 
 
 def answer(row: dict[str, Any], prompt_cfg: Any, stamp: dict[str, Any]) -> list[dict[str, Any]]:
-    from workers.inputs import decode_frames, prompts_for_row
+    from workers.model_inputs import decode_frames, prompts_for_row
 
     frames = decode_frames(row)
     base = {k: v for k, v in row.items() if k != "frames"} | stamp
@@ -281,11 +281,11 @@ class CrashOnceStage(FrameStatsStage):
     """Kills its own actor process on its second batch, once per run (a marker file under
     model.cache_dir remembers it), as a segfault or an OOM kill would."""
 
-    def __init__(self, run_id: str, **captioner_kwargs: Any) -> None:
-        super().__init__(run_id, **captioner_kwargs)
-        self.marker, self.batches = Path(captioner_kwargs["model"].cache_dir) / "crashed-once", 0
+    def __init__(self, run_id: str, **model_stage_kwargs: Any) -> None:
+        super().__init__(run_id, **model_stage_kwargs)
+        self.marker, self.batches = Path(model_stage_kwargs["model"].cache_dir) / "crashed-once", 0
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         self.batches += 1
         if self.batches == 2 and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))

@@ -166,7 +166,7 @@ def test_llava_onevision_outputs(processors):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_the_equal_frame_count_rule_of_the_table_is_what_the_processor_needs(processors, family):
-    """workers.captioner batches by frame count exactly for the families whose row says so."""
+    """workers.model_stage batches by frame count exactly for the families whose row says so."""
     processor = processors[family]
     videos = [_random_video((4, 112, 112), 0), _random_video((6, 112, 112), 1)]
     texts = [_prompt(processor, "video", question) for question in QUESTIONS]

@@ -8,28 +8,28 @@ from collections import Counter
 
 import pytest
 
-from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, clip_row, model_cfg
+from tests.workers.test_model_stage import CAPTION, GREEDY, as_batch, clip_row, model_cfg
 from workers.call_size import FIRST_CALL_ROWS
-from workers.captioner import Captioner
+from workers.model_stage import VideoModelWorker
 from workers.settings import ActorsConfig
 
 CLIPS = [clip_row(f"c{i}", 4, 168, 168, seed=i) for i in range(8)]  # 72 visual tokens each
 
 
-def call_sizes(captioner: Captioner) -> list[int]:
-    out = captioner(as_batch(CLIPS))
+def call_sizes(worker: VideoModelWorker) -> list[int]:
+    out = worker(as_batch(CLIPS))
     assert out["status"] == ["ok"] * len(CLIPS)
     return list(Counter(out["batch_id"]).values())  # rows per call, in call order
 
 
 @pytest.fixture(scope="module")
 def stock(cache_dir):
-    return Captioner(model_cfg(retention=1.0, cache_dir=cache_dir), GREEDY, CAPTION, actors=ActorsConfig(memory_budget_gib=1.0))
+    return VideoModelWorker(model_cfg(retention=1.0, cache_dir=cache_dir), GREEDY, CAPTION, actors=ActorsConfig(memory_budget_gib=1.0))
 
 
 @pytest.fixture(scope="module")
 def dropping(cache_dir):
-    return Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION, actors=ActorsConfig(memory_budget_gib=1.0))
+    return VideoModelWorker(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION, actors=ActorsConfig(memory_budget_gib=1.0))
 
 
 def test_the_first_call_learns_the_row_size_and_later_calls_fill_the_budget(stock):
@@ -42,8 +42,8 @@ def test_the_first_call_learns_the_row_size_and_later_calls_fill_the_budget(stoc
 
 
 def test_v2drop_rows_are_smaller_so_its_calls_are_larger(stock, dropping):
-    for captioner in (stock, dropping):
-        call_sizes(captioner)  # learn
+    for worker in (stock, dropping):
+        call_sizes(worker)  # learn
     assert dropping.loaded.sizer.row_bytes < stock.loaded.sizer.row_bytes
     budget = int(4.5 * stock.loaded.sizer.row_bytes)
     stock.loaded.sizer.budget_bytes = dropping.loaded.sizer.budget_bytes = budget
@@ -53,4 +53,4 @@ def test_v2drop_rows_are_smaller_so_its_calls_are_larger(stock, dropping):
 
 
 def test_without_a_budget_on_cpu_one_call_takes_the_whole_batch(cache_dir):
-    assert call_sizes(Captioner(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)) == [len(CLIPS)]
+    assert call_sizes(VideoModelWorker(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)) == [len(CLIPS)]

@@ -10,12 +10,12 @@ import dataclasses
 
 import pytest
 
-from tests.workers.test_captioner import CAPTION, GREEDY, as_batch, model_cfg
+from tests.workers.test_model_stage import CAPTION, GREEDY, as_batch, model_cfg
 from tests.workers.test_shared_prefix import CLIPS, QA
 from v2drop import static_decode
-from workers import captioner as captioner_module
-from workers.captioner import load_for_captioning
+from workers import model_stage as model_stage_module
 from workers.generation import decode_engine
+from workers.model_stage import load_for_stage
 from workers.provenance import engine_fingerprint
 from workers.settings import ConfigError, GenerationConfig, PromptConfig
 
@@ -25,12 +25,12 @@ SAME = ("clip_id", "prompt", "status", "output_text", "output_tokens", "prompt_t
 @pytest.fixture(scope="module", params=list(CLIPS))
 def loaded(request, tmp_path_factory):
     family = request.param
-    return family, load_for_captioning(model_cfg(f"tiny:{family}", 0.25, str(tmp_path_factory.mktemp("cache"))))
+    return family, load_for_stage(model_cfg(f"tiny:{family}", 0.25, str(tmp_path_factory.mktemp("cache"))))
 
 
 def rows_for(loaded_model, family: str, prompt_cfg: PromptConfig, engine: str) -> list[dict]:
-    rows = captioner_module.batch_to_rows(as_batch(list(CLIPS[family])))
-    return captioner_module.caption_rows(loaded_model, rows, prompt_cfg, dataclasses.replace(GREEDY, decode_engine=engine))
+    rows = as_batch(list(CLIPS[family])).to_pylist()
+    return model_stage_module.answer_rows(loaded_model, rows, prompt_cfg, dataclasses.replace(GREEDY, decode_engine=engine))
 
 
 @pytest.mark.parametrize("prompt_cfg", [CAPTION, QA], ids=["caption", "qa-shared-prefix"])

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 import v2drop
-from tests.workers.test_captioner import CAPTION, GREEDY, clip_row, model_cfg
+from tests.workers.test_model_stage import CAPTION, GREEDY, clip_row, model_cfg
 from workers import agreement, shadow
-from workers.captioner import Captioner, caption_rows, enable_v2drop
+from workers.model_stage import VideoModelWorker, answer_rows, enable_v2drop
 from workers.settings import PromptConfig, QualityConfig
 
 CLIPS = [clip_row("a", 2, 56, 84, 0), clip_row("b", 2, 84, 56, 1), clip_row("c", 2, 56, 56, 2)]
@@ -20,17 +20,17 @@ NONE = QualityConfig(shadow_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
-def full(cache_dir: str) -> Captioner:
-    return Captioner(model_cfg(retention=1.0, cache_dir=cache_dir), GREEDY, CAPTION)
+def full(cache_dir: str) -> VideoModelWorker:
+    return VideoModelWorker(model_cfg(retention=1.0, cache_dir=cache_dir), GREEDY, CAPTION)
 
 
 @pytest.fixture(scope="module")
-def dropping(cache_dir: str) -> Captioner:
-    return Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
+def dropping(cache_dir: str) -> VideoModelWorker:
+    return VideoModelWorker(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
 
 
-def shadow_of(captioner: Captioner, clips: list[dict], quality: QualityConfig) -> list[dict]:
-    return caption_rows(captioner.loaded, clips, CAPTION, GREEDY, quality)
+def shadow_of(worker: VideoModelWorker, clips: list[dict], quality: QualityConfig) -> list[dict]:
+    return answer_rows(worker.loaded, clips, CAPTION, GREEDY, quality)
 
 
 # -- choosing the sample ---------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_calls_group_equal_frame_counts_and_hold_at_most_chunk_items() -> None:
 # -- the real tiny model -------------------------------------------------------------------------
 
 
-def test_at_retention_one_the_guard_reports_full_agreement(full: Captioner) -> None:
+def test_at_retention_one_the_guard_reports_full_agreement(full: VideoModelWorker) -> None:
     rows = shadow_of(full, CLIPS, ALL)
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert [r["shadow_output_text"] for r in rows] == [r["output_text"] for r in rows]
@@ -67,7 +67,7 @@ def test_at_retention_one_the_guard_reports_full_agreement(full: Captioner) -> N
 
 
 def test_with_drops_the_shadow_is_the_full_model_and_its_measures_describe_the_texts(
-    full: Captioner, dropping: Captioner
+    full: VideoModelWorker, dropping: VideoModelWorker
 ) -> None:
     plain = [r["output_text"] for r in shadow_of(dropping, CLIPS, NONE)]
     rows = shadow_of(dropping, CLIPS, ALL)
@@ -89,7 +89,7 @@ def test_with_drops_the_shadow_is_the_full_model_and_its_measures_describe_the_t
     assert not all(r["shadow_exact_match"] for r in rows)  # random weights at 25 %: disagreement is measured
 
 
-def test_only_sampled_ok_clips_get_shadow_columns(full: Captioner) -> None:
+def test_only_sampled_ok_clips_get_shadow_columns(full: VideoModelWorker) -> None:
     draws = sorted(CLIPS, key=lambda clip: shadow.sample_draw(clip["clip_id"]))
     fraction = (shadow.sample_draw(draws[0]["clip_id"]) + shadow.sample_draw(draws[1]["clip_id"])) / 2
     broken = {**clip_row("z", 2, 56, 56), "frames_shape": [3, 56, 56, 3]}
@@ -99,7 +99,7 @@ def test_only_sampled_ok_clips_get_shadow_columns(full: Captioner) -> None:
     assert all(r["shadow_lcs_ratio"] is None for r in rows if r["clip_id"] not in shadowed)
 
 
-def test_switching_v2drop_off_is_undone_even_when_the_block_fails(dropping: Captioner) -> None:
+def test_switching_v2drop_off_is_undone_even_when_the_block_fails(dropping: VideoModelWorker) -> None:
     model, loaded = dropping.loaded.model, dropping.loaded
     with pytest.raises(RuntimeError, match="inside"):
         with shadow.v2drop_off(model, lambda m: enable_v2drop(m, loaded.retention_asked, loaded.scorer)):
@@ -109,11 +109,11 @@ def test_switching_v2drop_off_is_undone_even_when_the_block_fails(dropping: Capt
 
 
 def test_qa_shadows_every_question_of_a_sampled_clip_against_the_stock_models_answers(
-    full: Captioner, dropping: Captioner
+    full: VideoModelWorker, dropping: VideoModelWorker
 ) -> None:
     qa = PromptConfig(task="qa", questions=["What happens?", "What colour is it?"])
-    rows = caption_rows(dropping.loaded, CLIPS[:2], qa, GREEDY, ALL)  # the video prefill is shared per clip
-    reference = caption_rows(full.loaded, CLIPS[:2], qa, GREEDY, NONE)
+    rows = answer_rows(dropping.loaded, CLIPS[:2], qa, GREEDY, ALL)  # the video prefill is shared per clip
+    reference = answer_rows(full.loaded, CLIPS[:2], qa, GREEDY, NONE)
     assert [(r["clip_id"], r["prompt"]) for r in rows] == [(r["clip_id"], r["prompt"]) for r in reference]
     assert [r["shadow_output_text"] for r in rows] == [r["output_text"] for r in reference]
     assert all(r["shadow_lcs_ratio"] == agreement.lcs_ratio(r["shadow_output_text"], r["output_text"]) for r in rows)

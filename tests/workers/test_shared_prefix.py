@@ -4,20 +4,21 @@ prompt per question (the unshared path), with tiny random-weight models on CPU."
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
 
 from tests.v2drop import flash_reference
 from tests.v2drop.test_attention_backends import use_kernel
-from tests.workers.test_captioner import GREEDY, as_batch, clip_row, model_cfg
+from tests.workers.test_model_stage import GREEDY, as_batch, clip_row, model_cfg
 from v2drop.flops import TextShape, prefill_flops
-from workers import captioner as captioner_module
-from workers import shared_prefix
-from workers.captioner import call_groups, load_for_captioning
-from workers.drop_stats import visual_token_ids
+from vlm.families import visual_token_ids
+from workers import model_calls, shared_prefix
+from workers import model_stage as model_stage_module
 from workers.generation import move_inputs
-from workers.inputs import build_inputs
+from workers.model_inputs import build_inputs
+from workers.model_stage import load_for_stage
 from workers.settings import PromptConfig
 
 QUESTIONS = ["What happens in this clip?", "Who?", "Tell me a long story about the colours, the people and the places."]
@@ -35,7 +36,7 @@ GENERATE = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logi
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, request):
     family, retention = request.param
-    return family, load_for_captioning(model_cfg(f"tiny:{family}", retention, str(tmp_path_factory.mktemp("cache"))))
+    return family, load_for_stage(model_cfg(f"tiny:{family}", retention, str(tmp_path_factory.mktemp("cache"))))
 
 
 def items_for(family: str):
@@ -55,8 +56,8 @@ def test_continuation_rows_are_prefix_middle_pad_suffix() -> None:
 def test_calls_hold_whole_clips_when_sharing() -> None:
     a, b, c = ({"clip": name} for name in "abc")
     items = [(a, "q1"), (a, "q2"), (b, "q1"), (c, "q1"), (c, "q2")]
-    assert call_groups(items, list(range(5)), chunk=2, share=True) == [[0, 1, 2], [3, 4]]
-    assert call_groups(items, list(range(5)), chunk=2, share=False) == [[0, 1], [2, 3], [4]]
+    assert model_calls.call_groups(items, list(range(5)), chunk=2, share=True) == [[0, 1, 2], [3, 4]]
+    assert model_calls.call_groups(items, list(range(5)), chunk=2, share=False) == [[0, 1], [2, 3], [4]]
 
 
 @pytest.mark.parametrize("loaded", [(f, r) for f in CLIPS for r in (1.0, 0.25)], indirect=True,
@@ -83,7 +84,7 @@ def check_shared_against_unshared(family: str, model_and_processor) -> None:
     with torch.no_grad():
         full = move_inputs(build_inputs(processor, items, "Be brief."), model)
         unshared = model.generate(**full, **GENERATE, pad_token_id=processor.tokenizer.pad_token_id)
-        call = shared_prefix.plan(processor, items, "Be brief.", visual_token_ids(model))
+        call = shared_prefix.plan(processor, items, "Be brief.", visual_token_ids(model.config))
         prefix = move_inputs(shared_prefix.prefix_inputs(processor, items, call), model)
         inputs, clip_stats = shared_prefix.prefill_and_fork(model, processor, call, prefix)
         shared = model.generate(**inputs, **GENERATE, pad_token_id=processor.tokenizer.pad_token_id)
@@ -92,7 +93,7 @@ def check_shared_against_unshared(family: str, model_and_processor) -> None:
     assert torch.equal(shared.sequences[:, inputs["input_ids"].shape[1]:], unshared.sequences[:, full["input_ids"].shape[1]:])
     torch.testing.assert_close(torch.stack(shared.logits, 1), torch.stack(unshared.logits, 1), rtol=0, atol=1e-5)
     if model_and_processor.retention_asked < 1:
-        assert all(s["retention_achieved"] < 0.5 for s in clip_stats)
+        assert all(s.retention_achieved < 0.5 for s in clip_stats)
 
 
 @pytest.mark.parametrize("loaded", [("qwen2_5_vl", 1.0)], indirect=True, ids=["qwen2_5_vl"])
@@ -102,11 +103,11 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
     hook = model_and_processor.model.model.visual.register_forward_hook(
         lambda module, args, kwargs, out: videos_encoded.append(kwargs["grid_thw"].shape[0]), with_kwargs=True
     )
-    rows = captioner_module.batch_to_rows(as_batch(list(CLIPS[family])))
+    rows = as_batch(list(CLIPS[family])).to_pylist()
     try:
-        shared = captioner_module.caption_rows(model_and_processor, rows, QA, GREEDY)
+        shared = model_stage_module.answer_rows(model_and_processor, rows, QA, GREEDY)
         assert videos_encoded == [2]  # both clips in one call, each once
-        unshared = captioner_module.caption_rows(model_and_processor, rows, QA, dataclasses.replace(GREEDY, share_video_prefix=False))
+        unshared = model_stage_module.answer_rows(model_and_processor, rows, QA, dataclasses.replace(GREEDY, share_video_prefix=False))
         assert videos_encoded == [2, 2, 2]  # 2 items per call, each with its own copy of its video
     finally:
         hook.remove()
@@ -116,7 +117,7 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
     # FLOPs: each clip's prefix is counted once, split over its questions, instead of once per question.
     shape = TextShape.from_config(model_and_processor.model.config.get_text_config())
     call = shared_prefix.plan(model_and_processor.processor, [(r, q) for r in rows for q in QA.questions], "Be brief.",
-                              visual_token_ids(model_and_processor.model))
+                              visual_token_ids(model_and_processor.model.config))
     for clip in range(2):
         indices = call.clip_items[clip]
         prefix_tokens = shared[indices[0]]["prompt_tokens"] - len(call.suffix_ids[indices[0]])
@@ -124,8 +125,8 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
         assert sum(unshared[i]["flops_full"] for i in indices) - sum(shared[i]["flops_full"] for i in indices) == pytest.approx(saved)
 
 
-def test_a_template_that_puts_the_question_first_is_not_shared() -> None:
-    """Then no prefix is common to a clip's questions; the call runs unshared instead."""
+def test_a_template_that_puts_the_question_first_is_not_shared(caplog) -> None:
+    """Then no prefix is common to a clip's questions; the call runs unshared instead, and says why."""
     from types import SimpleNamespace
 
     from vlm import testing as models
@@ -137,4 +138,14 @@ def test_a_template_that_puts_the_question_first_is_not_shared() -> None:
     tokenizer = models.tokenizer("qwen2_5_vl")
     processor = SimpleNamespace(apply_chat_template=question_first, tokenizer=tokenizer)
     row, video_pad = clip_row("a", 4, 56, 56), tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    assert shared_prefix.plan(processor, [(row, "What happens?"), (row, "Who?")], None, [video_pad]) is None
+    items = [(row, "What happens?"), (row, "Who?")]
+    assert shared_prefix.plan(processor, items, None, [video_pad]) == "the chat template puts no video before the prompt"
+    config = SimpleNamespace(model_type="qwen2_5_vl", image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                             video_token_id=video_pad)
+    loaded = SimpleNamespace(model=SimpleNamespace(config=config), processor=processor)
+    with caplog.at_level(logging.WARNING, logger="workers.model_calls"):
+        plan = model_calls.plan_call(loaded, items, None, share=True)
+    assert plan == model_calls.CallPlan(None, fallback="the chat template puts no video before the prompt")
+    assert "share_video_prefix" in caplog.text and "no video before the prompt" in caplog.text
+    assert model_calls.plan_call(loaded, items, None, share=False) == model_calls.CallPlan(None)  # not asked: no log
+    assert model_calls.plan_call(loaded, items[:1], None, share=True) == model_calls.CallPlan(None)  # nothing to share

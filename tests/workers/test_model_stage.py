@@ -1,26 +1,29 @@
-"""workers.captioner on CPU with tiny random-weight models (vlm.tiny), called directly (no Ray).
+"""workers.model_stage and workers.model_calls on CPU with tiny random-weight models (vlm.tiny), called directly (no Ray).
 
 The model tests use the families' real processors (`vlm.processing.load_processor`), as production does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 import v2drop
 from pipeline.config import StorageConfig
 from pipeline.storage import Storage
-from workers import captioner as captioner_module
-from workers.captioner import OUTPUT_COLUMNS, Captioner
+from workers import model_calls
+from workers import model_stage as model_stage_module
 from workers.generation import GenResult, count_output_tokens
-from workers.inputs import build_inputs, clip_fps, decode_frames, expand_prompts
 from workers.loading import ModelSourceError, resolve_model_source
+from workers.model_inputs import build_inputs, clip_fps, decode_frames, expand_prompts
+from workers.model_stage import MODEL_COLUMNS, VideoModelWorker
 from workers.settings import GenerationConfig, ModelConfig, PromptConfig
 
 MAX_NEW_TOKENS = 6
@@ -57,22 +60,18 @@ def upstream_error_row(clip_id: str) -> dict[str, Any]:
             "status": "error", "error": "decode: moov atom not found", "error_stage": "decode"}
 
 
-def as_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Rows as a Ray Data numpy batch: one object array per column."""
-    batch = {}
-    for name in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[name] for row in rows]
-        batch[name] = column
-    return batch
+def as_batch(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as the Arrow batch Ray Data hands the stage (numpy values as lists, as Arrow stores them)."""
+    return pa.Table.from_pylist([{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in row.items()}
+                                 for row in rows])
 
 
 THREE_CLIPS = [clip_row("a", 4, 112, 112, 0), clip_row("b", 6, 84, 140, 1), clip_row("c", 2, 140, 84, 2)]
 
 
 @pytest.fixture(scope="module")
-def qwen(cache_dir: str) -> Captioner:
-    return Captioner(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)
+def qwen(cache_dir: str) -> VideoModelWorker:
+    return VideoModelWorker(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)
 
 
 # -- pure functions ----------------------------------------------------------------------------
@@ -116,6 +115,36 @@ def test_uncached_hub_id_offline_says_what_to_do(monkeypatch, tmp_path) -> None:
         resolve_model_source("nobody/not-a-cached-model", revision=None, cache_dir=tmp_path, storage=None)
 
 
+def test_model_columns_are_one_list_that_every_row_and_the_schema_follow() -> None:
+    from pipeline.schema import FILE_SCHEMA
+
+    assert {f.name for f in dataclasses.fields(GenResult)} <= set(MODEL_COLUMNS)
+    assert len(set(MODEL_COLUMNS)) == len(MODEL_COLUMNS)
+    assert set(MODEL_COLUMNS) - set(FILE_SCHEMA.names) == {"peak_memory_bytes"}  # pipeline._model renames it
+    stamp = {"model_id": "m", "started_at": "t0", "finished_at": "t1"}
+    ok = model_stage_module.result_row(THREE_CLIPS[0], "p", GenResult(output_text="x", prefill_ms=1.0), stamp)
+    failed = model_stage_module.result_row(THREE_CLIPS[0], "", GenResult(status="error", error="bad"), stamp)
+    passed = model_stage_module.passthrough_row(upstream_error_row("x"))
+    for row in (ok, failed, passed):
+        assert set(MODEL_COLUMNS) <= set(row) and "frames" not in row
+    assert (ok["output_text"], ok["prefill_ms"], ok["error_stage"], ok["model_id"]) == ("x", 1.0, None, "m")
+    assert (failed["status"], failed["error"], failed["error_stage"]) == ("error", "bad", "model")
+    assert (passed["status"], passed["error_stage"], passed["model_id"], passed["prompt"]) == ("error", "decode", None, "")
+
+
+def test_rows_to_columns_fills_missing_keys_in_first_seen_order() -> None:
+    columns = model_stage_module.rows_to_columns([{"a": 1, "b": 2}, {"c": 3, "a": 4}])
+    assert columns == {"a": [1, 4], "b": [2, None], "c": [None, 3]}
+
+
+def test_next_call_holds_whole_clips_within_the_memory_budget() -> None:
+    a, b, c = ({"clip": name} for name in "abc")
+    items = [(a, "q1"), (a, "q2"), (b, "q1"), (c, "q1"), (c, "q2")]
+    assert model_calls.next_call(items, [0, 1, 2, 3, 4], chunk=3, rows=3, share=True) == [0, 1, 2]
+    assert model_calls.next_call(items, [3, 4], chunk=3, rows=1, share=True) == [3, 4]  # always one whole clip
+    assert model_calls.next_call(items, [0, 1, 2, 3, 4], chunk=3, rows=2, share=False) == [0, 1]
+
+
 def test_tiny_source_resolves_to_random_weights(cache_dir: str) -> None:
     resolved = resolve_model_source("tiny:qwen2_5_vl", revision=None, cache_dir=cache_dir, storage=None)
     assert resolved.random_weights is True
@@ -143,10 +172,10 @@ def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> Non
             raise RuntimeError("shape mismatch")
         return [GenResult(output_text=prompt) for prompt in prompts]
 
-    monkeypatch.setattr(captioner_module, "build_inputs", lambda processor, items, system: items)
-    monkeypatch.setattr(captioner_module, "generate_batch", fake_generate)
+    monkeypatch.setattr(model_calls, "build_inputs", lambda processor, items, system: items)
+    monkeypatch.setattr(model_calls, "generate_batch", fake_generate)
     items = [({}, p) for p in ("p0", "p1", "bad", "p3")]
-    results = captioner_module.run_items(_FakeLoaded(), items, None, GREEDY, chunk=4)
+    results = model_calls.run_items(_FakeLoaded(), items, None, GREEDY, chunk=4)
     assert [r.status for r in results] == ["ok", "ok", "error", "ok"]
     assert [r.output_text for r in results] == ["p0", "p1", None, "p3"]
     assert results[2].error == "RuntimeError: shape mismatch"
@@ -163,11 +192,11 @@ def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> Non
 # -- the real tiny models ------------------------------------------------------------------------
 
 
-def test_caption_batch_of_three_clips(qwen: Captioner) -> None:
+def test_caption_batch_of_three_clips(qwen: VideoModelWorker) -> None:
     out = qwen(as_batch(THREE_CLIPS))
 
     assert list(out["clip_id"]) == ["a", "b", "c"]
-    assert "frames" not in out and set(OUTPUT_COLUMNS) <= set(out)
+    assert "frames" not in out and set(MODEL_COLUMNS) <= set(out)
     assert {len(values) for values in out.values()} == {3}
     assert out["status"] == ["ok"] * 3 and out["error"] == [None] * 3
     assert all(text.strip() for text in out["output_text"])
@@ -183,7 +212,7 @@ def test_caption_batch_of_three_clips(qwen: Captioner) -> None:
     assert all(m > 0 for m in out["peak_memory_bytes"])
 
 
-def test_output_matches_the_parquet_schema(qwen: Captioner) -> None:
+def test_output_matches_the_parquet_schema(qwen: VideoModelWorker) -> None:
     from pipeline.schema import conform
 
     table = conform(qwen(as_batch(THREE_CLIPS[:1] + [upstream_error_row("x")])))
@@ -191,17 +220,17 @@ def test_output_matches_the_parquet_schema(qwen: Captioner) -> None:
     assert table.column("started_at").type.tz == "UTC"
 
 
-def test_qa_two_questions_give_two_rows_per_clip(qwen: Captioner) -> None:
+def test_qa_two_questions_give_two_rows_per_clip(qwen: VideoModelWorker) -> None:
     qa = PromptConfig(task="qa", questions=["What happens?", "What colour is it?"], system="Be brief.")
-    rows = captioner_module.batch_to_rows(as_batch(THREE_CLIPS[:2]))
-    out = captioner_module.rows_to_columns(captioner_module.caption_rows(qwen.loaded, rows, qa, GREEDY))
+    rows = as_batch(THREE_CLIPS[:2]).to_pylist()
+    out = model_stage_module.rows_to_columns(model_stage_module.answer_rows(qwen.loaded, rows, qa, GREEDY))
     assert list(zip(out["clip_id"], out["prompt"])) == [
         ("a", "What happens?"), ("a", "What colour is it?"), ("b", "What happens?"), ("b", "What colour is it?")
     ]
     assert out["status"] == ["ok"] * 4
 
 
-def test_error_rows_pass_through_and_corrupt_frames_fail_alone(qwen: Captioner) -> None:
+def test_error_rows_pass_through_and_corrupt_frames_fail_alone(qwen: VideoModelWorker) -> None:
     corrupt = {**clip_row("bad", 4, 56, 56), "frames_shape": np.array([5, 56, 56, 3])}
     out = qwen(as_batch([THREE_CLIPS[0], upstream_error_row("x"), corrupt, THREE_CLIPS[1]]))
 
@@ -214,14 +243,14 @@ def test_error_rows_pass_through_and_corrupt_frames_fail_alone(qwen: Captioner) 
     assert all(out["output_text"][i] for i in (0, 3))
 
 
-def test_rows_say_what_produced_them(cache_dir: str, qwen: Captioner) -> None:
+def test_rows_say_what_produced_them(cache_dir: str, qwen: VideoModelWorker) -> None:
     from workers.provenance import engine_fingerprint
 
-    quarter = Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
+    quarter = VideoModelWorker(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     depth = quarter.loaded.model.config.get_text_config().num_hidden_layers
     schedule = list(v2drop.Schedule.for_retention(depth, 0.25).layers)
-    for captioner, cfg, layers in ((qwen, model_cfg(), []), (quarter, model_cfg(retention=0.25), schedule)):
-        row = captioner(as_batch(THREE_CLIPS[:1]))
+    for worker, cfg, layers in ((qwen, model_cfg(), []), (quarter, model_cfg(retention=0.25), schedule)):
+        row = worker(as_batch(THREE_CLIPS[:1]))
         assert row["engine_fingerprint"] == [engine_fingerprint(cfg, GREEDY, None)]
         assert row["drop_layers"] == [layers] and len(row["drop_keep"][0]) == len(layers)
         assert row["self_check"][0].startswith("passed (qwen2_5_vl, transformers ")
@@ -238,13 +267,13 @@ def test_a_failing_self_check_fails_model_loading(cache_dir: str, monkeypatch) -
     runtime_check._cached.cache_clear()
     try:
         with pytest.raises(v2drop.SelfCheckError, match="keep at 1.0"):
-            Captioner(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)
+            VideoModelWorker(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)
     finally:
         runtime_check._cached.cache_clear()
 
 
-def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: str, qwen: Captioner) -> None:
-    dropping = Captioner(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
+def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: str, qwen: VideoModelWorker) -> None:
+    dropping = VideoModelWorker(model_cfg(retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     full, dropped = qwen(as_batch(THREE_CLIPS)), dropping(as_batch(THREE_CLIPS))
 
     assert dropped["status"] == ["ok"] * 3 and dropped["retention_asked"] == [0.25] * 3
@@ -257,10 +286,10 @@ def test_retention_quarter_drops_visual_tokens_and_full_keeps_them(cache_dir: st
     assert dropped["flops_full"] == full["flops_full"]
 
 
-def test_llava_onevision_runs_through_the_same_captioner(cache_dir: str, caplog) -> None:
-    llava = Captioner(model_cfg("tiny:llava_onevision", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
+def test_llava_onevision_runs_through_the_same_worker(cache_dir: str, caplog) -> None:
+    llava = VideoModelWorker(model_cfg("tiny:llava_onevision", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 2, 84, 140, 1), clip_row("c", 4, 140, 84, 2)]
-    with caplog.at_level(logging.WARNING, logger="workers.captioner"):
+    with caplog.at_level(logging.WARNING, logger="workers.model_calls"):
         out = llava(as_batch(clips))
 
     assert out["status"] == ["ok"] * 3 and all(text.strip() for text in out["output_text"])
@@ -284,12 +313,12 @@ def test_s3_model_is_downloaded_once_into_the_node_cache_and_captions(cache_dir,
     again = resolve_model_source(uri + "/", cache_dir=node_cache, storage=storage)
     assert first.path_or_id == again.path_or_id and first.path_or_id.startswith(str(node_cache))
     assert first.model_id == uri and first.random_weights is True  # the tiny marker travelled with the files
-    out = Captioner(model_cfg(uri, cache_dir=str(node_cache)), GREEDY, CAPTION, storage=storage)(as_batch(THREE_CLIPS[:1]))
+    out = VideoModelWorker(model_cfg(uri, cache_dir=str(node_cache)), GREEDY, CAPTION, storage=storage)(as_batch(THREE_CLIPS[:1]))
     assert out["status"] == ["ok"] and out["model_id"] == [uri]
 
 
-def test_qwen3_vl_runs_through_the_same_captioner(cache_dir: str) -> None:
-    qwen3 = Captioner(model_cfg("tiny:qwen3_vl", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
+def test_qwen3_vl_runs_through_the_same_worker(cache_dir: str) -> None:
+    qwen3 = VideoModelWorker(model_cfg("tiny:qwen3_vl", retention=0.25, cache_dir=cache_dir), GREEDY, CAPTION)
     clips = [clip_row("a", 4, 112, 112, 0), clip_row("b", 6, 84, 140, 1)]
     out = qwen3(as_batch(clips))
 
