@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import _write
+from pipeline._consolidate import consolidate
 from pipeline._decode import decode_batch
 from pipeline._model import CaptionStage, captioner_kwargs, run_fingerprint, to_output_table
 from pipeline._probe import probe_batch
@@ -185,7 +186,7 @@ def write_rows(
     timer.check()
     progress.tick(force=True)
     plan.lease.check()
-    return stats, _write.consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log)
+    return stats, consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log)
 
 
 def _model_load_error(error: Exception) -> ModelLoadError | None:

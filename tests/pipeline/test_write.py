@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import _write
-from pipeline._write import FileKeys, OutputError, PartWriter, consolidate, read_state, rows_to_drop
+from pipeline._consolidate import consolidate, rows_to_drop
+from pipeline._write import FileKeys, OutputError, PartWriter, read_state
 from pipeline.schema import FILE_SCHEMA
 from pipeline.storage import Storage
 
