@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline._inputs import VIDEO_SCHEMA
+from pipeline._discover import VIDEO_SCHEMA
 from pipeline._rows import error_fields, extend_schema, to_table
 from pipeline.storage import Storage, StorageError
 from pipeline.video import VideoError, probe

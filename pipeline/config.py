@@ -9,13 +9,12 @@ Merge order (later wins)::
 
 then ``OmegaConf.to_object`` builds the dataclasses, whose ``__post_init__`` check ranges and
 enums. Every error is a ``ConfigError`` whose message starts with the dotted key and says what
-is allowed, e.g. ``model.retention: must be in (0, 1], got 1.5``.
+is allowed, e.g. ``model.retention: must be in (0, 1], got 1.5``; the checks the sections share and
+the OmegaConf-error translation live in `pipeline.config_checks`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,9 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.redact import SECRET_KEY, redact, scrub_secrets
+from pipeline.config_checks import (
+    explain,
+    load_yaml,
+    parse_overrides,
+    require_finite_numbers,
+    require_supported_scheme,
+)
+from pipeline.redact import scrub_secrets
 
 # The sections the model actor consumes are defined beside it (workers may not import pipeline);
 # re-exported here, so the job config reads as one module to its users.
@@ -41,26 +47,7 @@ from workers.settings import require as _require
 from workers.settings import require_choice as _require_choice
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
-# URI schemes the storage layer reads and writes; anything else (gs://, abfs://, hdfs://) is
-# refused by name instead of being taken for a local folder called "gs:".
-SUPPORTED_SCHEMES = ("s3", "file")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-
-def uri_scheme(uri: str) -> str:
-    """'s3://b/k' -> 's3', 'GS://b' -> 'gs', '/data' and 'tiny:qwen2_5_vl' -> ''."""
-    match = _SCHEME.match(uri)
-    return match.group(1).lower() if match else ""
-
-
-def _require_supported_scheme(uri: str, key: str, allowed: tuple[str, ...] = SUPPORTED_SCHEMES) -> None:
-    scheme = uri_scheme(uri)
-    _require(not scheme or scheme in allowed, key,
-             f"{scheme}:// is not supported; give a local path or {' | '.join(s + '://' for s in allowed)}, got {redact(uri)}")
 
 
 @dataclass
@@ -71,7 +58,7 @@ class InputConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.uri), "input.uri", "must name a folder, glob, s3:// prefix or manifest")
-        _require_supported_scheme(self.uri, "input.uri")
+        require_supported_scheme(self.uri, "input.uri")
         _require(self.limit is None or self.limit >= 1, "input.limit", f"must be >= 1 or null, got {self.limit}")
 
     @property
@@ -85,7 +72,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.uri), "output.uri", "must name a local folder or s3://bucket/prefix")
-        _require_supported_scheme(self.uri, "output.uri")
+        require_supported_scheme(self.uri, "output.uri")
 
 
 @dataclass
@@ -194,10 +181,10 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        _require_finite_numbers(self)
+        require_finite_numbers(self)
         # Which schemes a model may come from is the storage layer's fact, so it is checked here.
-        _require_supported_scheme(self.model.source, "model.source", ("s3",))
-        _require_supported_scheme(self.model.cache_dir or "", "model.cache_dir", ("file",))
+        require_supported_scheme(self.model.source, "model.source", ("s3",))
+        require_supported_scheme(self.model.cache_dir or "", "model.cache_dir", ("file",))
         # The job name becomes a Hive partition value and a path segment.
         _require(
             re.fullmatch(r"[A-Za-z0-9_.-]+", self.job or "") is not None,
@@ -212,30 +199,18 @@ class JobConfig:
         )
 
 
-def _require_finite_numbers(cfg: JobConfig) -> None:
-    """inf and nan pass every range check written as `x > 0`; refuse them once, for every key."""
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(values):
-            continue
-        for item in dataclasses.fields(values):
-            value = getattr(values, item.name)
-            _require(not isinstance(value, float) or math.isfinite(value), f"{section.name}.{item.name}",
-                     f"must be a finite number, got {value}")
-
-
 # --- loading -------------------------------------------------------------------------------
 
 
 def load_job(job_path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig:
     """Build the validated JobConfig from a job file, its preset and CLI ``k=v`` overrides."""
     job_path = Path(job_path)
-    job_file = _load_yaml(job_path, "job file")
-    cli = _parse_overrides(overrides)
+    job_file = load_yaml(job_path, "job file")
+    cli = parse_overrides(overrides, JobConfig)
     preset = cli.get("preset", job_file.get("preset"))
     layers = [job_file]
     if preset:
-        layers.append(_load_yaml(preset_path(job_path, str(preset)), f"preset {preset!r}"))
+        layers.append(load_yaml(preset_path(job_path, str(preset)), f"preset {preset!r}"))
     layers.append(cli)
     return resolve(layers)
 
@@ -248,7 +223,7 @@ def resolve(layers: list[Any]) -> JobConfig:
             merged = OmegaConf.merge(merged, layer)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e)) from None
+        raise ConfigError(explain(e, JobConfig)) from None
     assert isinstance(cfg, JobConfig)
     return cfg
 
@@ -258,69 +233,6 @@ def preset_path(job_path: Path, preset: str) -> Path:
     if preset.endswith((".yaml", ".yml")) or os.sep in preset:
         return Path(preset)
     return job_path.parent / "presets" / f"{preset}.yaml"
-
-
-def _load_yaml(path: Path, what: str) -> Any:
-    if not path.is_file():
-        hint = ""
-        if what.startswith("preset"):
-            names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-            hint = f"; available presets in {path.parent}: {', '.join(names) or 'none'}"
-        raise ConfigError(f"{'preset' if what.startswith('preset') else 'job'}: {what} {path} not found{hint}")
-    loaded = OmegaConf.load(path)
-    if not OmegaConf.is_dict(loaded):
-        raise ConfigError(f"job: {what} {path} must hold a YAML mapping of sections")
-    return loaded
-
-
-def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> Any:
-    for position, item in enumerate(overrides, 1):
-        if "=" not in item:
-            # A bare word may be a pasted secret: echo it only when it looks like a key.
-            shown = item if re.fullmatch(r"[A-Za-z_][\w.]*", item) and not SECRET_KEY.search(item) else f"argument {position}"
-            raise ConfigError(f"{shown}: command-line overrides are dotted key=value, e.g. model.retention=0.5")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e)) from None
-
-
-def _explain(e: OmegaConfBaseException) -> str:
-    """Turn an OmegaConf error into '<dotted key>: <what is allowed>'."""
-    key = getattr(e, "full_key", None) or "config"
-    if isinstance(e, ConfigKeyError):
-        return f"{key}: unknown key; valid keys here are: {', '.join(_valid_keys(key))}"
-    reason = redact(str(e).splitlines()[0])
-    if _may_hold_secret(key):  # the wrong-type value may be a secret typed into the wrong key
-        reason = "value of the wrong type (not shown: this key's section may hold secrets)"
-    expected = _expected_type(key)
-    return f"{key}: {reason}" + (f" (expected {expected})" if expected else "")
-
-
-def _may_hold_secret(dotted_key: str) -> bool:
-    """Keys of the storage section (endpoints, credentials by mistake) and secret-looking names."""
-    return dotted_key.split(".")[0] in ("storage", "config") or bool(SECRET_KEY.search(dotted_key))
-
-
-def _section_of(dotted_key: str) -> Any:
-    node: Any = JobConfig
-    for part in dotted_key.split(".")[:-1]:
-        node = {f.name: f for f in node.__dataclass_fields__.values()}[part].default_factory
-    return node
-
-
-def _valid_keys(dotted_key: str) -> list[str]:
-    try:
-        return list(_section_of(dotted_key).__dataclass_fields__)
-    except (KeyError, AttributeError, TypeError):
-        return list(JobConfig.__dataclass_fields__)
-
-
-def _expected_type(dotted_key: str) -> str | None:
-    try:
-        return str(_section_of(dotted_key).__dataclass_fields__[dotted_key.split(".")[-1]].type)
-    except (KeyError, AttributeError, TypeError):
-        return None
 
 
 # --- paths and the resolved config ----------------------------------------------------------

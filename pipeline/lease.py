@@ -35,7 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.storage import Storage, local_path, split_s3_uri
+from pipeline.local_files import local_path
+from pipeline.s3 import split_s3_uri
+from pipeline.storage import Storage
 from pipeline.storage_errors import StorageError, translated
 
 LEASE_NAME = "lease.json"

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import _write
-from pipeline._inputs import list_videos, videos_table
+from pipeline._discover import list_videos, videos_table
 from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
 from pipeline.lease import Lease, lease_uri
 from pipeline.storage import Storage, StorageError

@@ -1,18 +1,20 @@
 """`run(cfg)`: the whole job as numbered stages on Ray Data. Start here.
 
-    0. preflight  driver   checks before Ray, the output's lease, finished keys read back (resume)
-    1. discover   driver   one row per video                       1:1 with the inputs
-    2. probe      tasks    container metadata or an error row      1:1
-    3. shard      tasks    one row per clip still to run           1:N (skipped: 1 row)
-    4. decode     tasks    frames as bytes + shape + dtype         1:1
-    5. model      actors   one row per (clip, prompt)              1:N (qa: one per question)
-    6. write      driver   Parquet parts, ok+skipped / errors      atomic files, then the rows they replace go
-    7. summary    driver   summaries/.../summary-<run_id>.parquet, runs/<run_id>/summary.json + report.html
+    stage (module)                  where   rows                                  cardinality
+    0. preflight (preflight.py)     driver  checks before Ray, the output's lease, finished keys read back (resume)
+    1. discover  (_discover.py)     driver  one row per video (manifests read here)  1:1 with the inputs
+    2. probe     (_probe.py)        tasks   container metadata or an error row     1:1
+    3. shard     (_shard.py)        tasks   one row per clip still to run          1:N (skipped: 1 row)
+    4. decode    (_decode.py)       tasks   frames as bytes + shape + dtype        1:1
+    5. model     (_model.py)        actors  one row per (clip, prompt)             1:N (qa: one per question)
+    6. write     (_write.py)        driver  Parquet parts, ok+skipped / errors     atomic files, then
+                 (_consolidate.py)          compaction; the older rows they replace go
+    7. summary   (_summary.py)      driver  summaries/.../summary-<run_id>.parquet, runs/<run_id>/summary.json + report.html
 
-Every column that flows between stages is listed in the stage module's docstring
-(`pipeline/_probe.py` ... `pipeline/_model.py`); the output rows are `pipeline.schema.ROW_SCHEMA`.
-Worked example, one 13 s video with clip_len_s=5 and task=qa with two questions: 1 row after
-discover and probe, 3 after shard ([0,5) [5,10) [10,13)), 3 after decode, 6 after the model.
+Every column that flows between stages is listed in the stage module's docstring; the output
+rows are `pipeline.schema.ROW_SCHEMA` (docs/schema.md). Worked example, one 13 s video with
+clip_len_s=5 and task=qa with two questions: 1 row after discover and probe, 3 after shard
+([0,5) [5,10) [10,13)), 3 after decode, 6 after the model.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import _write
+from pipeline._consolidate import consolidate
 from pipeline._decode import decode_batch
 from pipeline._model import ModelStage, model_stage_kwargs, run_fingerprint, to_output_table
 from pipeline._probe import probe_batch
@@ -185,7 +188,7 @@ def write_rows(
     timer.check()
     progress.tick(force=True)
     plan.lease.check()
-    return stats, _write.consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log)
+    return stats, consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log)
 
 
 def _model_load_error(error: BaseException) -> ModelLoadError | None:

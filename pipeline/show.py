@@ -16,7 +16,8 @@ import sys
 from typing import Any
 
 from pipeline._write import ERRORS_SUFFIX, job_data_uri, run_dir_uri
-from pipeline.config import ConfigError, _parse_overrides, resolve
+from pipeline.config import ConfigError, JobConfig, resolve
+from pipeline.config_checks import parse_overrides
 from pipeline.redact import redact
 from pipeline.storage import Storage, StorageError
 
@@ -91,7 +92,7 @@ def storage_from_options(options: list[str]) -> Storage:
     if wrong:
         raise ConfigError(f"{wrong[0].split('=')[0]}: pipeline.show takes only storage.* options, e.g. "
                           "storage.endpoint_url=http://127.0.0.1:9000")
-    return Storage(resolve([_parse_overrides(options)]).storage)
+    return Storage(resolve([parse_overrides(options, JobConfig)]).storage)
 
 
 def main(argv: list[str] | None = None) -> int:

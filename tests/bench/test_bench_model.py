@@ -6,7 +6,9 @@ works, and that its table holds every variant x batch x new-token row and the ri
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,48 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert any(n.startswith("whole model with V²Drop") for n in names)
     assert any(n.startswith("peak memory") for n in names)
     assert all(set(t) == {"target", "measured", "goal", "met", "off_by"} for t in report["targets"])
+
+
+
+REPO = Path(__file__).resolve().parents[2]
+OWN_PACKAGES = ("bench", "v2drop", "vlm", "pipeline", "workers")
+
+
+def _module_level_imports(module: str) -> set[str]:
+    """Modules `module` imports when it is imported: its top-level import statements (those inside
+    functions run only when called), `if TYPE_CHECKING:` blocks left out."""
+    path = REPO / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = REPO / module.replace(".", "/") / "__init__.py"
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for inner in ast.walk(node) if isinstance(node, ast.If | ast.Try) else [node]:
+            if isinstance(inner, ast.Import):
+                found.update(alias.name for alias in inner.names)
+            elif isinstance(inner, ast.ImportFrom) and inner.module and not inner.level:
+                found.add(inner.module)
+                found.update(f"{inner.module}.{alias.name}" for alias in inner.names)
+    return found
+
+
+def test_the_gpu_command_needs_only_torch_and_transformers():
+    """The GPU box runs `python -m bench.bench_model` with torch + transformers and this repository:
+    nothing it imports at module level, followed through this repository's modules, is Ray,
+    pyarrow or the pipeline (an import inside a function runs only when called)."""
+    seen, todo, outside = set(), ["bench.bench_model"], set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for name in _module_level_imports(module):
+            top = name.split(".")[0]
+            is_file = (REPO / (name.replace(".", "/") + ".py")).exists() or (REPO / name.replace(".", "/")).is_dir()
+            if top in OWN_PACKAGES and is_file:
+                todo.append(name)
+            outside.add(top)
+    assert {"bench.model_setup", "bench.model_checks", "bench.model_report", "v2drop", "vlm.tiny"} <= seen
+    assert not outside & {"ray", "pyarrow", "pandas", "pipeline", "workers"}, sorted(outside)

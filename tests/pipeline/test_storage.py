@@ -23,9 +23,10 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from pyarrow import fs as pafs
 
-from pipeline._inputs import read_manifest
+from pipeline._discover import read_manifest
 from pipeline.config import StorageConfig
-from pipeline.storage import COMPLETE_MARKER, Storage, StorageError
+from pipeline.node_cache import COMPLETE_MARKER
+from pipeline.storage import Storage, StorageError
 from tests.s3_server import seed_objects  # s3_server, s3_bucket: fixtures from tests/conftest.py
 
 VIDEO_EXTENSIONS = ["mp4", "mkv", "mov"]

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline._inputs import read_manifest
+from pipeline._discover import read_manifest
 from pipeline.config import StorageConfig
 from pipeline.storage import Storage, StorageError
 from tests.s3_faults import FaultProxy
@@ -119,7 +119,7 @@ def test_a_fifo_named_like_a_video_is_listed_and_refused_by_name(tmp_path, form)
 
 def test_a_fifo_becomes_an_error_row_naming_it_from_a_folder_and_a_manifest(tmp_path):
     """Stage 2 never opens it (opening a FIFO blocks): the row says what the file is."""
-    from pipeline._inputs import discover
+    from pipeline._discover import discover
     from pipeline._probe import probe_batch
     from pipeline.config import InputConfig
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import video
+from pipeline import decoders, frame_sampling, video
 from pipeline.clips import plan_clips
 from pipeline.video import DecoderProcess, DecodeTimeout, VideoError, decode_clip, probe
 
@@ -118,7 +118,7 @@ def test_every_rotation_tag_gives_the_same_picture_from_both_decoders(tmp_path, 
     picture[:32, :64] = 255  # a white top-left quadrant shows which way the frame turned
     path = write_video(tmp_path / "rot.mp4", [picture] * 4, codec="libx264", fps=10, rotation_ccw_deg=rotation_ccw_deg)
     expected = np.rot90(picture, k=rotation_ccw_deg // 90)  # what a player shows
-    for decoder in video.DECODERS:
+    for decoder in decoders.DECODERS:
         clip = decode_clip(str(path), 0.0, 0.4, num_frames=2, decoder=decoder)
         assert clip.frames.shape[1:] == expected.shape, decoder
         assert mean_abs_diff(clip.frames[0], expected) < 3.0, decoder
@@ -149,23 +149,23 @@ def test_frames_are_shrunk_to_max_pixels_keeping_the_aspect(samples):
 
 
 def test_fit_to_max_pixels():
-    assert video.fit_to_max_pixels(720, 1280, 448 * 448) == (336, 597)
-    assert video.fit_to_max_pixels(270, 480, 448 * 448) == (270, 480)
-    assert video.fit_to_max_pixels(10_000, 1, 100) == (100, 1)
+    assert frame_sampling.fit_to_max_pixels(720, 1280, 448 * 448) == (336, 597)
+    assert frame_sampling.fit_to_max_pixels(270, 480, 448 * 448) == (270, 480)
+    assert frame_sampling.fit_to_max_pixels(10_000, 1, 100) == (100, 1)
     for h, w, limit in [(1080, 1920, 200_704), (568, 320, 1000), (7, 3, 1)]:
-        fit_h, fit_w = video.fit_to_max_pixels(h, w, limit)
+        fit_h, fit_w = frame_sampling.fit_to_max_pixels(h, w, limit)
         assert fit_h * fit_w <= limit and fit_h >= 1 and fit_w >= 1
 
 
 def test_sample_times_and_their_argument_checks():
-    assert video.sample_times_s(0.0, 10.0, num_frames=4, fps=None) == [1.25, 3.75, 6.25, 8.75]
-    assert video.sample_times_s(0.0, 2.0, num_frames=None, fps=2.0) == [0.25, 0.75, 1.25, 1.75]
+    assert frame_sampling.sample_times_s(0.0, 10.0, num_frames=4, fps=None) == [1.25, 3.75, 6.25, 8.75]
+    assert frame_sampling.sample_times_s(0.0, 2.0, num_frames=None, fps=2.0) == [0.25, 0.75, 1.25, 1.75]
     with pytest.raises(ValueError, match="start_s"):
-        video.sample_times_s(5.0, 5.0, num_frames=4, fps=None)
+        frame_sampling.sample_times_s(5.0, 5.0, num_frames=4, fps=None)
     with pytest.raises(ValueError, match="num_frames"):
-        video.sample_times_s(0.0, 1.0, num_frames=0, fps=None)
+        frame_sampling.sample_times_s(0.0, 1.0, num_frames=0, fps=None)
     with pytest.raises(ValueError, match="fps"):
-        video.sample_times_s(0.0, 1.0, num_frames=4, fps=-1.0)
+        frame_sampling.sample_times_s(0.0, 1.0, num_frames=4, fps=-1.0)
 
 
 def test_records_round_trip_through_arrow(samples):
@@ -231,7 +231,7 @@ def test_a_matroska_file_cut_in_half_gives_a_partial_clip_not_padding(tmp_path, 
     data = (samples / "flipping_a_pancake.mkv").read_bytes()
     path = tmp_path / "cut.mkv"
     path.write_bytes(data[: len(data) // 2])  # MKV streams: the first ~5 s stay readable
-    for decoder in video.DECODERS:
+    for decoder in decoders.DECODERS:
         clip = decode_clip(str(path), 0.0, 10.0, num_frames=16, decoder=decoder)
         assert clip.partial and "cut short" in clip.error, decoder
         assert 0 < len(clip.timestamps_s) < 16 and max(clip.timestamps_s) < 5.5
@@ -261,7 +261,7 @@ def test_decord_provider_reads_every_sample_as_pyav_does(samples, name):
     """decord2 as the decord provider: on every sample, its probe and its first second of frames agree
     with PyAV's (corrupted.mp4's damage starts after 2.7 s)."""
     path = str(samples / name)
-    by_decord, by_pyav = video._probe_decord(path), probe(path)
+    by_decord, by_pyav = decoders.probe_decord(path), probe(path)
     assert (by_decord.num_frames, by_decord.width, by_decord.height) == (by_pyav.num_frames, by_pyav.width, by_pyav.height)
     assert by_decord.fps == pytest.approx(by_pyav.fps, abs=0.01)
     clips = [decode_clip(path, 0.0, 1.0, num_frames=4, decoder=decoder) for decoder in ("decord", "pyav")]
@@ -290,7 +290,7 @@ def test_one_clip_in_the_middle_of_a_ten_minute_video(tmp_path):
     clips = plan_clips(path, info.duration_s, clip_len_s=10.0, stride_s=10.0, min_clip_len_s=2.0)
     assert len(clips) == 60
     middle = clips[30]  # [300, 310): frames 600..619
-    for decoder in video.DECODERS:
+    for decoder in decoders.DECODERS:
         clip = decode_clip(path, middle.start_s, middle.end_s, num_frames=None, fps=2.0, decoder=decoder)
         assert len(clip.timestamps_s) == 20 and all(300.0 <= t < 310.0 for t in clip.timestamps_s), decoder
         pixels = clip.frames[:, 32, 32].astype(float)

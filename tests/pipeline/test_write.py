@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import _write
-from pipeline._write import FileKeys, OutputError, PartWriter, consolidate, read_state, rows_to_drop
+from pipeline._consolidate import SMALL_FILE_ROWS, consolidate, older_rewrites, rows_to_drop
+from pipeline._write import FileKeys, OutputError, PartWriter, read_state
 from pipeline.schema import FILE_SCHEMA
 from pipeline.storage import Storage
 
@@ -67,6 +68,28 @@ def test_rows_to_drop_replaces_rewritten_keys_and_keeps_one_row_of_a_duplicate()
     assert rows_to_drop([a, b, c], written=set(), replace_all=True) == {
         a.uri: [0, 1], b.uri: [0, 1], c.uri: [0]}
     assert rows_to_drop([b], written={("k9", "p")}, replace_all=False) == {}
+
+
+def test_older_rewrites_merge_small_files_per_folder_and_kind_and_rewrite_each_file_losing_rows() -> None:
+    def keys(n: int) -> list[tuple[str, str]]:
+        return [(f"k{i}", "p") for i in range(n)]
+
+    small_a = FileKeys("d1/part-r1-00000.parquet", keys(2), [True] * 2)
+    small_b = FileKeys("d1/part-r1-00001.parquet", keys(3), [True] * 3)
+    small_errors = FileKeys("d1/part-r1-00001-errors.parquet", keys(1), [False])  # the only small errors file
+    alone = FileKeys("d2/part-r1-00000.parquet", keys(2), [True] * 2)  # the only small file of d2: kept as is
+    big = FileKeys("d2/part-r2-00000.parquet", keys(SMALL_FILE_ROWS + 5), [True] * (SMALL_FILE_ROWS + 5))
+    shrinking = FileKeys("d3/part-r2-00000.parquet", keys(SMALL_FILE_ROWS), [True] * SMALL_FILE_ROWS)
+    small_d3 = FileKeys("d3/part-r3-00000.parquet", keys(1), [True])
+    gone = FileKeys("d3/part-r4-00000.parquet", keys(1), [True])  # every row dropped: rewritten to nothing
+    drops = {big.uri: [0], shrinking.uri: [0], gone.uri: [0]}
+    plan = older_rewrites([small_a, small_b, small_errors, alone, big, shrinking, small_d3, gone], drops)
+    assert plan == [
+        ([small_a.uri, small_b.uri], ".parquet"),  # small neighbours of one folder and kind become one file
+        ([shrinking.uri, small_d3.uri], ".parquet"),  # losing a row made it small: merged with d3's other one
+        ([big.uri], ".parquet"),  # still large after its drop: rewritten on its own
+        ([gone.uri], ".parquet"),
+    ]
 
 
 # --- a run's rows, start to end ------------------------------------------------------------------

@@ -19,7 +19,9 @@ import pyarrow as pa
 
 from pipeline._rows import to_table
 from pipeline.config import InputConfig
-from pipeline.storage import OTHER_SCHEME, Storage, local_path, split_s3_uri
+from pipeline.local_files import local_path
+from pipeline.s3 import OTHER_SCHEME, split_s3_uri
+from pipeline.storage import Storage
 from pipeline.storage_errors import StorageError, translated
 
 MANIFEST_URI_COLUMNS = ("uri", "video", "path")  # first one present names the video

@@ -1,0 +1,110 @@
+"""The whole-model benchmark's one-off measurements beside its table: capture check, vision loop
+vs batched, prefill FLOP ratio, aten calls and syncs per decode step, a per-step kernel profile."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+import v2drop
+from bench.model_setup import VARIANTS, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
+from bench.op_counts import decode_step_counts
+from bench.report import timed
+from v2drop import static_decode, vision
+
+
+def check_capture(model, tokenizer, args, schedule) -> str | None:
+    """The captured static step must give the uncaptured step's tokens; otherwise the run goes on
+    uncaptured and the report says why."""
+    if not args.capture or "static" not in args.engines:
+        return None
+    clips = clip_batch(model, tokenizer, args.grid, 2, args.device)
+    inputs = text_inputs(clips, encode(model, clips))
+    try:
+        for variant in VARIANTS:
+            set_variant(model, variant, schedule)
+            eager = static_decode.generate_static(model, fresh(inputs), 8, capture=False, stop_check_every=8)
+            captured = static_decode.generate_static(model, fresh(inputs), 8, capture=True, stop_check_every=8)
+            if not torch.equal(eager, captured):
+                raise RuntimeError(f"{variant}: captured tokens {captured.tolist()} != uncaptured {eager.tolist()}")
+        return None
+    except Exception as error:  # noqa: BLE001 - the run goes on uncaptured and the report says why
+        args.capture = False
+        return f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def vision_loop_vs_batched(model, tokenizer, args) -> dict:
+    """The vision tower at batch 1, stock per-window loop vs batched sdpa calls (ms per clip)."""
+    clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
+    times = {}
+    for name, switch in (("stock_loop", vision.uninstall), ("batched", vision.install)):
+        switch(model)
+        encode(model, clips)  # warm-up
+        times[f"{name}_ms"] = statistics.median(timed(lambda: encode(model, clips), args.device)[0]
+                                                for _ in range(max(args.repeats, 1)))
+    return times
+
+
+def prefill_flop_ratio(model, tokenizer, args, schedule) -> float:
+    set_variant(model, "v2drop", schedule)
+    clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
+    with torch.no_grad():
+        model(**fresh(text_inputs(clips, encode(model, clips))), use_cache=True, logits_to_keep=1)
+    stats = v2drop.last_stats(model)[0]
+    return stats["prefill_flops"] / stats["prefill_flops_full"]
+
+
+def step_counts(model, tokenizer, args, schedule) -> dict:
+    clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
+    inputs = text_inputs(clips, encode(model, clips))
+    counts = {}
+    for variant in VARIANTS:
+        set_variant(model, variant, schedule)
+        counts[variant] = decode_step_counts(model, inputs).as_dict()
+    return counts
+
+
+def kernel_ms(fn) -> dict[str, tuple[float, int]]:
+    """GPU kernel time (ms) and launches per kernel name while `fn` runs (CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key: (e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+            if e.self_device_time_total > 0}
+
+
+@torch.no_grad()
+def step_profile(model, tokenizer, args, schedule, batch: int, steps: int = 16) -> dict:
+    """Where one decode step's time goes (CUDA only), per variant and engine: a run of 1 + `steps`
+    tokens minus a run of 1 token (its prefill), per step. Wall time per step beside GPU kernel
+    time per step: wall well above kernel time means the step is bound by launch overhead."""
+    if not args.device.startswith("cuda"):
+        return {}
+    clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
+    inputs = text_inputs(clips, encode(model, clips))
+    out = {}
+    for variant in VARIANTS:
+        set_variant(model, variant, schedule)
+        for engine in args.engines:
+            try:
+                def call(n: int, engine: str = engine) -> object:
+                    return run_generate(model, inputs, n, engine, args)
+
+                call(steps + 1)  # warm-up
+                wall_ms = (timed(lambda c=call: c(steps + 1), args.device)[0] - timed(lambda c=call: c(1), args.device)[0]) / steps
+                one, many = kernel_ms(lambda c=call: c(1)), kernel_ms(lambda c=call: c(steps + 1))
+                per_step = {k: ((ms - one.get(k, (0, 0))[0]) / steps, (n - one.get(k, (0, 0))[1]) / steps)
+                            for k, (ms, n) in many.items()}
+                top = sorted(per_step.items(), key=lambda kv: -kv[1][0])[:6]
+                out[f"{variant}/{engine}"] = {
+                    "wall_ms_per_step": wall_ms,
+                    "kernel_ms_per_step": sum(ms for ms, _ in per_step.values()),
+                    "launches_per_step": sum(n for _, n in per_step.values()),
+                    "top": [(k[:70], round(ms, 3), round(n, 1)) for k, (ms, n) in top],
+                }
+            except Exception as error:  # noqa: BLE001 - a profile is a diagnostic; the run goes on
+                out[f"{variant}/{engine}"] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    return out

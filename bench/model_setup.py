@@ -1,0 +1,95 @@
+"""The whole-model benchmark's model, its clips and the two decode engines (set-up, no timing).
+
+A Qwen2.5-VL with random weights and the real architecture, `--seven-b` giving Qwen2.5-VL-7B's
+shapes; each clip is one video of `--grid` patches and the same prompt, so a batch has no padding.
+Needs only torch, transformers and this repository (the GPU box runs it without Ray or pyarrow).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import v2drop
+from bench.bench_v2drop import SEVEN_B, kv_cache_bytes
+from v2drop import static_decode
+from v2drop.compat import output_cache
+from vlm import tiny
+
+VARIANTS = ("stock", "v2drop")
+# Qwen2.5-VL-7B's vision tower (config.json of Qwen/Qwen2.5-VL-7B-Instruct)
+SEVEN_B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                      fullatt_block_indexes=[7, 15, 23, 31])
+PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal patch * patch²
+
+
+def build_model(args):
+    tokenizer = tiny.build_tokenizer("qwen2_5_vl")
+    shape = SEVEN_B if args.seven_b else dict(
+        hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+        intermediate_size=args.intermediate_size)
+    config = tiny.build_config("qwen2_5_vl", tokenizer, num_layers=args.num_layers, **shape,
+                               vision_hidden_size=args.vision_hidden_size, vision_depth=args.vision_depth)
+    if args.seven_b:
+        for key, value in SEVEN_B_VISION.items():
+            setattr(config.vision_config, key, value)
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = args.attn
+    model = tiny.build_model(config, device=args.device).to(getattr(torch, args.dtype))
+    return model, tokenizer
+
+
+def clip_batch(model, tokenizer, grid, batch: int, device) -> dict:
+    """`batch` copies of one prompt holding a video of `grid` patches, with its pixels."""
+    t, h, w = grid
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe this video in detail."}]}],
+        tokenize=False, add_generation_prompt=True,
+    ).replace("<|video_pad|>", "<|video_pad|>" * (t * h * w // 4), 1)
+    input_ids = torch.tensor([tokenizer(text)["input_ids"]] * batch, device=device)
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    pixels = torch.randn(t * h * w, PATCH_DIM, generator=torch.Generator().manual_seed(0))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": 2 * (input_ids == video_id).int(),
+        "video_grid_thw": torch.tensor([[t, h, w]] * batch, device=device),
+        "second_per_grid_ts": torch.tensor([1.0] * batch, device=device),
+        "pixels": pixels.to(device, model.dtype).repeat(batch, 1),
+    }
+
+
+def text_inputs(clips: dict, encoded) -> dict:
+    """generate()'s inputs with the encoder output given; every call gets its own dicts (generate pops)."""
+    inputs = {k: v for k, v in clips.items() if k != "pixels"}
+    inputs["mm_encoder_outputs"] = {"video": encoded}
+    return inputs
+
+
+def fresh(inputs: dict) -> dict:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}
+
+
+def set_variant(model, variant: str, schedule) -> None:
+    if variant == "stock":
+        v2drop.disable(model)
+    else:
+        v2drop.enable(model, schedule)
+
+
+@torch.no_grad()
+def encode(model, clips: dict):
+    return model.model.get_video_features(clips["pixels"], clips["video_grid_thw"], return_dict=True)
+
+
+@torch.no_grad()
+def run_generate(model, inputs: dict, new_tokens: int, engine: str, args):
+    """Exactly `new_tokens` greedy steps per row (the static engine checks for finished rows only
+    at the end, as generate's min_new_tokens keeps every row going); returns (KV-cache bytes or
+    None, the new tokens [B, new_tokens])."""
+    if engine == "dynamic":
+        out = model.generate(**fresh(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, return_dict_in_generate=True)
+        return kv_cache_bytes(output_cache(out)), out.sequences[:, -new_tokens:]
+    tokens = static_decode.generate_static(model, fresh(inputs), new_tokens, capture=args.capture,
+                                           stop_check_every=new_tokens)
+    return None, tokens

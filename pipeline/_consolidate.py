@@ -1,0 +1,111 @@
+"""Stage 6, write (driver), after the run: compact this run's files, replace older rows, repair.
+
+Step 3 of the life of a run's rows (steps 1-2 are in `pipeline._write`). After every row of the
+run is written: this run's small files are compacted into files of up to ROWS_PER_FILE rows, then
+every older row whose key this run wrote again (an earlier error, `resume=false`, a row the
+`DoneRule` refuses) is removed, keys that older versions left duplicated keep one row, and older
+small files of one folder (a killed run's flushes) are merged. A file is rewritten by writing its
+replacement first and deleting it second, so a crash at any point leaves every key readable at
+least once, and the next run's step 3 leaves it exactly once.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline._write import ERRORS_SUFFIX, FileKeys, Key, OutputState, PartWriter, writing
+from pipeline.storage import Storage
+
+ROWS_PER_FILE = 20_000  # compacted files hold up to this many rows: large enough for readers
+SMALL_FILE_ROWS = ROWS_PER_FILE // 4  # older files below this are merged with their neighbours
+
+
+def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool) -> dict[str, list[int]]:
+    """Row indices to remove per older file: every row when `replace_all` (resume=false), else
+    rows whose key this run wrote again, and all but one row of a key duplicated among them (the
+    kept one: a done row before an error, then the newest file name, i.e. the latest run_id).
+
+    Example: a.parquet holds k1 (error), k2 (ok); b.parquet holds k2 (ok); this run wrote k1 ->
+    {'a.parquet': [0, 1]} (k1 rewritten; k2 kept in b, the newer name).
+    """
+    drops: dict[str, list[int]] = {}
+    best: dict[Key, tuple[tuple[bool, str, int], str, int]] = {}
+    for f in files:
+        for row, (k, done) in enumerate(zip(f.keys, f.done)):
+            if replace_all or k in written:
+                drops.setdefault(f.uri, []).append(row)
+                continue
+            rank = (done, posixpath.basename(f.uri), row)
+            if k in best:
+                loser = min(best[k], (rank, f.uri, row))
+                drops.setdefault(loser[1], []).append(loser[2])
+                best[k] = max(best[k], (rank, f.uri, row))
+            else:
+                best[k] = (rank, f.uri, row)
+    return {uri: sorted(rows) for uri, rows in drops.items()}
+
+
+def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replace_all: bool,
+                log: Callable[[str], None] = print) -> list[str]:
+    """Compact this run's files, drop the older rows it replaces, merge older small files (those a
+    killed run left, one per flush); returns this run's files. Every change writes first."""
+    stem = f"{writer.partition_uri}/part-{writer.run_id}"
+    files = []
+    for suffix, group in _by_kind(writer.files).items():
+        with writing(writer.partition_uri):
+            files += rewrite(storage, group, {}, f"{stem}-c", suffix) if len(group) > 1 else group
+    drops = rows_to_drop(state.files, writer.written, replace_all)
+    for n, (group, suffix) in enumerate(older_rewrites(state.files, drops)):
+        folder = posixpath.dirname(group[0])
+        with writing(folder):
+            rewrite(storage, group, drops, f"{folder}/part-{writer.run_id}-r{n:05d}-", suffix)
+    if drops:
+        log(f"[write] replaced {sum(map(len, drops.values()))} older rows in {len(drops)} files")
+    return files
+
+
+def older_rewrites(files: list[FileKeys], drops: dict[str, list[int]]) -> list[tuple[list[str], str]]:
+    """(files, suffix) to rewrite as one: each file losing rows, merged with the other small files
+    (< SMALL_FILE_ROWS rows left) of its folder and kind, so killed runs' flushes do not pile up."""
+    left = {f.uri: len(f.keys) - len(drops.get(f.uri, [])) for f in files}
+    small: dict[tuple[str, str], list[str]] = {}
+    for f in files:
+        if 0 < left[f.uri] < SMALL_FILE_ROWS:
+            small.setdefault((posixpath.dirname(f.uri), _suffix(f.uri)), []).append(f.uri)
+    merged = [(group, suffix) for (_, suffix), group in sorted(small.items()) if len(group) > 1]
+    in_merge = {uri for group, _ in merged for uri in group}
+    return merged + [([uri], _suffix(uri)) for uri in sorted(drops) if uri not in in_merge]
+
+
+def rewrite(storage: Storage, sources: list[str], drops: dict[str, list[int]], stem: str, suffix: str) -> list[str]:
+    """`sources` without their `drops` rows as files `<stem>00000<suffix>`... of up to
+    ROWS_PER_FILE rows, written before the sources are deleted; returns the files written."""
+    tables = []
+    for uri in sources:
+        table = storage.read_parquet(uri)
+        if drops.get(uri):
+            table = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows)), pa.array(drops[uri]))))
+        tables.append(table)
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    written = []
+    for n, start in enumerate(range(0, table.num_rows if table is not None else 0, ROWS_PER_FILE)):
+        written.append(f"{stem}{n:05d}{suffix}")
+        storage.write_parquet_atomic(table.slice(start, ROWS_PER_FILE), written[-1])
+    for uri in sources:
+        storage.delete(uri)
+    return written
+
+
+def _suffix(uri: str) -> str:
+    return ERRORS_SUFFIX if uri.endswith(ERRORS_SUFFIX) else ".parquet"
+
+
+def _by_kind(files: list[str]) -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {}
+    for uri in files:
+        kinds.setdefault(_suffix(uri), []).append(uri)
+    return dict(sorted(kinds.items()))
