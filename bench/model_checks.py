@@ -15,19 +15,23 @@ from v2drop import static_decode, vision
 
 
 def check_capture(model, tokenizer, args, schedule) -> str | None:
-    """The captured static step must give the uncaptured step's tokens; otherwise the run goes on
-    uncaptured and the report says why."""
-    if not args.capture or "static" not in args.engines:
+    """The captured static step (and the captured compiled one, when that engine runs) must give
+    the same step's uncaptured tokens; otherwise the run goes on uncaptured and the report says why."""
+    compiles = [c for engine, c in (("static", False), ("compiled", True)) if engine in args.engines]
+    if not args.capture or not compiles:
         return None
     clips = clip_batch(model, tokenizer, args.grid, 2, args.device)
     inputs = text_inputs(clips, encode(model, clips))
     try:
         for variant in VARIANTS:
             set_variant(model, variant, schedule)
-            eager = static_decode.generate_static(model, fresh(inputs), 8, capture=False, stop_check_every=8)
-            captured = static_decode.generate_static(model, fresh(inputs), 8, capture=True, stop_check_every=8)
-            if not torch.equal(eager, captured):
-                raise RuntimeError(f"{variant}: captured tokens {captured.tolist()} != uncaptured {eager.tolist()}")
+            for compile in compiles:  # captured vs uncaptured, each with the same step function
+                eager, captured = (static_decode.generate_static(model, fresh(inputs), 8, capture=capture,
+                                                                 compile=compile, stop_check_every=8)
+                                   for capture in (False, True))
+                if not torch.equal(eager, captured):
+                    raise RuntimeError(f"{variant}{' compiled' if compile else ''}: captured tokens "
+                                       f"{captured.tolist()} != uncaptured {eager.tolist()}")
         return None
     except Exception as error:  # noqa: BLE001 - the run goes on uncaptured and the report says why
         args.capture = False

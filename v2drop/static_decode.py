@@ -14,7 +14,12 @@ each step and builds masks of growing length, so no step can be captured as a CU
    step 0 runs eagerly as the warm-up, the graph is recorded once (recording executes nothing,
    so no state moves), and steps 1.. replay it after copying the token and the step number into
    its input buffers. No compiler is involved, so capturing costs about one step per call.
-   On CPU the step runs uncaptured.
+   On CPU the step runs uncaptured. `compile=True` runs the step through `torch.compile`
+   (inductor, no cudagraphs of its own: the capture above records the compiled kernels), which
+   fuses the ~2,200 kernels of an eager step; a replayed graph still launches each of them.
+   It compiles with dynamic cache lengths: calls of the same batch size reuse one compiled graph
+   whatever their prompt lengths; each new batch size compiles once more (transformers' layers
+   specialise the batch dimension).
 4. Rows that produced an end token emit the pad token from then on, as generate does; the loop
    stops once every row has finished (checked every `stop_check_every` steps, one sync each).
 
@@ -26,7 +31,9 @@ text rule of the Qwen families; 1-D RoPE for LLaVA-OneVision).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
@@ -49,7 +56,7 @@ class StaticState:
 
 
 @torch.no_grad()
-def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool = False,
+def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool = False, compile: bool = False,
                     stop_check_every: int = 1, **prefill_kwargs) -> torch.Tensor:
     """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new
     tokens. `prefill_kwargs` go to the prefill's generate call (a logits processor that times the
@@ -61,7 +68,8 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
         return first
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
     del dynamic
-    step = CapturedStep(model, text_model, state) if capture else EagerStep(model, text_model, state)
+    fn = compiled_decode_step() if compile else decode_step
+    step = CapturedStep(model, text_model, state, fn) if capture else EagerStep(model, text_model, state, fn)
     tokens = torch.full((first.shape[0], max_new_tokens), pad, dtype=torch.long, device=first.device)
     tokens[:, :1] = first
     finished = torch.isin(first[:, 0], eos)
@@ -78,6 +86,17 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
 def decode_step(model, text_model, state: StaticState, token: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """One greedy step with static shapes: token [B, 1] at step t (0-d long) -> next token [B]."""
     return decode_logits(model, text_model, state, token, t).argmax(dim=-1)
+
+
+StepFunction = Callable[..., torch.Tensor]  # decode_step's signature
+
+
+@cache
+def compiled_decode_step() -> StepFunction:
+    """decode_step through torch.compile, made once per process so that every call shares its
+    compiled graphs (dynamo caches them on the function's code); dynamic=True: one graph for every
+    cache length, one per batch size."""
+    return torch.compile(decode_step, dynamic=True)
 
 
 def decode_logits(model, text_model, state: StaticState, token: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -108,22 +127,22 @@ def forced_logits(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class EagerStep:
-    """decode_step called directly (CPU, or CUDA without capture)."""
+    """The step function called directly (CPU, or CUDA without capture)."""
 
-    def __init__(self, model, text_model, state: StaticState) -> None:
-        self.args = (model, text_model, state)
+    def __init__(self, model, text_model, state: StaticState, fn: StepFunction = decode_step) -> None:
+        self.args, self.fn = (model, text_model, state), fn
 
     def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
-        return decode_step(*self.args, token, torch.tensor(t, device=token.device))
+        return self.fn(*self.args, token, torch.tensor(t, device=token.device))
 
 
 class CapturedStep:
-    """decode_step as one CUDA graph over fixed input buffers (token, step number)."""
+    """The step function as one CUDA graph over fixed input buffers (token, step number)."""
 
-    def __init__(self, model, text_model, state: StaticState) -> None:
+    def __init__(self, model, text_model, state: StaticState, fn: StepFunction = decode_step) -> None:
         if not torch.cuda.is_available() or state.next_positions.device.type != "cuda":
             raise ValueError("capture=True needs the model on a CUDA device; use capture=False on CPU")
-        self.args = (model, text_model, state)
+        self.args, self.fn = (model, text_model, state), fn
         self.graph: torch.cuda.CUDAGraph | None = None
         self.token: torch.Tensor | None = None
         self.t = torch.zeros((), dtype=torch.long, device=state.next_positions.device)
@@ -144,11 +163,11 @@ class CapturedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # the real step t, also warming up kernels and workspaces
-            first = decode_step(*self.args, self.token, self.t).clone()
+            first = self.fn(*self.args, self.token, self.t).clone()  # compiles here when compiled
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records only: cache counters and masks do not move
-            self.out = decode_step(*self.args, self.token, self.t)
+            self.out = self.fn(*self.args, self.token, self.t)
         return first
 
 

@@ -79,3 +79,23 @@ def test_static_step_asks_the_device_nothing(dropping):
         step(first, 1)
     assert sum(counter.calls.get(op, 0) for op in SYNC_OPS) == 0  # capturable: no host reads
     assert [int(layer.cumulative_length) for layer in state.cache.layers[:1]] == [dynamic.layers[0].keys.shape[2] + 2]
+
+
+@pytest.mark.slow
+def test_the_compiled_step_gives_generates_tokens_with_one_graph_for_every_cache_length():
+    """`compile=True` (torch.compile of the step, for the GPU) on CPU: the same greedy tokens as
+    generate(), V²Drop on, for two calls whose prompts and cache lengths differ, with one compiled
+    graph for both (the lengths are dynamic; each batch size compiles once)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = models.model("qwen2_5_vl", num_layers=4)  # compile time grows with the layers
+    v2drop.enable(model, v2drop.Schedule.for_retention(4, 0.25))
+    visual = models.Visual("video", (2, 8, 8))
+    graphs = []
+    for questions in (QUESTIONS, ["Hi", "Why is the sky blue today, in this clip, and not green?"]):
+        inputs = models.batch("qwen2_5_vl", [models.Sample(q, visual) for q in questions])
+        expected = _reference(model, inputs, 6)
+        assert static_decode.generate_static(model, inputs, 6, compile=True).tolist() == expected.tolist()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == 1, graphs
