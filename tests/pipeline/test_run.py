@@ -445,7 +445,8 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
     """Both job files through `ray job submit` to a cluster of the test's own, the real tiny model
-    captioning or answering one clip: caption.yaml in the long form, qa.yaml in the short form."""
+    captioning or answering one clip: caption.yaml in the long form, qa.yaml in the short form,
+    submitted together so that they share the cluster, as scheduled runs do."""
     videos = tmp_path / "videos"
     videos.mkdir()
     make_video(videos / "one_clip.mp4", "libx264", 5, 4, 64, 48)  # one 5 s clip under preset=offline
@@ -462,19 +463,28 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
     # `ray start --block` stays in the foreground and stops what it started when signalled, so the
     # test ends exactly its own cluster (`ray stop` would end every Ray on the machine).
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", *ports, f"--dashboard-port={dashboard}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", "--num-cpus=4",  # two jobs' actors and tasks at once
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     gcs = f"127.0.0.1:{ports[0].split('=')[1]}"
     try:
         address = f"http://127.0.0.1:{dashboard}"
         wait_for_dashboard(address)
-        for job, form, rows_per_clip in (("caption", ["--", "python", "-m", "pipeline", "jobs/caption.yaml"], 1),
-                                         ("qa", ["jobs/qa.yaml"], 3)):
-            out = tmp_path / job
-            result = submit_when_agent_is_up([ray_bin, "job", "submit", "--address", address, "--working-dir", ".",
-                                              *form, "preset=offline", f"input.uri={videos}", f"output.uri={out}"], env)
+        jobs = (("caption", ["--", "python", "-m", "pipeline", "jobs/caption.yaml"], 1), ("qa", ["jobs/qa.yaml"], 3))
+        submission_ids = {}
+        for job, form, _ in jobs:
+            result = submit_when_agent_is_up([ray_bin, "job", "submit", "--no-wait", "--address", address,
+                                              "--working-dir", ".", *form, "preset=offline", f"input.uri={videos}",
+                                              f"output.uri={tmp_path / job}"], env)
             assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+            submission_ids[job] = re.search(r"Job '(raysubmit_\w+)' submitted successfully", result.stdout).group(1)
+        for job, _, rows_per_clip in jobs:
+            submission_id, out = submission_ids[job], tmp_path / job
+            logs = subprocess.run([ray_bin, "job", "logs", "--follow", "--address", address, submission_id],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+            status = subprocess.run([ray_bin, "job", "status", "--address", address, submission_id],
+                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+            assert f"Job '{submission_id}' succeeded" in status.stdout, (logs.stdout + status.stdout + status.stderr)[-3000:]
             rows = read_rows(out)
             assert by_file(rows) == {"one_clip.mp4": {"ok": rows_per_clip}, "h265_video.mp4": {"ok": rows_per_clip}}
             ok = [r for r in rows.to_pylist() if r["status"] == "ok"]
@@ -484,7 +494,6 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
             summary = json.loads(summary.read_text())
             assert summary["rows_ok"] == 2 * rows_per_clip
             # the submission id in the summary, the run id in the Ray job's metadata
-            submission_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", result.stdout).group(1)
             assert summary["ray_job_submission_id"] == submission_id
             assert {"job_submission_id": submission_id, "v2drop_run_id": summary["run_id"], "v2drop_job": job}.items() \
                 <= next(m for m in ray_job_metadata(gcs, env) if m.get("job_submission_id") == submission_id).items()
