@@ -102,20 +102,15 @@ def run_items(
 def planned_calls(items: Sequence[Item], indices: list[int], chunk: int, share: bool,
                   rows: Callable[[], int]) -> Iterator[list[int]]:
     """`indices` cut into generate calls, lazily: `rows()` (the memory budget in items) is asked
-    before each call, so it can learn from the one before."""
+    before each call, so it can learn from the one before. Without a budget each call holds
+    `chunk` whole clips when sharing the video prefill, else `chunk` items. Example: clips
+    [a, a, b, c, c], chunk 2, share -> [0, 1, 2], [3, 4]."""
     remaining = list(indices)
     while remaining:
         part = next_call(items, remaining, chunk, rows(), share)
         taken = set(part)
         remaining = [i for i in remaining if i not in taken]
         yield part
-
-
-def call_groups(items: Sequence[Item], indices: list[int], chunk: int, share: bool) -> list[list[int]]:
-    """`indices` cut into generate calls without a memory budget: `chunk` whole clips per call when
-    sharing the video prefill, else `chunk` items. Example: clips [a, a, b, c, c], chunk 2,
-    share -> [0, 1, 2], [3, 4]."""
-    return list(planned_calls(items, indices, chunk, share, lambda: len(indices)))
 
 
 def next_call(items: Sequence[Item], remaining: list[int], chunk: int, rows: int, share: bool) -> list[int]:

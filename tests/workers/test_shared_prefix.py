@@ -56,8 +56,12 @@ def test_continuation_rows_are_prefix_middle_pad_suffix() -> None:
 def test_calls_hold_whole_clips_when_sharing() -> None:
     a, b, c = ({"clip": name} for name in "abc")
     items = [(a, "q1"), (a, "q2"), (b, "q1"), (c, "q1"), (c, "q2")]
-    assert model_calls.call_groups(items, list(range(5)), chunk=2, share=True) == [[0, 1, 2], [3, 4]]
-    assert model_calls.call_groups(items, list(range(5)), chunk=2, share=False) == [[0, 1], [2, 3], [4]]
+
+    def no_budget() -> int:
+        return len(items)
+
+    assert list(model_calls.planned_calls(items, list(range(5)), 2, True, no_budget)) == [[0, 1, 2], [3, 4]]
+    assert list(model_calls.planned_calls(items, list(range(5)), 2, False, no_budget)) == [[0, 1], [2, 3], [4]]
 
 
 @pytest.mark.parametrize("loaded", [(f, r) for f in CLIPS for r in (1.0, 0.25)], indirect=True,
