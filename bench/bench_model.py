@@ -16,7 +16,8 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
 * total per clip = (vision + generate) / batch; clips/s and output tokens/s from it.
 * peak memory: torch.cuda.max_memory_allocated over vision + generate (CUDA); the KV cache
   bytes after generate everywhere.
-* aten calls and host-device syncs of one decode step (bench.op_counts), stock vs V²Drop.
+* aten calls and host-device syncs of one decode step and of one prefill at batch 1 (bench.op_counts),
+  stock vs V²Drop; on CUDA, wall vs kernel time of that prefill (where the batch-1 prefill ratio goes).
 * two decode engines: `dynamic` (generate() on a DynamicCache) and `static` (v2drop.static_decode:
   per-stage preallocated cache, one static-shape step, captured as a CUDA graph on CUDA after a
   check that captured and uncaptured tokens agree; if capture fails the run goes on uncaptured
@@ -43,7 +44,14 @@ import torch
 import v2drop
 from bench import report as report_file
 from bench.bench_v2drop import hardware
-from bench.model_checks import check_capture, prefill_flop_ratio, step_counts, step_profile, vision_loop_vs_batched
+from bench.model_checks import (
+    check_capture,
+    prefill_flop_ratio,
+    prefill_profile,
+    step_counts,
+    step_profile,
+    vision_loop_vs_batched,
+)
 from bench.model_report import markdown, targets
 from bench.model_setup import VARIANTS, build_model, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
 from bench.report import timed
@@ -157,7 +165,7 @@ def main(argv=None) -> dict:
     model, tokenizer = build_model(args)
     schedule = v2drop.Schedule.for_retention(args.num_layers, args.retention)
     vision_ms = vision_loop_vs_batched(model, tokenizer, args)  # leaves the batched tower installed
-    counts = step_counts(model, tokenizer, args, schedule)
+    decode_counts, prefill_counts = step_counts(model, tokenizer, args, schedule)
     flop_ratio = prefill_flop_ratio(model, tokenizer, args, schedule)
     capture_error = check_capture(model, tokenizer, args, schedule)
     t, h, w = args.grid
@@ -178,7 +186,9 @@ def main(argv=None) -> dict:
         "vision_batch1": vision_ms,
         "static_step_captured": args.capture,
         "capture_error": capture_error,
-        "decode_step_counts": counts,
+        "decode_step_counts": decode_counts,
+        "prefill_counts": prefill_counts,
+        "prefill_profile": prefill_profile(model, tokenizer, args, schedule),
         "rows": rows,
         "targets": targets(rows, flop_ratio),
         "profile_batch": profile_batch,

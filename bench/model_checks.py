@@ -1,5 +1,6 @@
 """The whole-model benchmark's one-off measurements beside its table: capture check, vision loop
-vs batched, prefill FLOP ratio, aten calls and syncs per decode step, a per-step kernel profile."""
+vs batched, prefill FLOP ratio, aten calls and syncs of a decode step and of a prefill, kernel
+profiles of a decode step and of a batch-1 prefill."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import v2drop
 from bench.model_setup import VARIANTS, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
-from bench.op_counts import decode_step_counts
+from bench.op_counts import decode_step_counts, prefill_counts
 from bench.report import timed
 from v2drop import static_decode, vision
 
@@ -59,14 +60,16 @@ def prefill_flop_ratio(model, tokenizer, args, schedule) -> float:
     return stats["prefill_flops"] / stats["prefill_flops_full"]
 
 
-def step_counts(model, tokenizer, args, schedule) -> dict:
+def step_counts(model, tokenizer, args, schedule) -> tuple[dict, dict]:
+    """Aten calls and host-device syncs per variant at batch 1: (one decode step, one prefill)."""
     clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
     inputs = text_inputs(clips, encode(model, clips))
-    counts = {}
+    decode, prefill = {}, {}
     for variant in VARIANTS:
         set_variant(model, variant, schedule)
-        counts[variant] = decode_step_counts(model, inputs).as_dict()
-    return counts
+        decode[variant] = decode_step_counts(model, inputs).as_dict()
+        prefill[variant] = prefill_counts(model, inputs).as_dict()
+    return decode, prefill
 
 
 def kernel_ms(fn) -> dict[str, tuple[float, int]]:
@@ -111,4 +114,34 @@ def step_profile(model, tokenizer, args, schedule, batch: int, steps: int = 16) 
                 }
             except Exception as error:  # noqa: BLE001 - a profile is a diagnostic; the run goes on
                 out[f"{variant}/{engine}"] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    return out
+
+
+@torch.no_grad()
+def prefill_profile(model, tokenizer, args, schedule) -> dict:
+    """Where a batch-1 prefill's time goes (CUDA only), per variant: wall time beside GPU kernel
+    time. At batch 1 a dropped stage's layers are small, so wall well above kernel time means the
+    host (Python, launches, syncs) sets the pace, not the GPU: the prefill time ratio then stays
+    above the FLOP ratio."""
+    if not args.device.startswith("cuda"):
+        return {}
+    clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
+    inputs = text_inputs(clips, encode(model, clips))
+    out = {}
+    for variant in VARIANTS:
+        set_variant(model, variant, schedule)
+
+        def prefill() -> object:
+            return model(**fresh(inputs), use_cache=True, logits_to_keep=1)
+
+        prefill()  # warm-up
+        wall_ms = statistics.median(timed(prefill, args.device)[0] for _ in range(3))
+        kernels = kernel_ms(prefill)
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:6]
+        out[variant] = {
+            "wall_ms": wall_ms,
+            "kernel_ms": sum(ms for ms, _ in kernels.values()),
+            "launches": sum(n for _, n in kernels.values()),
+            "top": [(k[:70], round(ms, 3), n) for k, (ms, n) in top],
+        }
     return out

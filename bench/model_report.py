@@ -77,7 +77,8 @@ def markdown(report: dict) -> str:
         "", f"Vision tower at batch 1: stock per-window loop {v['stock_loop_ms']:.1f} ms, "
         f"batched sdpa {v['batched_ms']:.1f} ms ({v['stock_loop_ms'] / v['batched_ms']:.2f}x).", "",
         "One decode step at batch 1 (aten calls / host-device syncs): " + ", ".join(
-            f"{name} {n['op_calls']} / {n['syncs']}" for name, n in c.items()) + ".", "",
+            f"{name} {n['op_calls']} / {n['syncs']}" for name, n in c.items()) + "; one prefill: " + ", ".join(
+            f"{name} {n['op_calls']} / {n['syncs']}" for name, n in report["prefill_counts"].items()) + ".", "",
         "| target | measured | goal | met | measured / goal |", "|---|---|---|---|---|",
     ]
     for t in report["targets"]:
@@ -90,6 +91,10 @@ def markdown(report: dict) -> str:
         lines.append(f"\nProfile of one decode step, {name}, batch {report['profile_batch']}: wall "
                      f"{p['wall_ms_per_step']:.2f} ms/step, GPU kernels {p['kernel_ms_per_step']:.2f} ms/step in "
                      f"{p['launches_per_step']:.0f} launches. Top kernels (ms/step, launches/step): "
+                     + "; ".join(f"{k} {ms} x{n}" for k, ms, n in p["top"]))
+    for name, p in report.get("prefill_profile", {}).items():
+        lines.append(f"\nProfile of one prefill at batch 1, {name}: wall {p['wall_ms']:.2f} ms, GPU kernels "
+                     f"{p['kernel_ms']:.2f} ms in {p['launches']} launches. Top kernels (ms, launches): "
                      + "; ".join(f"{k} {ms} x{n}" for k, ms, n in p["top"]))
     if not report["hardware"].startswith("NVIDIA"):
         lines += ["", "Not on the GPU the targets are set for: the targets table shows the report's shape, not a claim."]

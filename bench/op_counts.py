@@ -1,8 +1,13 @@
-"""Operator calls and host-device syncs of one decode step, counted at torch's dispatcher.
+"""Operator calls and host-device syncs of a forward or a decode step, counted on CPU.
 
 Counting needs no GPU: every aten call a step makes on CPU it also makes on CUDA (each one at
-least a kernel launch or a view), and `aten::_local_scalar_dense` is the call behind `.item()`,
-`bool(tensor)` and `if tensor:`, which on a GPU stalls the host until the queue has drained.
+least a kernel launch or a view). A sync is any read of a tensor's value by the host, which on a
+GPU stalls the host until the queue has drained. They show in two places:
+* Python: `t.tolist()`, `t.item()`, `bool(t)`, `int(t)`, ... (HOST_READS). On CPU `tolist` reads
+  memory without any aten call, so the dispatcher alone misses it.
+* The dispatcher: `aten::_local_scalar_dense` called inside an op rather than under one of those
+  Python reads (which are counted once already), and ops whose output size depends on the data
+  (DATA_DEPENDENT_OPS), which the host must read back to allocate the output.
 
 One decode step is the difference between `generate` with n + 1 and with n new tokens, so it
 holds everything a step costs: the model forward, generate's logits processing and stopping check.
@@ -14,45 +19,95 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# aten calls that copy a value to the host (a sync on GPU). nonzero and masked_select sync too:
-# their output size depends on the data.
-SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
+HOST_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"})
+SCALAR_READ = "aten._local_scalar_dense"  # the aten call behind item() and bool()
+DATA_DEPENDENT_OPS = ("aten.nonzero", "aten.masked_select")
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts every aten call made inside `with OpCounter() as counter:` by op name."""
+class OpCounter:
+    """`with OpCounter() as counter:` counts every aten call by op name (`calls`) and every
+    host-device sync (`syncs`) made inside the block."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.calls: Counter[str] = Counter()
+        self.syncs = 0
+        self.reading = 0  # depth of Python host reads in progress
+        self._modes = (_PythonReads(self), _AtenCalls(self))
+
+    def __enter__(self) -> OpCounter:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+
+class _PythonReads(TorchFunctionMode):
+    def __init__(self, counter: OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) not in HOST_READS:
+            return func(*args, **(kwargs or {}))
+        self.counter.syncs += 1
+        self.counter.reading += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.reading -= 1
+
+
+class _AtenCalls(TorchDispatchMode):
+    def __init__(self, counter: OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        self.counter.calls[name] += 1
+        if name in DATA_DEPENDENT_OPS or (name == SCALAR_READ and not self.counter.reading):
+            self.counter.syncs += 1
         return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)
 class StepCounts:
-    op_calls: int  # aten calls in one decode step
-    syncs: int  # of which host-device synchronisations (SYNC_OPS)
-    by_op: dict[str, int]  # every op whose count is not zero
+    op_calls: int  # aten calls
+    syncs: int  # host-device synchronisations (see the module docstring)
+    by_op: dict[str, int]  # every aten op whose count is not zero
 
     def as_dict(self) -> dict:
         return {"op_calls": self.op_calls, "syncs": self.syncs}
 
 
-def generate_calls(model, inputs: dict, new_tokens: int) -> Counter:
-    call = {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}  # generate pops entries
+def _fresh(inputs: dict) -> dict:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}  # generate pops entries
+
+
+def generate_counts(model, inputs: dict, new_tokens: int) -> OpCounter:
     with torch.no_grad(), OpCounter() as counter:
-        model.generate(**call, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return counter.calls
+        model.generate(**_fresh(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return counter
 
 
 def decode_step_counts(model, inputs: dict, new_tokens: int = 2) -> StepCounts:
-    """The aten calls of step `new_tokens + 1` of greedy generate on `inputs`."""
-    step = generate_calls(model, inputs, new_tokens + 1)
-    step.subtract(generate_calls(model, inputs, new_tokens))
+    """The aten calls and syncs of step `new_tokens + 1` of greedy generate on `inputs`."""
+    longer, shorter = generate_counts(model, inputs, new_tokens + 1), generate_counts(model, inputs, new_tokens)
+    step = longer.calls.copy()
+    step.subtract(shorter.calls)
     by_op = {name: n for name, n in step.items() if n}
-    return StepCounts(op_calls=sum(by_op.values()), syncs=sum(by_op.get(op, 0) for op in SYNC_OPS), by_op=by_op)
+    return StepCounts(op_calls=sum(by_op.values()), syncs=longer.syncs - shorter.syncs, by_op=by_op)
+
+
+def prefill_counts(model, inputs: dict) -> StepCounts:
+    """The aten calls and syncs of one prefill forward (what generate's first step runs)."""
+    with torch.no_grad(), OpCounter() as counter:
+        model(**_fresh(inputs), use_cache=True, logits_to_keep=1)
+    by_op = {name: n for name, n in counter.calls.items() if n}
+    return StepCounts(op_calls=sum(by_op.values()), syncs=counter.syncs, by_op=by_op)

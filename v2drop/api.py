@@ -21,9 +21,10 @@ from torch import nn
 from v2drop import compat, loop
 from v2drop.adapters import adapter_for
 from v2drop.adapters.base import FamilyAdapter
+from v2drop.drop_record import DropRecord, per_sample_stats
 from v2drop.flops import TextShape
 from v2drop.schedule import Schedule
-from v2drop.select import random_scores, variation_scores
+from v2drop.select import RowCounts, random_scores, variation_scores
 
 logger = logging.getLogger("v2drop")
 
@@ -45,6 +46,8 @@ class DropState:
     cache_ref: Any = None
     stage_masks: loop.StageMasks | None = None
     last_stats: list[dict] = field(default_factory=list)
+    # The last dropping prefill's record, turned into last_stats when they are first asked for.
+    last_record: DropRecord | None = None
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache_ref is not None and self.cache_ref() is cache
@@ -138,6 +141,9 @@ def last_stats(model: nn.Module) -> list[dict]:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("v2drop is not enabled on this model; call v2drop.enable(model, schedule) first")
+    if state.last_record is not None:
+        state.last_stats = per_sample_stats(state.last_record, state.schedule, state.shape)
+        state.last_record = None
     return state.last_stats
 
 
@@ -196,11 +202,15 @@ def _patched_text_forward(model: nn.Module):
 
         if past_length == 0:
             visual = _visual_mask(state, token_ids, inputs_embeds)
-            if visual is None or not visual.any() or not state.schedule.layers:
-                state.cache_ref, state.stage_masks = None, None
-                return stock(inputs_embeds=inputs_embeds, **call)
-            return _dropping_prefill(self, state, inputs_embeds, visual, attention_mask, position_ids,
-                                     cache, use_cache, kwargs)
+            if visual is not None and state.schedule.layers:
+                loop.check_cache(cache)  # before the mask: a static cache also brings a prepared one
+                valid = loop.valid_tokens(inputs_embeds, attention_mask)
+                counts = RowCounts.of(valid, visual)
+                if any(counts.visual):
+                    return _dropping_prefill(self, state, inputs_embeds, visual, counts, attention_mask,
+                                             position_ids, cache, use_cache, kwargs)
+            state.cache_ref, state.stage_masks = None, None
+            return stock(inputs_embeds=inputs_embeds, **call)
         if state.owns(cache):
             return _continuation(self, state, inputs_embeds, attention_mask, position_ids,
                                  cache, use_cache, kwargs)
@@ -216,19 +226,16 @@ def _visual_mask(state: DropState, token_ids, inputs_embeds) -> torch.Tensor | N
     return torch.isin(token_ids, state.visual_ids.to(token_ids.device)).to(inputs_embeds.device)
 
 
-def _dropping_prefill(text_model, state, inputs_embeds, visual, attention_mask, position_ids,
+def _dropping_prefill(text_model, state, inputs_embeds, visual, counts, attention_mask, position_ids,
                       cache, use_cache, kwargs):
-    loop.check_cache(cache)
-    if isinstance(attention_mask, dict):
-        raise ValueError("v2drop needs a 2-D attention mask; masks prepared for compiled/static caches are not supported")
     if use_cache and cache is None:
         cache = loop.DynamicCache(config=text_model.config)
     tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, attention_mask, position_ids,
                                       visual, state.adapter.layer_additions(kwargs, inputs_embeds))
-    result = loop.prefill_with_drops(text_model, state.schedule, tokens, cache, use_cache,
+    result = loop.prefill_with_drops(text_model, state.schedule, tokens, counts, cache, use_cache,
                                      loop.layer_kwargs(kwargs), state.score)
-    state.last_stats = loop.per_sample_stats(result, state.schedule, state.shape)
-    logger.debug("v2drop visual tokens per layer: %s", [s["visual_tokens_per_layer"] for s in state.last_stats])
+    state.last_record = result.record
+    logger.debug("v2drop visual tokens per layer: %s", result.record.visual_per_layer)
     state.cache_ref = weakref.ref(cache) if use_cache else None
     state.stage_masks = result.stage_masks if use_cache else None
     return loop.output(result.hidden, cache, use_cache)

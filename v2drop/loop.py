@@ -9,6 +9,10 @@ type. What changes here:
   (`TokenState`). Each layer writes only the tokens it processed into its own KV-cache layer,
   so layers of later stages have shorter caches. A family's per-token additions after its first
   layers (Qwen3-VL DeepStack) are one more gathered tensor.
+* The host knows every prefill shape: one sync at the start reads each row's text and visual
+  token counts (`RowCounts`), and each drop's kept counts follow from them by the same floor
+  the device computes, so no drop waits for the GPU. The per-sample stats read the kept
+  positions only when asked for (`DropRecord`), after the forward.
 * Later forwards on that cache (decode, or a continuation chunk): one 2-D key mask per stage,
   grown by the new tokens, sized against that stage's own cache length, and turned into the
   attention mask without a host-device sync (`v2drop.key_masks`): one sync per stage made a
@@ -26,7 +30,7 @@ A "stage" is a run of layers between drops: stage 0 is layers [0, d1), stage 1 [
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -36,9 +40,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from v2drop import key_masks
 from v2drop.adapters.base import FamilyAdapter
 from v2drop.compat import cache_kwarg
-from v2drop.flops import TextShape, prefill_flops
+from v2drop.drop_record import DropRecord
 from v2drop.schedule import Schedule
-from v2drop.select import compact, keep_counts, select_visual, variation_scores
+from v2drop.select import RowCounts, compact, keep_counts, select_visual, variation_scores
 from v2drop.tokens import TokenState
 
 # Arguments the stock forward's output-capturing decorators consume; layers must not get them.
@@ -64,9 +68,7 @@ class StageMasks:
 class PrefillResult:
     hidden: torch.Tensor  # [B, L', D] after the final norm
     stage_masks: StageMasks
-    visual_per_layer: torch.Tensor  # [num_layers, B] visual tokens entering each layer
-    text_tokens: torch.Tensor  # [B] real non-visual tokens (never dropped)
-    kept_positions: list[torch.Tensor] = field(default_factory=list)  # per stage: [B, L_s] source idx
+    record: DropRecord
 
 
 def layer_kwargs(kwargs: dict) -> dict:
@@ -84,6 +86,15 @@ def causal_mask(text_model, hidden: torch.Tensor, valid: torch.Tensor, cache, la
         layer_idx=layer_idx,
         **cache_kwarg(cache),
     )
+
+
+def drop_stage_mask(text_model, state: TokenState, cache, layer_idx: int, padded: bool):
+    """The prefill mask of the stage a drop starts. A padded one is built here without a sync
+    (`v2drop.key_masks`) where its format is ours; transformers would ask the GPU whether the
+    mask holds padding, which the host already knows."""
+    if padded and key_masks.builds_masks_for(text_model.config._attn_implementation):
+        return key_masks.additive_key_mask(state.valid, state.valid.shape[1], state.hidden.dtype)
+    return causal_mask(text_model, state.hidden, state.valid, cache, layer_idx, padded)
 
 
 def rotary(text_model, hidden: torch.Tensor, rope_positions: torch.Tensor):
@@ -106,15 +117,16 @@ def check_cache(cache) -> None:
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def drop_token_state(state: TokenState, prev_hidden: torch.Tensor, keep: float,
-                     score: ScoreFn = variation_scores) -> tuple[TokenState, bool]:
+def drop_token_state(state: TokenState, counts: RowCounts, prev_hidden: torch.Tensor, keep: float,
+                     score: ScoreFn = variation_scores) -> tuple[TokenState, RowCounts]:
     """One drop: score visual tokens, keep each sample's top-k, gather everything per token.
-    Also returns whether the new state has padding (rows that kept different counts)."""
+    No host-device sync: the device computes the same kept counts the host does."""
+    kept = counts.after_drop(keep)
     scores = score(state.hidden, prev_hidden)
     kept_visual = select_visual(scores, state.visual, keep_counts(state.num_visual(), keep))
     keep_mask = (state.valid & ~state.visual) | kept_visual
-    index, index_valid, padded = compact(keep_mask)
-    return state.gather(index, index_valid), padded
+    index, index_valid = compact(keep_mask, kept.longest())
+    return state.gather(index, index_valid), kept
 
 
 def add_after_layer(state: TokenState, layer_idx: int) -> None:
@@ -130,28 +142,30 @@ def prefill_with_drops(
     text_model,
     schedule: Schedule,
     state: TokenState,
+    counts: RowCounts,
     cache,
     use_cache: bool,
     kwargs: dict,
     score: ScoreFn = variation_scores,
 ) -> PrefillResult:
-    """Run all layers over a prefill, dropping visual tokens at the schedule's layers."""
+    """Run all layers over a prefill, dropping visual tokens at the schedule's layers.
+    `counts` are the state's (`RowCounts.of`); the loop asks the GPU nothing."""
     drops = dict(zip(schedule.layers, schedule.keep))
     layers = text_model.layers
-    starts, masks, kept_positions, visual_counts = [0], [state.valid], [state.source_index], []
-    text_tokens = (state.valid & ~state.visual).sum(dim=1)
-    padded = [not key_masks.all_real(state.valid)]  # per stage, known on the host: one sync here
+    starts, masks, kept_positions, visual_counts = [0], [state.valid], [], []
+    text_tokens = counts.text
+    padded = [counts.padded(state.valid.shape[1])]  # per stage, known on the host
     mask = causal_mask(text_model, state.hidden, state.valid, cache, 0, padded[0])
     prev_hidden = None
     for i, layer in enumerate(layers):
         if i in drops:
-            state, stage_padded = drop_token_state(state, prev_hidden, drops[i], score)
-            padded.append(stage_padded)
-            mask = causal_mask(text_model, state.hidden, state.valid, cache, i, stage_padded)
+            state, counts = drop_token_state(state, counts, prev_hidden, drops[i], score)
+            padded.append(counts.padded(state.valid.shape[1]))
+            mask = drop_stage_mask(text_model, state, cache, i, padded[-1])
             starts.append(i)
             masks.append(state.valid)
             kept_positions.append(state.source_index.masked_fill(~state.visual, -1))
-        visual_counts.append(state.num_visual())
+        visual_counts.append(counts.visual)
         # H[i-1] is only needed when the next layer scores.
         prev_hidden = state.hidden if (i + 1) in drops else None
         state.hidden = layer(
@@ -166,11 +180,8 @@ def prefill_with_drops(
         add_after_layer(state, i)
     return PrefillResult(
         hidden=text_model.norm(state.hidden),
-        stage_masks=StageMasks(starts=starts, masks=masks,
-                               all_valid=not any(padded)),
-        visual_per_layer=torch.stack(visual_counts),
-        text_tokens=text_tokens,
-        kept_positions=kept_positions,
+        stage_masks=StageMasks(starts=starts, masks=masks, all_valid=not any(padded)),
+        record=DropRecord(visual_per_layer=visual_counts, text_tokens=text_tokens, kept_positions=kept_positions),
     )
 
 
@@ -239,32 +250,13 @@ def still_all_valid(stage_masks: StageMasks, new_valid: torch.Tensor, attn_imple
     return new_valid.shape[1] == 1 or key_masks.all_real(new_valid)
 
 
-def per_sample_stats(result: PrefillResult, schedule: Schedule, shape: TextShape) -> list[dict]:
-    """One dict per sample: per-layer and per-stage visual counts, retention, FLOPs."""
-    visual = result.visual_per_layer.T.tolist()  # [B][num_layers]
-    stage_layers = [0, *schedule.layers]
-    stats = []
-    for b, (counts, text) in enumerate(zip(visual, result.text_tokens.tolist())):
-        initial = counts[0]
-        kept = [
-            sorted(int(p) for p in positions[b].tolist() if p >= 0)
-            for positions in result.kept_positions[1:]
-        ]
-        stats.append(
-            {
-                "visual_tokens_per_layer": counts,
-                "visual_tokens_per_stage": [counts[l] for l in stage_layers],
-                "num_visual_tokens": initial,
-                "num_text_tokens": text,
-                "retention": sum(counts) / (len(counts) * initial) if initial else 1.0,
-                "drop_layers": list(schedule.layers),
-                "keep": list(schedule.keep),
-                "kept_visual_positions_per_stage": kept,
-                "prefill_flops": prefill_flops(shape, [text + c for c in counts]),
-                "prefill_flops_full": prefill_flops(shape, [text + initial] * len(counts)),
-            }
-        )
-    return stats
+def valid_tokens(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, L] bool, False at padding, from a prefill's 2-D attention mask (None: no padding)."""
+    if isinstance(attention_mask, dict):
+        raise ValueError("v2drop needs a 2-D attention mask; masks prepared for compiled/static caches are not supported")
+    if attention_mask is None:
+        return torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+    return attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
 
 
 def initial_token_state(
@@ -279,10 +271,7 @@ def initial_token_state(
     batch, length = inputs_embeds.shape[:2]
     rope_positions = adapter.positions(text_model, inputs_embeds, position_ids, None)
     cos, sin = rotary(text_model, inputs_embeds, rope_positions)
-    if attention_mask is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
-    else:
-        valid = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
+    valid = valid_tokens(inputs_embeds, attention_mask)
     return TokenState(
         hidden=inputs_embeds,
         cos=cos,

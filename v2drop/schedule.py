@@ -25,12 +25,12 @@ _LAYER_FRACTIONS = (3 / 28, 16 / 28, 22 / 28)
 _LATER_STAGE_KEEPS = (0.5, 0.0)
 
 # floor(n * keep) in floating point turns 100 * 0.29 into 28; this slack makes it 29.
-_FLOOR_EPS = 1e-9
+FLOOR_EPS = 1e-9
 
 
 def keep_count(num_tokens: int, keep: float) -> int:
     """Tokens kept out of `num_tokens`: floor(n * keep), clamped to [0, n]."""
-    return min(num_tokens, max(0, math.floor(num_tokens * keep + _FLOOR_EPS)))
+    return min(num_tokens, max(0, math.floor(num_tokens * keep + FLOOR_EPS)))
 
 
 @dataclass(frozen=True)

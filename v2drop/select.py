@@ -5,9 +5,11 @@ Shapes: B = batch, L = current sequence length, D = hidden size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from v2drop.schedule import keep_count
+from v2drop.schedule import FLOOR_EPS, keep_count
 
 
 def variation_scores(hidden_now: torch.Tensor, hidden_prev: torch.Tensor) -> torch.Tensor:
@@ -26,9 +28,36 @@ def random_scores(hidden_now: torch.Tensor, generator: torch.Generator) -> torch
 
 
 def keep_counts(num_visual: torch.Tensor, keep: float) -> torch.Tensor:
-    """floor(n * keep) per sample. num_visual: [B] int -> [B] int64 (on the same device)."""
-    counts = [keep_count(int(n), keep) for n in num_visual.tolist()]
-    return torch.tensor(counts, dtype=torch.long, device=num_visual.device)
+    """floor(n * keep) per sample, on the device and without a host sync. num_visual: [B] int ->
+    [B] int64. The same float64 arithmetic as `schedule.keep_count`, so the counts the host keeps
+    for the shapes (`v2drop.loop.RowCounts`) equal these, bit for bit."""
+    counts = torch.floor(num_visual.double() * keep + FLOOR_EPS).long()
+    return torch.minimum(counts.clamp(min=0), num_visual.long())
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    """Per-row token counts the host follows through the drops, so that no drop asks the GPU how
+    long the kept sequence is (`keep_counts` gives the device the same numbers)."""
+
+    text: tuple[int, ...]  # real non-visual tokens per row (never dropped)
+    visual: tuple[int, ...]  # visual tokens still present per row
+
+    @classmethod
+    def of(cls, valid: torch.Tensor, visual: torch.Tensor) -> RowCounts:
+        """The prefill's one host-device sync. valid, visual: [B, L] bool."""
+        text, present = torch.stack([(valid & ~visual).sum(dim=1), (visual & valid).sum(dim=1)]).tolist()
+        return cls(tuple(text), tuple(present))
+
+    def after_drop(self, keep: float) -> RowCounts:
+        return RowCounts(self.text, tuple(keep_count(n, keep) for n in self.visual))
+
+    def longest(self) -> int:
+        return max((t + v for t, v in zip(self.text, self.visual)), default=0)
+
+    def padded(self, length: int) -> bool:
+        """True when some row holds fewer real tokens than `length` columns."""
+        return any(t + v < length for t, v in zip(self.text, self.visual))
 
 
 def select_visual(scores: torch.Tensor, visual: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -48,21 +77,19 @@ def select_visual(scores: torch.Tensor, visual: torch.Tensor, k: torch.Tensor) -
     return visual & (rank < k[:, None])
 
 
-def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def compact(keep: torch.Tensor, new_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather indices that pack each row's kept tokens to the right, in original order.
 
-    keep: [B, L] bool. Returns (index [B, L'], valid [B, L'] bool, padded) with L' = max kept per
-    row and `padded` True when some row keeps fewer (one host-device sync gives both numbers).
-    Rows with fewer kept tokens are left-padded, matching the left padding that generation
-    uses, so every row's last real token stays in the last column. Padding slots point at
-    some dropped token and are marked invalid.
+    keep: [B, L] bool; new_len: the most tokens any row keeps, which the caller knows on the host
+    (asking the GPU would stall it once per drop). Returns (index [B, new_len], valid
+    [B, new_len] bool). Rows with fewer kept tokens are left-padded, matching the left padding
+    that generation uses, so every row's last real token stays in the last column. Padding
+    slots point at some dropped token and are marked invalid.
 
-    Example: keep [[T, F, T, T], [F, F, T, T]] -> index [[0, 2, 3], [1, 2, 3]],
-    valid [[T, T, T], [F, T, T]], padded True.
+    Example: keep [[T, F, T, T], [F, F, T, T]], new_len 3 -> index [[0, 2, 3], [1, 2, 3]],
+    valid [[T, T, T], [F, T, T]].
     """
-    kept_per_row = keep.sum(dim=1)
-    new_len, fewest = torch.stack([kept_per_row.max(), kept_per_row.min()]).tolist() if keep.shape[0] else (0, 0)
     # A stable ascending sort of 0/1 puts dropped tokens first and kept ones last, each group
     # in original order; the last new_len columns are then exactly the left-padded layout.
     values, index = torch.sort(keep.to(torch.uint8), dim=1, stable=True)
-    return index[:, keep.shape[1] - new_len :], values[:, keep.shape[1] - new_len :].bool(), fewest < new_len
+    return index[:, keep.shape[1] - new_len :], values[:, keep.shape[1] - new_len :].bool()

@@ -44,6 +44,9 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     counts = report["decode_step_counts"]
     assert counts["v2drop"]["syncs"] <= counts["stock"]["syncs"]
     assert counts["v2drop"]["op_calls"] <= 1.02 * counts["stock"]["op_calls"]
+    prefill = report["prefill_counts"]
+    assert prefill["v2drop"]["syncs"] <= prefill["stock"]["syncs"] + 1 and prefill["stock"]["op_calls"] > 0
+    assert report["prefill_profile"] == {}  # CPU: no kernel profile
     assert set(report["vision_batch1"]) == {"stock_loop_ms", "batched_ms"}
     names = [t["target"] for t in report["targets"]]
     assert any(n.startswith("whole model with V²Drop") for n in names)

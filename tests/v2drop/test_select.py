@@ -1,6 +1,7 @@
 import torch
 
-from v2drop.select import compact, keep_counts, select_visual, variation_scores
+from v2drop.schedule import keep_count
+from v2drop.select import RowCounts, compact, keep_counts, select_visual, variation_scores
 
 
 def test_scores_are_float32_l2_norms_of_the_update():
@@ -32,12 +33,30 @@ def test_text_tokens_are_never_selected_even_with_huge_scores():
 
 def test_compact_left_pads_and_keeps_order():
     keep = torch.tensor([[True, False, True, True], [False, False, True, True]])
-    index, valid, padded = compact(keep)
+    index, valid = compact(keep, new_len=3)
     assert index.tolist() == [[0, 2, 3], [1, 2, 3]]
     assert valid.tolist() == [[True, True, True], [False, True, True]]
-    assert padded
-    assert compact(torch.tensor([[True, False, True], [False, True, True]]))[2] is False
 
 
 def test_keep_counts_floor_per_sample():
     assert keep_counts(torch.tensor([10, 7, 0]), 0.5).tolist() == [5, 3, 0]
+
+
+def test_device_keep_counts_equal_the_hosts_for_every_count_and_schedule_keep():
+    """The host sizes each drop from `keep_count` and never asks the device, so the device's
+    counts must be the same integers, including at exact products such as 0.3 * 10 (2.9999...)."""
+    visual = torch.arange(0, 4097)
+    for keep in (0.0, 0.1, 0.25, 0.3, 1 / 3, 0.5, 0.7, 0.9, 1.0):
+        host = [keep_count(n, keep) for n in visual.tolist()]
+        assert keep_counts(visual, keep).tolist() == host, keep
+
+
+def test_row_counts_follow_a_drop_on_the_host():
+    valid = torch.tensor([[True, True, True, True, True], [False, True, True, True, True]])
+    visual = torch.tensor([[False, True, True, True, True], [False, False, True, True, True]])
+    counts = RowCounts.of(valid, visual)
+    assert (counts.text, counts.visual) == ((1, 1), (4, 3))
+    assert counts.padded(5) and counts.longest() == 5
+    half = counts.after_drop(0.5)
+    assert (half.text, half.visual, half.longest()) == ((1, 1), (2, 1), 3)
+    assert half.padded(3) and not RowCounts((1, 1), (2, 2)).padded(3)
