@@ -30,7 +30,8 @@ import pyarrow as pa
 from pipeline import _write
 from pipeline._consolidate import consolidate
 from pipeline._decode import decode_batch
-from pipeline._model import ModelStage, model_stage_kwargs, run_fingerprint, to_output_table
+from pipeline._model import ModelStage, model_stage_kwargs, run_fingerprint
+from pipeline._output import to_output_table
 from pipeline._probe import probe_batch
 from pipeline._shard import settings_key, shard_batch
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
@@ -57,7 +58,8 @@ def run(cfg: JobConfig, *, log: Callable[[str], None] = info, model_stage: type 
         plan: Plan | None = None) -> dict[str, Any]:
     """Run the job on the connected Ray cluster (or a local one) and return the summary dict.
 
-    `model_stage` is the actor class of stage 5 (constructor: run_id + `model_stage_kwargs`).
+    `model_stage` is the actor class of stage 5 (constructor: run_id, the driver's engine fingerprint
+    and `model_stage_kwargs`).
     `plan`: stages 0-1 already done by `pipeline.preflight.prepare` (the CLI does them before
     Ray starts); its lease is released when the run ends, however it ends.
     """
@@ -125,7 +127,8 @@ def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str
             .map_batches(decode_batch, fn_kwargs={"decode": cfg.decode, **_io_kwargs(cfg, storage)},  # 4. 1:1
                          batch_size=CLIPS_PER_DECODE_TASK, batch_format="pyarrow", num_cpus=cfg.decode.num_cpus,
                          memory=DECODE_TASK_MEMORY_BYTES)
-            .map_batches(model_stage, fn_constructor_kwargs={"run_id": plan.run_id, **model_stage_kwargs(cfg)},  # 5. 1:N
+            .map_batches(model_stage, fn_constructor_kwargs={"run_id": plan.run_id, "fingerprint": run_fingerprint(cfg),  # 5. 1:N
+                                                             **model_stage_kwargs(cfg)},
                          compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min_size, max_size=cfg.actors.max_size),
                          num_gpus=cfg.actors.num_gpus, batch_size=cfg.actors.batch_size, batch_format="pyarrow")
         )

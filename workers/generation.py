@@ -21,7 +21,6 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,35 +28,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import v2drop
 from v2drop import static_decode
+from workers.rows import GenResult
 from workers.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
 STOP_CHECK_EVERY = 8  # static engine: one host-device sync per 8 steps to stop once every row is done
-
-
-@dataclass
-class GenResult:
-    """One sample's outcome of one generate call."""
-
-    output_text: str | None = None
-    prompt_tokens: int | None = None  # non-pad prompt tokens (attention_mask sum)
-    output_tokens: int | None = None  # generated tokens before EOS/pad, EOS excluded
-    prefill_ms: float | None = None  # see module docstring; shared by the call's samples
-    generate_ms: float | None = None
-    peak_memory_bytes: int | None = None
-    retention_achieved: float | None = None  # V²Drop layer-averaged visual retention; 1.0 when off
-    visual_tokens_per_stage: list[int] = field(default_factory=list)  # before first drop, after each
-    flops_full: float | None = None  # analytic LM prefill FLOPs without dropping
-    flops_dropped: float | None = None  # ... with this call's drops (== flops_full when off)
-    status: str = "ok"
-    error: str | None = None
-    batch_id: str | None = None  # the generate call that made it (timings above are per call)
-    fallback_reason: str | None = None  # set when made by retrying a failed call (workers.model_calls)
-    fallback_batch_id: str | None = None  # ... and the id given to that failed call
-
-    @classmethod
-    def failed(cls, error: BaseException) -> GenResult:
-        return cls(status="error", error=f"{type(error).__name__}: {error}")
 
 
 class FirstTokenTimer(LogitsProcessor):

@@ -19,8 +19,9 @@ import torch
 
 from vlm.families import needs_equal_frame_count, visual_token_ids
 from workers import shared_prefix
-from workers.generation import GenResult, generate_batch
+from workers.generation import generate_batch
 from workers.model_inputs import Item, build_inputs, decode_frames
+from workers.rows import GenResult
 from workers.settings import GenerationConfig
 
 if TYPE_CHECKING:  # the stage module imports this one

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from vlm.processing import sampled_video_metadata
+from workers.rows import Row
 from workers.settings import PromptConfig
 
 FRAME_COLUMNS = ("frames", "frames_shape", "frames_dtype", "timestamps_s")
 _FALLBACK_FPS = 1.0  # only when a row carries neither >= 2 timestamps nor a clip duration
 
-Row = dict[str, Any]
 Item = tuple[Row, str]  # (clip row, prompt text): one model sequence, one output row
 
 

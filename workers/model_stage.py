@@ -11,12 +11,12 @@ Cardinality: 1:N. A clip row becomes one row per prompt (caption: 1; qa: one per
 a row whose incoming `status` is not 'ok' (an upstream 'error' or 'skipped') passes through as
 one row with prompt '' (pipeline.schema: '' marks a clip-level row; prompt is never null).
 Clips in the shadow sample (`quality.shadow_fraction`, workers.shadow) also run with V²Drop off;
-their rows carry the full-token output and the agreement measures (shadow.SHADOW_COLUMNS).
+their rows carry the full-token output and the agreement measures (rows.SHADOW_COLUMNS).
 
 Columns in: every column of the clip row; read are `frames`, `frames_shape`, `frames_dtype`,
 `timestamps_s` (see workers.model_inputs), optional `questions`, `status`.
 Columns out: every input column except `frames` (bytes stay out of the written blocks), then
-MODEL_COLUMNS below and the provenance columns of `workers.provenance` (versions, engine
+workers.rows.MODEL_COLUMNS and the provenance columns of `workers.provenance` (versions, engine
 fingerprint, schedule, attention, dtype, self-check). `status` is 'ok' or 'error'; a failed row
 says why in `error` with `error_stage` 'model' (bad frame bytes, a processor or generate failure,
 an OOM at batch size 1).
@@ -32,7 +32,6 @@ Model loading runs `v2drop.self_check` once per actor: a failure fails the actor
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import socket
 from collections.abc import Mapping, Sequence
@@ -43,26 +42,16 @@ import pyarrow as pa
 import v2drop
 from workers import shadow
 from workers.call_size import CallSizer, call_sizer, memory_budget_bytes
-from workers.generation import GenResult
 from workers.loading import ResolvedModel, choose_device, load_resolved, resolve_model_source
 from workers.model_calls import run_items
-from workers.model_inputs import Item, Row, decode_frames, expand_prompts, prompts_for_row
+from workers.model_inputs import Item, decode_frames, expand_prompts, prompts_for_row
 from workers.provenance import engine_columns, engine_fingerprint
+from workers.rows import CLIP_LEVEL_PROMPT, GenResult, Row, passthrough_row, result_row, rows_to_columns, utc_now
 from workers.settings import ActorsConfig, GenerationConfig, ModelConfig, PromptConfig, QualityConfig
 
-__all__ = ["VideoModelWorker", "LoadedModel", "load_for_stage", "answer_rows", "MODEL_COLUMNS"]
+__all__ = ["VideoModelWorker", "LoadedModel", "load_for_stage", "answer_rows"]
 
 log = logging.getLogger(__name__)
-
-ERROR_STAGE = "model"
-CLIP_LEVEL_PROMPT = ""  # rows about the whole clip (passthrough, unusable frames), not one prompt
-DROPPED_INPUT_COLUMNS = ("frames",)
-CALL_COLUMNS = tuple(f.name for f in dataclasses.fields(GenResult))  # what a generate call says per item
-IDENTITY_COLUMNS = ("model_id", "model_revision", "model_random_weights", "retention_asked", "worker_host")
-# Every column this stage adds (pipeline.schema declares their types; pipeline._model checks each is there).
-MODEL_COLUMNS = ("prompt", "error_stage", *CALL_COLUMNS, *IDENTITY_COLUMNS, "started_at", "finished_at",
-                 *shadow.SHADOW_COLUMNS)
-
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -213,40 +202,3 @@ def identity_columns(loaded: LoadedModel) -> Row:
     }
 
 
-def input_columns(row: Mapping[str, Any]) -> Row:
-    return {key: value for key, value in row.items() if key not in DROPPED_INPUT_COLUMNS}
-
-
-def passthrough_row(row: Mapping[str, Any]) -> Row:
-    """An upstream error/skip row: its own columns unchanged, the new ones empty. No model saw it,
-    so it carries no model values: the same row whether or not a run had a model stage."""
-    new_columns = {column: None for column in MODEL_COLUMNS if column not in row}
-    out = {**new_columns, **input_columns(row)}
-    out["prompt"] = row.get("prompt") or CLIP_LEVEL_PROMPT
-    return out
-
-
-def result_row(row: Mapping[str, Any], prompt: str, result: GenResult, stamp: Mapping[str, Any]) -> Row:
-    """One (clip, prompt) row; `started_at` stays the upstream one (decode start) when present."""
-    failed = result.status != "ok"
-    return {
-        **input_columns(row),
-        **dict.fromkeys(MODEL_COLUMNS),  # every row of a batch has the same columns
-        **dataclasses.asdict(result),
-        **stamp,
-        "started_at": row.get("started_at") or stamp["started_at"],
-        "prompt": prompt,
-        "error_stage": ERROR_STAGE if failed else None,
-        "visual_tokens_per_stage": result.visual_tokens_per_stage or None,
-    }
-
-
-def utc_now() -> dt.datetime:
-    """Timezone-aware UTC datetimes: Arrow stores them as timestamp[us, UTC] (pipeline.schema)."""
-    return dt.datetime.now(dt.UTC)
-
-
-def rows_to_columns(rows: Sequence[Row]) -> dict[str, list]:
-    """Row dicts to one list per column (missing keys -> None), columns in first-seen order."""
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    return {name: [row.get(name) for row in rows] for name in names}

@@ -38,23 +38,12 @@ import torch
 
 import v2drop
 from workers import agreement
-from workers.generation import GenResult, generate_batch, move_inputs
+from workers.generation import generate_batch, move_inputs
 from workers.model_inputs import Item, build_inputs, decode_frames
+from workers.rows import GenResult
 from workers.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
-
-SHADOW_COLUMNS = (
-    "shadow_output_text",
-    "shadow_exact_match",
-    "shadow_token_f1",
-    "shadow_lcs_ratio",
-    "shadow_first_diff_word",
-    "shadow_top1_agree",
-    "shadow_kl_first_token",
-    "shadow_ms",
-    "shadow_flops",
-)
 
 Reenable = Callable[[Any], None]  # switches V²Drop back on for a model, as the run configured it
 

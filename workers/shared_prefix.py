@@ -32,8 +32,9 @@ import torch
 
 import v2drop
 from v2drop.compat import cache_kwarg, output_cache
-from workers.generation import GenResult, move_inputs, pad_token_id, results_for, timed_generate
+from workers.generation import move_inputs, pad_token_id, results_for, timed_generate
 from workers.model_inputs import Item, chat_text, decode_frames, video_metadata
+from workers.rows import GenResult
 from workers.settings import GenerationConfig
 
 # Two prompts that share no first character: the chat texts agree exactly up to where the prompt goes.

@@ -5,11 +5,14 @@ the declared types whether or not the run measured anything."""
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from pipeline._model import call_shares, to_output_table
+from pipeline._output import call_shares, to_output_table
 from pipeline._shard import skipped_row
 from pipeline._summary import RunStats, build_summary, summary_table
 from pipeline.config import JobConfig
@@ -53,3 +56,13 @@ def test_a_summary_row_has_the_declared_types_even_with_nothing_measured() -> No
     assert row["errors_by_stage"] == [] and row["quality"]["verdict"] == "not measured"
     assert empty["run_date"] == "2026-11-30" and "job" not in table.column_names and "run_date" not in table.column_names
     assert table.schema.field("video_seconds_processed").type == pa.float64()  # not int64 when it is 0
+
+
+def test_output_shaping_and_the_test_stand_ins_import_without_torch_or_transformers() -> None:
+    """A Ray actor imports its class's module: a stand-in stage (or the driver's plan-row task)
+    that pulled in the model stack would cost every pipeline test run about 9 s of imports."""
+    code = ("import sys, pipeline._output, workers.rows, tests.pipeline.stand_ins; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,8 +1,8 @@
 """pipeline.run end to end on a real local Ray cluster: every input accounted for, resume, S3, CLI.
 
-The accounting tests run stage 5 with `FrameStatsStage`, an actor that keeps the VideoModelWorker's
-contract (pass non-ok rows through, one row per (clip, prompt), error rows for clips it cannot
-use) but answers with frame statistics, so that dozens of clips of bookkeeping take seconds.
+The accounting tests run stage 5 with `FrameStatsStage` (tests/pipeline/stand_ins.py), an actor that
+keeps the VideoModelWorker's row contract but answers with frame statistics, so that dozens of
+clips of bookkeeping take seconds.
 The real tiny Qwen2.5-VL (random weights) runs stage 5 in `test_real_tiny_model_captions_and_answers`,
 in the S3 job, and in `ray job submit` of both job files. The CLI tests use inputs that never
 reach the model (too short or broken).
@@ -31,52 +31,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline._model import to_output_table
 from pipeline._write import job_data_uri
 from pipeline.config import load_job, with_absolute_paths
 from pipeline.run import ModelLoadError, run
 from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, ROW_SCHEMA
 from pipeline.storage import Storage
+from tests.pipeline.stand_ins import CrashOnceStage, FrameStatsStage
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
-THIN_ASPECT = 200  # the Qwen processor refuses frames with an aspect ratio above this
-
-
-class FrameStatsStage:
-    """Stage-5 stand-in with the VideoModelWorker's row contract; answers with frame statistics."""
-
-    def __init__(self, run_id: str, **model_stage_kwargs: Any) -> None:
-        from workers.provenance import engine_fingerprint
-
-        self.run_id, self.prompt_cfg = run_id, model_stage_kwargs["prompt"]
-        self.fingerprint = engine_fingerprint(model_stage_kwargs["model"], model_stage_kwargs["generation"],
-                                              model_stage_kwargs["prompt"].system)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from workers.model_stage import passthrough_row, rows_to_columns, utc_now
-
-        stamp = {"model_id": "frame-stats", "model_random_weights": False, "started_at": utc_now(), "finished_at": utc_now(),
-                 "engine_fingerprint": self.fingerprint}
-        out = []
-        for row in batch.to_pylist():
-            out += [passthrough_row(row)] if row["status"] != "ok" else answer(row, self.prompt_cfg, stamp)
-        return to_output_table(rows_to_columns(out), self.run_id)
-
-
-def answer(row: dict[str, Any], prompt_cfg: Any, stamp: dict[str, Any]) -> list[dict[str, Any]]:
-    from workers.model_inputs import decode_frames, prompts_for_row
-
-    frames = decode_frames(row)
-    base = {k: v for k, v in row.items() if k != "frames"} | stamp
-    if max(frames.shape[1:3]) / min(frames.shape[1:3]) > THIN_ASPECT:  # what the real processor refuses
-        return [base | {"status": "error", "error_stage": "model", "error": "ValueError: absolute aspect ratio must be smaller than 200"}]
-    text = f"{frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}, mean {frames.mean():.1f}"
-    return [base | {"prompt": p, "output_text": text, "status": "ok", "output_tokens": 4, "prompt_tokens": 40,
-                    "retention_asked": 0.25, "retention_achieved": 0.25, "flops_full": 100.0, "flops_dropped": 30.0}
-            for p in prompts_for_row(row, prompt_cfg)]
-
-
 # --- inputs ---------------------------------------------------------------------------------
 
 
@@ -275,22 +238,6 @@ def test_resume_redoes_rows_of_another_engine_configuration_once(caption_run: tu
     ok = rows.filter(pc.equal(rows["status"], "ok"))
     assert set(ok["engine_fingerprint"].to_pylist()) == {run_fingerprint(changed)} != {run_fingerprint(cfg)}
     assert summary["engine_fingerprint"] == run_fingerprint(changed)
-
-
-class CrashOnceStage(FrameStatsStage):
-    """Kills its own actor process on its second batch, once per run (a marker file under
-    model.cache_dir remembers it), as a segfault or an OOM kill would."""
-
-    def __init__(self, run_id: str, **model_stage_kwargs: Any) -> None:
-        super().__init__(run_id, **model_stage_kwargs)
-        self.marker, self.batches = Path(model_stage_kwargs["model"].cache_dir) / "crashed-once", 0
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        self.batches += 1
-        if self.batches == 2 and not self.marker.exists():
-            self.marker.write_text(str(os.getpid()))
-            os._exit(1)
-        return super().__call__(batch)
 
 
 def test_a_crashed_actor_is_restarted_and_loses_or_duplicates_nothing(ray_cluster: None, videos: Path,

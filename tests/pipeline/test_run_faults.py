@@ -21,19 +21,12 @@ from pipeline._write import job_data_uri
 from pipeline.lease import LeaseHeld, lease_uri
 from pipeline.run import error_fraction, run
 from pipeline.storage import Storage
-from tests.pipeline.test_run import FrameStatsStage, by_file, cli_env, make_video, offline, read_rows
+from tests.pipeline.stand_ins import FrameStatsStage, SlowStage
+from tests.pipeline.test_run import by_file, cli_env, make_video, offline, read_rows
 from tests.s3_faults import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-in-the-endpoint-7731"
-
-
-class SlowStage(FrameStatsStage):
-    """FrameStatsStage taking a second per batch, so a run lasts long enough to be interfered with."""
-
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        time.sleep(1.0)
-        return super().__call__(batch)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +79,7 @@ DRIVER = """
 import sys, ray
 from pipeline.config import load_job, with_absolute_paths
 from pipeline.run import run
-from tests.pipeline.test_run_faults import SlowStage
+from tests.pipeline.stand_ins import SlowStage
 ray.init(address=sys.argv[1], log_to_driver=False,
          runtime_env={"env_vars": {"PYTHONPATH": sys.argv[2], "HF_HUB_OFFLINE": "1"}})
 run(with_absolute_paths(load_job(sys.argv[3], sys.argv[4:])), model_stage=SlowStage)

@@ -20,10 +20,11 @@ from pipeline.config import StorageConfig
 from pipeline.storage import Storage
 from workers import model_calls
 from workers import model_stage as model_stage_module
-from workers.generation import GenResult, count_output_tokens
+from workers.generation import count_output_tokens
 from workers.loading import ModelSourceError, resolve_model_source
 from workers.model_inputs import build_inputs, clip_fps, decode_frames, expand_prompts
-from workers.model_stage import MODEL_COLUMNS, VideoModelWorker
+from workers.model_stage import VideoModelWorker
+from workers.rows import MODEL_COLUMNS, GenResult, passthrough_row, result_row, rows_to_columns
 from workers.settings import GenerationConfig, ModelConfig, PromptConfig
 
 MAX_NEW_TOKENS = 6
@@ -122,9 +123,9 @@ def test_model_columns_are_one_list_that_every_row_and_the_schema_follow() -> No
     assert len(set(MODEL_COLUMNS)) == len(MODEL_COLUMNS)
     assert set(MODEL_COLUMNS) - set(FILE_SCHEMA.names) == {"peak_memory_bytes"}  # pipeline._model renames it
     stamp = {"model_id": "m", "started_at": "t0", "finished_at": "t1"}
-    ok = model_stage_module.result_row(THREE_CLIPS[0], "p", GenResult(output_text="x", prefill_ms=1.0), stamp)
-    failed = model_stage_module.result_row(THREE_CLIPS[0], "", GenResult(status="error", error="bad"), stamp)
-    passed = model_stage_module.passthrough_row(upstream_error_row("x"))
+    ok = result_row(THREE_CLIPS[0], "p", GenResult(output_text="x", prefill_ms=1.0), stamp)
+    failed = result_row(THREE_CLIPS[0], "", GenResult(status="error", error="bad"), stamp)
+    passed = passthrough_row(upstream_error_row("x"))
     for row in (ok, failed, passed):
         assert set(MODEL_COLUMNS) <= set(row) and "frames" not in row
     assert (ok["output_text"], ok["prefill_ms"], ok["error_stage"], ok["model_id"]) == ("x", 1.0, None, "m")
@@ -133,7 +134,7 @@ def test_model_columns_are_one_list_that_every_row_and_the_schema_follow() -> No
 
 
 def test_rows_to_columns_fills_missing_keys_in_first_seen_order() -> None:
-    columns = model_stage_module.rows_to_columns([{"a": 1, "b": 2}, {"c": 3, "a": 4}])
+    columns = rows_to_columns([{"a": 1, "b": 2}, {"c": 3, "a": 4}])
     assert columns == {"a": [1, 4], "b": [2, None], "c": [None, 3]}
 
 
@@ -223,7 +224,7 @@ def test_output_matches_the_parquet_schema(qwen: VideoModelWorker) -> None:
 def test_qa_two_questions_give_two_rows_per_clip(qwen: VideoModelWorker) -> None:
     qa = PromptConfig(task="qa", questions=["What happens?", "What colour is it?"], system="Be brief.")
     rows = as_batch(THREE_CLIPS[:2]).to_pylist()
-    out = model_stage_module.rows_to_columns(model_stage_module.answer_rows(qwen.loaded, rows, qa, GREEDY))
+    out = rows_to_columns(model_stage_module.answer_rows(qwen.loaded, rows, qa, GREEDY))
     assert list(zip(out["clip_id"], out["prompt"])) == [
         ("a", "What happens?"), ("a", "What colour is it?"), ("b", "What happens?"), ("b", "What colour is it?")
     ]
