@@ -2,6 +2,8 @@
 
     python -m bench.bench_model --seven-b --device cuda --dtype bfloat16     # one GPU, < 8 min
     python -m bench.bench_model --batch-sizes 1 4 --new-tokens 8 --grid 2 16 16   # CPU, small
+    python -m bench.bench_model --seven-b --device cuda --dtype bfloat16 \
+        --batch-sizes 1 16 auto --engines static --new-tokens 256            # the engine's batches, ~6 min
 
 A Qwen2.5-VL with random weights and the real architecture; `--seven-b` gives Qwen2.5-VL-7B's
 shapes (LLM 7.6 B, vision tower 0.68 B), built on the device. Needs only torch, transformers and
@@ -18,6 +20,10 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
   bytes after generate everywhere.
 * aten calls and host-device syncs of one decode step and of one prefill at batch 1 (bench.op_counts),
   stock vs V²Drop; on CUDA, wall vs kernel time of that prefill (where the batch-1 prefill ratio goes).
+* `--batch-sizes ... auto`: each variant at its own batch, the clips per call the model stage
+  would choose from the memory budget (bench.engine_batch over workers.call_size and
+  v2drop.memory; `--memory-budget-gib` forces a budget, which CPU runs need); such rows carry
+  batch_chosen_by 'engine' (else 'fixed'), and the targets "batch chosen by the engine" use them.
 * two decode engines: `dynamic` (generate() on a DynamicCache) and `static` (v2drop.static_decode:
   per-stage preallocated cache, one static-shape step, captured as a CUDA graph on CUDA after a
   check that captured and uncaptured tokens agree; if capture fails the run goes on uncaptured
@@ -44,6 +50,7 @@ import torch
 import v2drop
 from bench import report as report_file
 from bench.bench_v2drop import hardware
+from bench.engine_batch import AUTO, MAX_AUTO_BATCH, batch_groups, batch_size_arg, budget_bytes, engine_batches
 from bench.model_checks import (
     check_capture,
     prefill_flop_ratio,
@@ -53,7 +60,7 @@ from bench.model_checks import (
     vision_loop_vs_batched,
 )
 from bench.model_report import markdown, targets
-from bench.model_setup import VARIANTS, build_model, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
+from bench.model_setup import build_model, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
 from bench.report import timed
 
 ENGINES = ("dynamic", "static")  # the default run (under 8 minutes on one H200)
@@ -72,7 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-depth", type=int, default=4)
     p.add_argument("--vision-hidden-size", type=int, default=64)
     p.add_argument("--grid", type=int, nargs=3, default=(8, 32, 32), help="video grid t h w in patches")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=(1, 16, 64))
+    p.add_argument("--batch-sizes", type=batch_size_arg, nargs="+", default=(1, 16, 64),
+                   help=f"clips per call; '{AUTO}': each variant at the batch the model stage would choose")
+    p.add_argument("--memory-budget-gib", type=float, default=None,
+                   help=f"the budget '{AUTO}' sizes calls for (actors.memory_budget_gib); default on CUDA: "
+                        "actors.memory_fraction of the memory free after building the model; needed elsewhere")
+    p.add_argument("--max-auto-batch", type=int, default=MAX_AUTO_BATCH,
+                   help=f"the most clips an '{AUTO}' batch holds (stands in for actors.batch_size)")
     p.add_argument("--new-tokens", type=int, nargs="+", default=(64, 256))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--retention", type=float, default=0.25)
@@ -90,6 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.capture = args.device.startswith("cuda")
     if min(args.new_tokens) < 2:
         p.error("--new-tokens must be >= 2 (decode ms/step needs at least one step after the prefill)")
+    if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
+        p.error(f"--memory-budget-gib must be > 0, got {args.memory_budget_gib}")
+    if args.max_auto_batch < 1:
+        p.error(f"--max-auto-batch must be >= 1, got {args.max_auto_batch}")
+    if AUTO in args.batch_sizes and args.memory_budget_gib is None and not args.device.startswith("cuda"):
+        p.error(f"--batch-sizes {AUTO} on {args.device} needs --memory-budget-gib (only CUDA has a free-memory figure)")
     return args
 
 
@@ -103,13 +122,15 @@ def timed_median(fn, repeats: int, device: str):
     return statistics.median(times), out
 
 
-def measure_batch(model, tokenizer, args, schedule, batch: int) -> list[dict]:
-    """Rows for one batch size: every variant x engine x new-token count."""
+def measure_batch(model, tokenizer, args, schedule, batch: int, variants: tuple[str, ...], chosen_by: str) -> list[dict]:
+    """Rows for one batch size: each of `variants` x engine x new-token count. The vision tower
+    runs the whole batch in one call, as a model call of that many clips does in the stage; the
+    memory model's vision term is below its per-clip bytes, so an auto batch fits it too."""
     clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
     vision_ms, encoded = timed_median(lambda: encode(model, clips), args.repeats, args.device)
     inputs = text_inputs(clips, encoded)
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         set_variant(model, variant, schedule)
         prefill_ms, _ = timed_median(lambda: model(**fresh(inputs), use_cache=True, logits_to_keep=1),
                                      args.repeats, args.device)
@@ -122,7 +143,7 @@ def measure_batch(model, tokenizer, args, schedule, batch: int) -> list[dict]:
                 generate_ms, (kv_bytes, tokens) = timed_median(
                     lambda n=new_tokens, e=engine: run_generate(model, inputs, n, e, args), args.repeats, args.device)
                 peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
-                rows.append(row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes))
+                rows.append(row(variant, engine, batch, chosen_by, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes))
                 tokens_by_engine[engine, new_tokens] = tokens
                 print(f"{variant} {engine} batch {batch} {new_tokens} tokens: {generate_ms:.0f} ms", file=sys.stderr, flush=True)
         for r in rows[-len(args.engines) * len(args.new_tokens):]:
@@ -142,10 +163,10 @@ def token_agreement(tokens_by_engine: dict, engine: str, new_tokens: int) -> flo
     return (leading.float().mean() / new_tokens).item()
 
 
-def row(variant, engine, batch, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes) -> dict:
+def row(variant, engine, batch, chosen_by, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes) -> dict:
     total_ms = vision_ms + generate_ms
     return {
-        "variant": variant, "engine": engine, "batch": batch, "new_tokens": new_tokens,
+        "variant": variant, "engine": engine, "batch": batch, "batch_chosen_by": chosen_by, "new_tokens": new_tokens,
         "vision_ms_per_clip": vision_ms / batch,
         "prefill_ms_per_clip": prefill_ms / batch,
         "decode_ms_per_step": (generate_ms - prefill_ms) / (new_tokens - 1),
@@ -164,6 +185,12 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     model, tokenizer = build_model(args)
     schedule = v2drop.Schedule.for_retention(args.num_layers, args.retention)
+    auto = None
+    if AUTO in args.batch_sizes:  # the budget from the memory free after building, before the checks hold any
+        budget = budget_bytes(args.device, args.memory_budget_gib)
+        assert budget is not None, "parse_args requires --memory-budget-gib off CUDA"
+        auto = engine_batches(model, tokenizer, args, schedule, budget)
+        print(f"{AUTO} batches: {auto['batch']}", file=sys.stderr, flush=True)
     vision_ms = vision_loop_vs_batched(model, tokenizer, args)  # leaves the batched tower installed
     decode_counts, prefill_counts = step_counts(model, tokenizer, args, schedule)
     flop_ratio = prefill_flop_ratio(model, tokenizer, args, schedule)
@@ -171,10 +198,12 @@ def main(argv=None) -> dict:
     t, h, w = args.grid
     stem = args.out_dir / f"model-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
     rows = []
-    for batch in args.batch_sizes:  # a partial table is written after each batch size
-        rows += measure_batch(model, tokenizer, args, schedule, batch)
-        report_file.write(stem.with_name(stem.name + "-partial"), {"rows": rows}, "", quiet=True)
-    profile_batch = 16 if 16 in args.batch_sizes else args.batch_sizes[0]
+    for size in args.batch_sizes:  # a partial table is written after each batch size
+        for batch, variants, chosen_by in batch_groups(size, auto):
+            rows += measure_batch(model, tokenizer, args, schedule, batch, variants, chosen_by)
+            report_file.write(stem.with_name(stem.name + "-partial"), {"rows": rows}, "", quiet=True)
+    measured = sorted({r["batch"] for r in rows})
+    profile_batch = 16 if 16 in measured else measured[0]
     report = {
         "hardware": hardware(args.device),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out_dir"},
@@ -182,6 +211,7 @@ def main(argv=None) -> dict:
         "num_params": sum(p.numel() for p in model.parameters()),
         "visual_tokens": t * h * w // 4,
         "schedule": {"layers": list(schedule.layers), "keep": list(schedule.keep)},
+        "auto_batch": auto,
         "prefill_flop_ratio": flop_ratio,
         "vision_batch1": vision_ms,
         "static_step_captured": args.capture,

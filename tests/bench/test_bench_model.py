@@ -11,8 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import bench_model
+import v2drop
+from bench import bench_model, model_report
+from bench.model_setup import build_model
+from v2drop.memory import ModelShape, clip_bytes, clips_per_call
 
 TOY = ["--num-layers", "8", "--hidden-size", "64", "--intermediate-size", "128", "--vision-depth", "2",
        "--vision-hidden-size", "32", "--grid", "2", "8", "12", "--batch-sizes", "1", "2",
@@ -34,6 +38,8 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
         assert row["total_ms_per_clip"] > row["vision_ms_per_clip"] > 0
         assert row["peak_cuda_bytes"] is None  # CPU: the KV cache is the memory figure
         assert row["tokens_equal_dynamic"] == 1.0  # float32 on CPU: the static engine is exact
+        assert row["batch_chosen_by"] == "fixed"
+    assert report["auto_batch"] is None
     rows = {(v, b, n): r for (v, e, b, n), r in all_rows.items() if e == "dynamic"}
     for batch in (1, 2):
         assert rows["v2drop", batch, 3]["kv_cache_bytes"] < rows["stock", batch, 3]["kv_cache_bytes"]
@@ -49,9 +55,82 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert report["prefill_profile"] == {}  # CPU: no kernel profile
     assert set(report["vision_batch1"]) == {"stock_loop_ms", "batched_ms"}
     names = [t["target"] for t in report["targets"]]
-    assert any(n.startswith("whole model with V²Drop") for n in names)
+    assert any(n.startswith("whole model with V²Drop, best batch") for n in names)  # no auto rows: fixed batches
+    assert any(n.startswith("clips/s V²Drop / stock at batch 2") for n in names)
     assert any(n.startswith("peak memory") for n in names)
     assert all(set(t) == {"target", "measured", "goal", "met", "off_by"} for t in report["targets"])
+
+
+# Budget for --batch-sizes auto at TOY's shapes: 2.5 stock clips (707,584 bytes each in float32, 3
+# new tokens), so stock gets 2 clips per call and V²Drop, whose cache is smaller, 3.
+AUTO_BUDGET_GIB = 0.00165
+
+
+def test_auto_batch_is_the_memory_models_choice_per_variant(tmp_path):
+    argv = [*TOY[:TOY.index("--batch-sizes")], "--batch-sizes", "1", "auto", "--new-tokens", "2", "3", "--repeats", "1",
+            "--device", "cpu", "--engines", "static", "--memory-budget-gib", str(AUTO_BUDGET_GIB), "--out-dir", str(tmp_path)]
+    report = bench_model.main(argv)
+
+    # What v2drop.memory says for this clip, computed here from the model's config and the schedule
+    args = bench_model.parse_args(argv)
+    model, _ = build_model(args)
+    shape = ModelShape.from_config(model.config, torch.float32)
+    schedule = v2drop.Schedule.for_retention(8, 0.25)
+    visual = 2 * 8 * 12 // 4
+    auto = report["auto_batch"]
+    assert auto["visual_tokens"] == visual and auto["prompt_tokens"] > visual
+    budget = int(AUTO_BUDGET_GIB * 2**30)
+    assert auto["budget_bytes"] == budget
+    expected = {}
+    for variant, sched in (("stock", None), ("v2drop", schedule)):
+        per_clip = clip_bytes(shape, sched, auto["prompt_tokens"] - visual, visual, visual * 4, 3)  # the longest count
+        assert auto["clip_bytes"][variant] == per_clip
+        expected[variant] = clips_per_call(budget, per_clip, bench_model.MAX_AUTO_BATCH)
+    assert auto["batch"] == expected
+    assert expected["v2drop"] > expected["stock"] > 1  # the budget tells the variants apart
+
+    rows = {(r["variant"], r["batch"], r["batch_chosen_by"]) for r in report["rows"]}
+    assert rows == {("stock", 1, "fixed"), ("v2drop", 1, "fixed"),
+                    ("stock", expected["stock"], "engine"), ("v2drop", expected["v2drop"], "engine")}
+    by = {(r["variant"], r["batch_chosen_by"]): r for r in report["rows"] if r["new_tokens"] == 3}
+    targets = {t["target"]: t for t in report["targets"]}
+    whole = targets[f"whole model with V²Drop at the engine's batch ({expected['v2drop']}), ms/clip (3 tokens) [static]"]
+    assert whole["measured"] == by["v2drop", "engine"]["total_ms_per_clip"]
+    ratio = targets[f"clips/s V²Drop / stock, each at the engine's batch ({expected['v2drop']} vs {expected['stock']}) [static]"]
+    assert ratio["measured"] == pytest.approx(by["v2drop", "engine"]["clips_per_s"] / by["stock", "engine"]["clips_per_s"])
+    assert "prefill time ratio at batch 1 [static]" in targets  # the fixed-batch targets stay on fixed rows
+
+    table = (tmp_path / "model-cpu.md").read_text()
+    assert f"| v2drop | static | {expected['v2drop']} (auto) | 3 |" in table
+    assert f"| stock | static | {expected['stock']} (auto) | 3 |" in table
+    assert "| stock | static | 1 | 3 |" in table
+    assert "Rows marked (auto)" in table
+
+
+def test_fixed_rows_alone_keep_the_best_batch_targets():
+    """The fallback from auto rows: the same rows without them give today's targets."""
+    rows = [dict(variant=v, engine="static", batch=b, batch_chosen_by=by, new_tokens=4, total_ms_per_clip=ms,
+                 clips_per_s=1e3 / ms, vision_ms_per_clip=1.0, prefill_ms_per_clip=1.0, decode_ms_per_step=1.0,
+                 peak_cuda_bytes=None, kv_cache_bytes=1)
+            for v, b, by, ms in (("stock", 4, "fixed", 40.0), ("v2drop", 4, "fixed", 30.0),
+                                 ("stock", 8, "engine", 35.0), ("v2drop", 12, "engine", 20.0))]
+    with_auto = {t["target"]: t["measured"] for t in model_report.targets(rows, 0.5)}
+    assert with_auto["clips/s V²Drop / stock, each at the engine's batch (12 vs 8) [static]"] == pytest.approx(35 / 20)
+    fixed = {t["target"]: t["measured"] for t in model_report.targets([r for r in rows if r["batch"] == 4], 0.5)}
+    assert fixed["clips/s V²Drop / stock at batch 4 [static]"] == pytest.approx(40 / 30)
+    assert fixed["whole model with V²Drop, best batch, ms/clip (4 tokens) [static]"] == 30.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-sizes", "1", "auto", "--device", "cpu"], "needs --memory-budget-gib"),
+    (["--batch-sizes", "0"], "positive integer or 'auto'"),
+    (["--batch-sizes", "big"], "positive integer or 'auto'"),
+    (["--batch-sizes", "auto", "--device", "cpu", "--memory-budget-gib", "0"], "--memory-budget-gib must be > 0"),
+])
+def test_bad_batch_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_model.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 
@@ -95,5 +174,9 @@ def test_the_gpu_command_needs_only_torch_and_transformers():
             if top in OWN_PACKAGES and is_file:
                 todo.append(name)
             outside.add(top)
-    assert {"bench.model_setup", "bench.model_checks", "bench.model_report", "v2drop", "vlm.tiny"} <= seen
-    assert not outside & {"ray", "pyarrow", "pandas", "pipeline", "workers"}, sorted(outside)
+    assert {"bench.model_setup", "bench.model_checks", "bench.model_report", "bench.engine_batch", "v2drop",
+            "vlm.tiny", "workers.call_size"} <= seen
+    assert not outside & {"ray", "pyarrow", "pandas", "pipeline"}, sorted(outside)
+    # From workers only the call sizing ('auto' batches) and its settings, torch-only modules whose
+    # own imports the walk above followed; the actor and its Ray-facing code stay out
+    assert {m for m in seen if m.split(".")[0] == "workers"} <= {"workers", "workers.call_size", "workers.settings"}
