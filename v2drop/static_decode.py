@@ -22,6 +22,10 @@ each step and builds masks of growing length, so no step can be captured as a CU
    specialise the batch dimension).
 4. Rows that produced an end token emit the pad token from then on, as generate does; the loop
    stops once every row has finished (checked every `stop_check_every` steps, one sync each).
+   When at most half of the rows still decoding are unfinished at a check, the finished ones
+   leave the batch (`select_rows`: smaller buffers, so a captured step is captured again, about
+   one step's cost), so short answers do not keep the whole batch decoding to the longest. Not
+   with `compile=True`: each new batch size would compile again.
 
 Worked example, 2 stages over 4 layers, prefill lengths (10, 4), 3 new tokens: layers 0-1 get
 13-slot caches, layers 2-3 7-slot caches; step t writes slot 10 + t and 4 + t respectively.
@@ -69,17 +73,26 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
     del dynamic
     fn = compiled_decode_step() if compile else decode_step
-    step = CapturedStep(model, text_model, state, fn) if capture else EagerStep(model, text_model, state, fn)
+    step_class = CapturedStep if capture else EagerStep
+    step = step_class(model, text_model, state, fn)
     tokens = torch.full((first.shape[0], max_new_tokens), pad, dtype=torch.long, device=first.device)
     tokens[:, :1] = first
     finished = torch.isin(first[:, 0], eos)
+    rows = torch.arange(first.shape[0], device=first.device)  # the rows `state` holds, in its order
     for t in range(max_new_tokens - 1):
-        nxt = step(tokens[:, t:t + 1], t)
-        nxt = torch.where(finished, pad, nxt)
-        tokens[:, t + 1] = nxt
-        finished = finished | torch.isin(nxt, eos)
-        if (t + 1) % stop_check_every == 0 and bool(finished.all()):
+        nxt = torch.where(finished[rows], pad, step(tokens[rows, t:t + 1], t))
+        tokens[rows, t + 1] = nxt
+        finished[rows] = finished[rows] | torch.isin(nxt, eos)
+        if (t + 1) % stop_check_every:
+            continue
+        unfinished = ~finished[rows]
+        decoding = int(unfinished.sum())  # the check's one sync
+        if decoding == 0:
             return tokens[:, : t + 2]
+        if not compile and decoding <= len(rows) // 2:
+            keep = unfinished.nonzero().squeeze(1)
+            state, rows = select_rows(state, keep), rows[keep]
+            step = step_class(model, text_model, state, fn)
     return tokens
 
 
@@ -192,6 +205,26 @@ def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_
         next_positions=(positions[..., -1:] + 1).contiguous(),
     )
     return state  # every buffer is only ever mutated in place: a captured step may hold its address
+
+
+def select_rows(state: StaticState, index: torch.Tensor) -> StaticState:
+    """A new state holding only the rows `index` ([b] long, positions in `state`'s batch), in new
+    buffers: the old ones are freed once no step refers to them."""
+    layers = []
+    for layer in state.cache.layers:
+        static = StaticLayer(max_cache_len=layer.max_cache_len)
+        static.lazy_initialization(layer.keys[index], layer.values[index])
+        static.keys.copy_(layer.keys[index])
+        static.values.copy_(layer.values[index])
+        static.cumulative_length.copy_(layer.cumulative_length)
+        layers.append(static)
+    return StaticState(
+        cache=Cache(layers=layers),
+        starts=state.starts,
+        valid=[v[index] for v in state.valid],
+        prefill_lengths=state.prefill_lengths,
+        next_positions=state.next_positions.index_select(-2, index),  # [3, B, 1] or [B, 1]
+    )
 
 
 def _stage_masks(model, dynamic, attention_mask, positions) -> StageMasks:

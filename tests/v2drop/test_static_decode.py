@@ -40,16 +40,63 @@ def test_static_cache_tokens_equal_generate(family, dropping):
     assert static_decode.generate_static(model, inputs, 10).tolist() == expected.tolist()
 
 
-def test_rows_that_finish_emit_pad_and_the_loop_stops_when_all_have():
+def _selected_batches(monkeypatch) -> list[int]:
+    """Records the batch size of every select_rows call (rows leaving the batch)."""
+    sizes: list[int] = []
+    real = static_decode.select_rows
+
+    def spy(state, index):
+        sizes.append(len(index))
+        return real(state, index)
+
+    monkeypatch.setattr(static_decode, "select_rows", spy)
+    return sizes
+
+
+def _end_tokens_for(free_run: torch.Tensor, plans: list[list[int | None]]) -> list[int]:
+    """End tokens under which row r first ends at plan[r] (None: never), for the first plan the
+    random tokens allow: the tiny models repeat tokens, so a token picked at one step may end a row
+    earlier or end another row too."""
+    rows = free_run.tolist()
+    for plan in plans:
+        ends = sorted({rows[r][k] for r, k in enumerate(plan) if k is not None})
+        first = [next((i for i, tok in enumerate(row) if tok in ends), None) for row in rows]
+        if first == plan:
+            return ends
+    raise AssertionError(f"no plan fits these tokens: {rows}")
+
+
+def test_rows_that_finish_emit_pad_leave_the_batch_and_the_loop_stops_when_all_have(monkeypatch):
     model, inputs = _setup("qwen2_5_vl", dropping=True)
     free_run = _reference(model, inputs, 12)
-    # Make row 1's 3rd token and row 0's 5th the end tokens (if they differ): rows finish at different steps.
-    model.generation_config.eos_token_id = [int(free_run[1, 2]), int(free_run[0, 4])]
+    # Row 1 ends first, row 0 later: rows finish at different steps.
+    plans = [[k0, k1] for k1 in range(1, 6) for k0 in range(k1 + 1, 11)]
+    model.generation_config.eos_token_id = _end_tokens_for(free_run, plans)
     expected = _reference(model, inputs, 12)
+    selected = _selected_batches(monkeypatch)
     got = static_decode.generate_static(model, inputs, 12)
     assert got.shape[1] < 12  # stopped early: every row had finished
     assert got.tolist() == expected[:, : got.shape[1]].tolist()
     assert (expected[:, got.shape[1]:] == model.generation_config.pad_token_id).all()
+    assert selected == [1]  # row 1 left the batch once it had finished; row 0 decoded on alone
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_batch_shrunk_twice_gives_generates_tokens(family, monkeypatch):
+    """Four left-padded rows, V²Drop on: rows 0 and 1 end first, then row 2, row 3 runs on, so
+    4 -> 2 -> 1 rows decode; the kept rows' caches, stage masks and M-RoPE positions follow them."""
+    model = models.model(family, num_layers=NUM_LAYERS)
+    questions = ["Hi", "Describe.", "What happens in this long clip here?", "Why?"]
+    inputs = models.batch(family, [models.Sample(q, models.Visual("video", (2, 8, 8))) for q in questions])
+    v2drop.enable(model, v2drop.Schedule.for_retention(NUM_LAYERS, 0.25))
+    free_run = _reference(model, inputs, 12)
+    plans = [[a, b, c, None] for a in range(1, 6) for b in range(1, 6) for c in range(max(a, b) + 1, 11)]
+    model.generation_config.eos_token_id = _end_tokens_for(free_run, plans)
+    expected = _reference(model, inputs, 12)
+    selected = _selected_batches(monkeypatch)
+    got = static_decode.generate_static(model, inputs, 12)
+    assert got.tolist() == expected.tolist()
+    assert selected == [2, 1]  # rows 0 and 1 left together once both had ended, then row 2
 
 
 def test_each_stage_cache_is_sized_to_its_own_prefill_plus_new_tokens():
