@@ -207,7 +207,7 @@ def _patched_text_forward(model: nn.Module):
                 valid = loop.valid_tokens(inputs_embeds, attention_mask)
                 counts = RowCounts.of(valid, visual)
                 if any(counts.visual):
-                    return _dropping_prefill(self, state, inputs_embeds, visual, counts, attention_mask,
+                    return _dropping_prefill(self, state, inputs_embeds, visual, valid, counts,
                                              position_ids, cache, use_cache, kwargs)
             state.cache_ref, state.stage_masks = None, None
             return stock(inputs_embeds=inputs_embeds, **call)
@@ -226,11 +226,11 @@ def _visual_mask(state: DropState, token_ids, inputs_embeds) -> torch.Tensor | N
     return torch.isin(token_ids, state.visual_ids.to(token_ids.device)).to(inputs_embeds.device)
 
 
-def _dropping_prefill(text_model, state, inputs_embeds, visual, counts, attention_mask, position_ids,
+def _dropping_prefill(text_model, state, inputs_embeds, visual, valid, counts, position_ids,
                       cache, use_cache, kwargs):
     if use_cache and cache is None:
         cache = loop.DynamicCache(config=text_model.config)
-    tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, attention_mask, position_ids,
+    tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, valid, position_ids,
                                       visual, state.adapter.layer_additions(kwargs, inputs_embeds))
     result = loop.prefill_with_drops(text_model, state.schedule, tokens, counts, cache, use_cache,
                                      loop.layer_kwargs(kwargs), state.score)

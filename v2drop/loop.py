@@ -263,15 +263,15 @@ def initial_token_state(
     text_model,
     adapter: FamilyAdapter,
     inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    valid: torch.Tensor,
     position_ids: torch.Tensor | None,
     visual: torch.Tensor,
     additions: torch.Tensor | None = None,
 ) -> TokenState:
+    """valid: [B, L] bool from `valid_tokens`."""
     batch, length = inputs_embeds.shape[:2]
     rope_positions = adapter.positions(text_model, inputs_embeds, position_ids, None)
     cos, sin = rotary(text_model, inputs_embeds, rope_positions)
-    valid = valid_tokens(inputs_embeds, attention_mask)
     return TokenState(
         hidden=inputs_embeds,
         cos=cos,

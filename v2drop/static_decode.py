@@ -190,12 +190,7 @@ def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_
     layers = []
     for layer in dynamic.layers:
         length = layer.keys.shape[2]
-        static = StaticLayer(max_cache_len=length + max_new_tokens)
-        static.lazy_initialization(layer.keys, layer.values)
-        static.keys[:, :, :length] = layer.keys
-        static.values[:, :, :length] = layer.values
-        static.cumulative_length.fill_(length)
-        layers.append(static)
+        layers.append(_static_layer(layer.keys, layer.values, length + max_new_tokens, length))
     valid = [torch.nn.functional.pad(m.bool(), (0, max_new_tokens), value=False) for m in stages.masks]
     state = StaticState(
         cache=Cache(layers=layers),
@@ -207,17 +202,22 @@ def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_
     return state  # every buffer is only ever mutated in place: a captured step may hold its address
 
 
+def _static_layer(keys: torch.Tensor, values: torch.Tensor, max_cache_len: int, filled) -> StaticLayer:
+    """A StaticLayer of `max_cache_len` slots holding `keys`/`values` [B, H, L, D] in its first L,
+    with `filled` (int or 0-d tensor) of them written."""
+    static = StaticLayer(max_cache_len=max_cache_len)
+    static.lazy_initialization(keys, values)
+    static.keys[:, :, :keys.shape[2]] = keys
+    static.values[:, :, :values.shape[2]] = values
+    static.cumulative_length.fill_(filled)
+    return static
+
+
 def select_rows(state: StaticState, index: torch.Tensor) -> StaticState:
     """A new state holding only the rows `index` ([b] long, positions in `state`'s batch), in new
     buffers: the old ones are freed once no step refers to them."""
-    layers = []
-    for layer in state.cache.layers:
-        static = StaticLayer(max_cache_len=layer.max_cache_len)
-        static.lazy_initialization(layer.keys[index], layer.values[index])
-        static.keys.copy_(layer.keys[index])
-        static.values.copy_(layer.values[index])
-        static.cumulative_length.copy_(layer.cumulative_length)
-        layers.append(static)
+    layers = [_static_layer(layer.keys[index], layer.values[index], layer.max_cache_len, layer.cumulative_length)
+              for layer in state.cache.layers]
     return StaticState(
         cache=Cache(layers=layers),
         starts=state.starts,
