@@ -4,9 +4,11 @@ Step 3 of the life of a run's rows (steps 1-2 are in `pipeline._write`). After e
 run is written: this run's small files are compacted into files of up to ROWS_PER_FILE rows, then
 every older row whose key this run wrote again (an earlier error, `resume=false`, a row the
 `DoneRule` refuses) is removed, keys that older versions left duplicated keep one row, and older
-small files of one folder (a killed run's flushes) are merged. A file is rewritten by writing its
-replacement first and deleting it second, so a crash at any point leaves every key readable at
-least once, and the next run's step 3 leaves it exactly once.
+small files of one folder (a killed run's flushes) are merged, and files of an older schema
+version are rewritten with the current one (`FILE_SCHEMA`: one output never mixes schemas, which
+Polars refuses). A file is rewritten by writing its replacement first and deleting it second, so a
+crash at any point leaves every key readable at least once, and the next run's step 3 leaves it
+exactly once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline._write import ERRORS_SUFFIX, FileKeys, Key, OutputState, PartWriter, writing
+from pipeline.schema import FILE_SCHEMA, SCHEMA_VERSION, conform
 from pipeline.storage import Storage
 
 ROWS_PER_FILE = 20_000  # compacted files hold up to this many rows: large enough for readers
@@ -59,13 +62,28 @@ def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replac
         with writing(writer.partition_uri):
             files += rewrite(storage, group, {}, f"{stem}-c", suffix) if len(group) > 1 else group
     drops = rows_to_drop(state.files, writer.written, replace_all)
-    for n, (group, suffix) in enumerate(older_rewrites(state.files, drops)):
+    rewrites = older_rewrites(state.files, drops)
+    for n, (group, suffix) in enumerate(rewrites):
         folder = posixpath.dirname(group[0])
         with writing(folder):
             rewrite(storage, group, drops, f"{folder}/part-{writer.run_id}-r{n:05d}-", suffix)
     if drops:
         log(f"[write] replaced {sum(map(len, drops.values()))} older rows in {len(drops)} files")
+    upgrade_older_schemas(storage, state.files, {uri for group, _ in rewrites for uri in group}, log)
     return files
+
+
+def upgrade_older_schemas(storage: Storage, files: list[FileKeys], rewritten: set[str],
+                          log: Callable[[str], None]) -> None:
+    """Rewrite in place, with the current schema, each file of an older version that `rewrite`
+    did not already replace (a file is replaced whole, so a crash leaves the old or the new one)."""
+    older = [f for f in files if f.uri not in rewritten and (f.schema_version or 1) < SCHEMA_VERSION]
+    for f in older:
+        with writing(f.uri):
+            storage.write_parquet_atomic(conform(storage.read_parquet(f.uri), FILE_SCHEMA), f.uri)
+    if older:
+        versions = sorted({f.schema_version or 1 for f in older})
+        log(f"[write] upgraded {len(older)} files of schema version {versions} to version {SCHEMA_VERSION}")
 
 
 def older_rewrites(files: list[FileKeys], drops: dict[str, list[int]]) -> list[tuple[list[str], str]]:
@@ -89,8 +107,8 @@ def rewrite(storage: Storage, sources: list[str], drops: dict[str, list[int]], s
         table = storage.read_parquet(uri)
         if drops.get(uri):
             table = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows)), pa.array(drops[uri]))))
-        tables.append(table)
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+        tables.append(conform(table, FILE_SCHEMA))  # an older version's file leaves with the current schema
+    table = pa.concat_tables(tables) if tables else None
     written = []
     for n, start in enumerate(range(0, table.num_rows if table is not None else 0, ROWS_PER_FILE)):
         written.append(f"{stem}{n:05d}{suffix}")

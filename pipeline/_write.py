@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from pipeline._shard import key
 from pipeline.redact import redact
-from pipeline.schema import FILE_SCHEMA
+from pipeline.schema import FILE_SCHEMA, SCHEMA_VERSION, schema_version
 from pipeline.storage import Storage, StorageError
 
 ERRORS_SUFFIX = "-errors.parquet"
@@ -107,6 +107,7 @@ class FileKeys:
     uri: str
     keys: list[Key]
     done: list[bool]  # DoneRule per row
+    schema_version: int | None = SCHEMA_VERSION  # pipeline.schema.schema_version of the file
 
 
 @dataclass
@@ -136,7 +137,7 @@ def read_state(storage: Storage, output_uri: str, job: str, log: Callable[[str],
                 "the keys it held are run again")
             continue
         keys = [key(c, p) for c, p in zip(table["clip_id"].to_pylist(), table["prompt"].to_pylist())]
-        state.files.append(FileKeys(uri, keys, rule(table).to_pylist()))
+        state.files.append(FileKeys(uri, keys, rule(table).to_pylist(), schema_version(table.schema)))
     return state
 
 

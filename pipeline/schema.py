@@ -23,7 +23,7 @@ import pyarrow as pa
 
 STATUSES = ("ok", "error", "skipped")
 PARTITION_COLUMNS = ("job", "run_date")
-SCHEMA_VERSION = 2  # 1: before 2026-11-30 (run_date a string, peak_memory_bytes, no skip_reason)
+SCHEMA_VERSION = 3  # 1: before 2026-11-30 (run_date a string, peak_memory_bytes, no skip_reason); 2: no video_prefill_*
 SCHEMA_VERSION_KEY = b"v2drop_batch.schema_version"
 
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -67,6 +67,8 @@ ROW_SCHEMA = pa.schema(
         pa.field("batch_id", pa.string()),  # the generate call that made the row: the PER CALL columns are this call's
         pa.field("fallback_reason", pa.string()),  # set when the row came from retrying a failed call (e.g. 'ValueError: retried item by item')
         pa.field("fallback_batch_id", pa.string()),  # ... the id given to that failed call (the summary counts distinct ones)
+        pa.field("video_prefill_shared", pa.bool_()),  # true: the clip's video was prefilled once for all its prompts in the call
+        pa.field("video_prefill_unshared_reason", pa.string()),  # why generation.share_video_prefix could not share it; else null
         # Provenance (workers.provenance): what produced the row. Null on rows no model actor saw.
         pa.field("engine_fingerprint", pa.string()),  # hash of model source+revision, dtype, attention, retention, engine version: the resume key's context
         pa.field("model_dtype", pa.string()),  # dtype the model ran in (e.g. bfloat16; float32 on CPU)

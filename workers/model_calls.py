@@ -65,6 +65,8 @@ def generate_items(
     batch_id = new_batch_id()  # prefill_ms, generate_ms and peak_memory_bytes are this call's
     for result in results:
         result.batch_id = batch_id
+        result.video_prefill_shared = plan.shared is not None
+        result.video_prefill_unshared_reason = plan.fallback
     return results
 
 

@@ -35,6 +35,9 @@ class GenResult:
     batch_id: str | None = None  # the generate call that made it (timings above are per call)
     fallback_reason: str | None = None  # set when made by retrying a failed call (workers.model_calls)
     fallback_batch_id: str | None = None  # ... and the id given to that failed call
+    # How the call fed the clip's video to the language model (workers.model_calls.plan_call):
+    video_prefill_shared: bool | None = None  # True: prefilled once for all the clip's prompts in the call
+    video_prefill_unshared_reason: str | None = None  # why generation.share_video_prefix could not share it
 
     @classmethod
     def failed(cls, error: BaseException) -> GenResult:

@@ -338,6 +338,7 @@ def test_real_tiny_model_captions_and_answers(ray_cluster: None, videos: Path, t
     assert len(damaged) == 3 and all(r["partial_reason"] and r["last_frame_s"] < r["end_s"] for r in damaged)
     assert all(r["model_random_weights"] and r["output_tokens"] >= 1 and r["model_id"] == model for r in ok)
     assert all(r["visual_tokens_per_stage"] and r["retention_achieved"] < 1 for r in ok)
+    assert all(r["video_prefill_shared"] and r["video_prefill_unshared_reason"] is None for r in ok)  # one per clip
     thin = [r for r in rows if r["video_uri"].endswith("thin.mp4")]
     assert thin and all(r["status"] == "error" and r["error_stage"] == "model" for r in thin)
     assert summary["rows_ok"] == len(ok)

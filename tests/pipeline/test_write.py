@@ -19,7 +19,7 @@ import pytest
 from pipeline import _write
 from pipeline._consolidate import SMALL_FILE_ROWS, consolidate, older_rewrites, rows_to_drop
 from pipeline._write import FileKeys, OutputError, PartWriter, read_state
-from pipeline.schema import FILE_SCHEMA
+from pipeline.schema import FILE_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, schema_version
 from pipeline.storage import Storage
 
 JOB = "caption"
@@ -308,3 +308,39 @@ def test_a_done_rule_with_a_new_column_reads_older_files_as_null_and_their_keys_
     consolidate(Storage(), writer, state, replace_all=False)
     assert all_rows(out) == [("k1", "ok"), ("k2", "ok")]
     assert not (out / "data" / f"job={JOB}" / "run_date=2026-11-28" / "part-r1-00000.parquet").exists()
+
+
+def test_files_of_an_older_schema_version_are_upgraded_so_every_engine_reads_the_output(tmp_path: Path) -> None:
+    """A version-2 file (before the video_prefill columns) beside this run's: the run ends with
+    one schema in the folder, which Polars needs; the old file's rows are unchanged."""
+    import duckdb
+    import polars as pl
+
+    out = tmp_path / "out"
+    new_columns = {"video_prefill_shared", "video_prefill_unshared_reason"}
+    version_2 = pa.schema([f for f in FILE_SCHEMA if f.name not in new_columns],
+                          metadata={SCHEMA_VERSION_KEY: b"2"})
+    old_rows = rows(("k1", "ok"), ("k2", "error")).select(version_2.names).cast(version_2)
+    kept = put(out, "part-r1-00000.parquet", old_rows, run_date="2026-11-29")  # no row of it replaced
+    pl_glob = f"{out}/data/*/*/*.parquet"
+    probe = put(out, "probe.parquet", rows(("k9", "ok")), run_date="2026-11-29")
+    with pytest.raises(pl.exceptions.PolarsError):  # what a mixed folder does to a reader
+        pl.scan_parquet(pl_glob, hive_partitioning=True).collect()
+    Path(probe).unlink()
+
+    logged: list[str] = []
+    state = read_state(Storage(), str(out), JOB)
+    assert [f.schema_version for f in state.files] == [2]
+    writer = writer_for(out, "r2", _write.finished_keys(state))
+    writer.add(rows(("k3", "ok")).set_column(FILE_SCHEMA.get_field_index("video_prefill_shared"),
+                                             "video_prefill_shared", pa.array([True])))
+    writer.flush()
+    consolidate(Storage(), writer, state, replace_all=False, log=logged.append)
+
+    assert pq.read_schema(kept).remove_metadata().equals(FILE_SCHEMA.remove_metadata())
+    assert schema_version(pq.read_schema(kept)) == SCHEMA_VERSION
+    assert pq.read_table(kept).select(version_2.names).to_pylist() == old_rows.to_pylist()
+    assert logged == [f"[write] upgraded 1 files of schema version [2] to version {SCHEMA_VERSION}"]
+    frame = pl.scan_parquet(pl_glob, hive_partitioning=True).select("clip_id", "video_prefill_shared").collect()
+    assert sorted(frame.rows()) == [("k1", None), ("k2", None), ("k3", True)]
+    assert duckdb.sql(f"SELECT count(video_prefill_shared) FROM read_parquet('{pl_glob}')").fetchall() == [(1,)]

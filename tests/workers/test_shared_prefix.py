@@ -19,6 +19,7 @@ from workers import model_stage as model_stage_module
 from workers.generation import move_inputs
 from workers.model_inputs import build_inputs
 from workers.model_stage import load_for_stage
+from workers.rows import GenResult
 from workers.settings import PromptConfig
 
 QUESTIONS = ["What happens in this clip?", "Who?", "Tell me a long story about the colours, the people and the places."]
@@ -118,6 +119,9 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
 
     same = ("clip_id", "prompt", "status", "output_text", "output_tokens", "prompt_tokens", "visual_tokens_per_stage")
     assert [{k: r[k] for k in same} for r in shared] == [{k: r[k] for k in same} for r in unshared]
+    # the rows say how their video was fed (not asked to share: no reason)
+    assert {(r["video_prefill_shared"], r["video_prefill_unshared_reason"]) for r in shared} == {(True, None)}
+    assert {(r["video_prefill_shared"], r["video_prefill_unshared_reason"]) for r in unshared} == {(False, None)}
     # FLOPs: each clip's prefix is counted once, split over its questions, instead of once per question.
     shape = TextShape.from_config(model_and_processor.model.config.get_text_config())
     call = shared_prefix.plan(model_and_processor.processor, [(r, q) for r in rows for q in QA.questions], "Be brief.",
@@ -129,8 +133,9 @@ def test_qa_rows_are_the_same_with_one_video_prefill_per_clip(loaded) -> None:
         assert sum(unshared[i]["flops_full"] for i in indices) - sum(shared[i]["flops_full"] for i in indices) == pytest.approx(saved)
 
 
-def test_a_template_that_puts_the_question_first_is_not_shared(caplog) -> None:
-    """Then no prefix is common to a clip's questions; the call runs unshared instead, and says why."""
+def test_a_template_that_puts_the_question_first_is_not_shared(caplog, monkeypatch) -> None:
+    """Then no prefix is common to a clip's questions; the call runs unshared instead, and says why
+    in the log and in its rows."""
     from types import SimpleNamespace
 
     from vlm import testing as models
@@ -153,3 +158,9 @@ def test_a_template_that_puts_the_question_first_is_not_shared(caplog) -> None:
     assert "share_video_prefix" in caplog.text and "no video before the prompt" in caplog.text
     assert model_calls.plan_call(loaded, items, None, share=False) == model_calls.CallPlan(None)  # not asked: no log
     assert model_calls.plan_call(loaded, items[:1], None, share=True) == model_calls.CallPlan(None)  # nothing to share
+    # the unshared call's rows carry the reason (the model call itself is stubbed: only the rows' bookkeeping is checked)
+    monkeypatch.setattr(model_calls, "build_inputs", lambda processor, items, system: items)
+    monkeypatch.setattr(model_calls, "generate_batch", lambda model, processor, inputs, cfg: [GenResult() for _ in inputs])
+    results = model_calls.generate_items(loaded, items, None, GREEDY)
+    assert [(r.video_prefill_shared, r.video_prefill_unshared_reason) for r in results] == \
+        [(False, "the chat template puts no video before the prompt")] * 2
