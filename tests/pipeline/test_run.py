@@ -395,12 +395,15 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
     """Both job files through `ray job submit` to a cluster of the test's own, the real tiny model
     captioning or answering one clip: caption.yaml in the long form, qa.yaml in the short form,
     submitted together so that they share the cluster, as scheduled runs do."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     videos = tmp_path / "videos"
     videos.mkdir()
     make_video(videos / "one_clip.mp4", "libx264", 5, 4, 64, 48)  # one 5 s clip under preset=offline
     (videos / "h265_video.mp4").symlink_to(shared_videos / "h265_video.mp4")  # 1 s: one clip of all of it
-    # A throwaway local cluster: no token auth, so the CLI needs no token file.
-    env = {**cli_env(), "RAY_AUTH_MODE": "disabled"}
+    # A throwaway local cluster: no token auth, so the CLI needs no token file; and no drain on
+    # SIGTERM (Ray waits up to 30 s for a draining node: for Serve replicas, of which it has none).
+    env = {**cli_env(), "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     ray_bin = shutil.which("ray", path=env["PATH"])
     dashboard = free_port()
     # Every port of its own: the session cluster already holds Ray's defaults, and a job agent that
@@ -426,13 +429,15 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
                                               f"output.uri={tmp_path / job}"], env)
             assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
             submission_ids[job] = re.search(r"Job '(raysubmit_\w+)' submitted successfully", result.stdout).group(1)
+        # Waiting and reading logs through Ray's job SDK, in this process: a `ray job` CLI call
+        # spends seconds starting Python and importing Ray.
+        client = JobSubmissionClient(address)
+        for job, submission_id in submission_ids.items():
+            status = wait_for_job(client, submission_id)
+            assert status == JobStatus.SUCCEEDED, f"{job}: {status}\n{client.get_job_logs(submission_id)[-3000:]}"
+        metadata = ray_job_metadata(gcs, env)
         for job, _, rows_per_clip in jobs:
             submission_id, out = submission_ids[job], tmp_path / job
-            logs = subprocess.run([ray_bin, "job", "logs", "--follow", "--address", address, submission_id],
-                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-            status = subprocess.run([ray_bin, "job", "status", "--address", address, submission_id],
-                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-            assert f"Job '{submission_id}' succeeded" in status.stdout, (logs.stdout + status.stdout + status.stderr)[-3000:]
             rows = read_rows(out)
             assert by_file(rows) == {"one_clip.mp4": {"ok": rows_per_clip}, "h265_video.mp4": {"ok": rows_per_clip}}
             ok = [r for r in rows.to_pylist() if r["status"] == "ok"]
@@ -444,7 +449,7 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
             # the submission id in the summary, the run id in the Ray job's metadata
             assert summary["ray_job_submission_id"] == submission_id
             assert {"job_submission_id": submission_id, "v2drop_run_id": summary["run_id"], "v2drop_job": job}.items() \
-                <= next(m for m in ray_job_metadata(gcs, env) if m.get("job_submission_id") == submission_id).items()
+                <= next(m for m in metadata if m.get("job_submission_id") == submission_id).items()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)
@@ -458,6 +463,19 @@ def ray_job_metadata(gcs_address: str, env: dict) -> list[dict[str, str]]:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def wait_for_job(client: Any, submission_id: str, timeout_s: float = 400) -> Any:
+    """The job's final status (or the one it has after `timeout_s`)."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get_job_status(submission_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                    JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+    return status
 
 
 def submit_when_agent_is_up(command: list[str], env: dict, timeout_s: float = 60) -> subprocess.CompletedProcess:
