@@ -68,7 +68,7 @@ def prompt_prefix(processor: Any, system: str | None) -> str:
 def plan(processor: Any, items: Sequence[Item], system: str | None, visual_ids: Sequence[int]) -> SharedCall | str:
     """Group `items` by clip and split their prompts, or say why some prompt cannot be split
     cleanly: the video is not all in the shared part (a template that puts the question first),
-    or tokens merge across the cut. workers.call_plan.plan_call logs the reason."""
+    or tokens merge across the cut. workers.model_calls.plan_call logs the reason."""
     prefix = prompt_prefix(processor, system)
     tokenizer = processor.tokenizer
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
