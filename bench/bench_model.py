@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
         auto = engine_batches(model, tokenizer, args, schedule, budget)
         print(f"{AUTO} batches: {auto['batch']}", file=sys.stderr, flush=True)
     vision_ms = vision_loop_vs_batched(model, tokenizer, args)  # leaves the batched tower installed
-    decode_counts, prefill_counts = step_counts(model, tokenizer, args, schedule)
+    decode_counts, static_counts, prefill_counts = step_counts(model, tokenizer, args, schedule)
     flop_ratio = prefill_flop_ratio(model, tokenizer, args, schedule)
     capture_error = check_capture(model, tokenizer, args, schedule)
     t, h, w = args.grid
@@ -217,6 +217,7 @@ def main(argv=None) -> dict:
         "static_step_captured": args.capture,
         "capture_error": capture_error,
         "decode_step_counts": decode_counts,
+        "static_step_counts": static_counts,
         "prefill_counts": prefill_counts,
         "prefill_profile": prefill_profile(model, tokenizer, args, schedule),
         "rows": rows,

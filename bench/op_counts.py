@@ -83,7 +83,7 @@ class StepCounts:
     by_op: dict[str, int]  # every aten op whose count is not zero
 
     def as_dict(self) -> dict:
-        return {"op_calls": self.op_calls, "syncs": self.syncs}
+        return {"op_calls": self.op_calls, "kernel_calls": kernel_calls(self.by_op), "syncs": self.syncs}
 
 
 def _fresh(inputs: dict) -> dict:
@@ -109,5 +109,36 @@ def prefill_counts(model, inputs: dict) -> StepCounts:
     """The aten calls and syncs of one prefill forward (what generate's first step runs)."""
     with torch.no_grad(), OpCounter() as counter:
         model(**_fresh(inputs), use_cache=True, logits_to_keep=1)
+    by_op = {name: n for name, n in counter.calls.items() if n}
+    return StepCounts(op_calls=sum(by_op.values()), syncs=counter.syncs, by_op=by_op)
+
+
+# Aten ops that only make a view (no kernel on CUDA); every other call launches at least one.
+VIEW_OPS = frozenset({"aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.permute", "aten.slice",
+                      "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.split_with_sizes",
+                      "aten.split", "aten.unbind", "aten.as_strided", "aten.alias", "aten.detach", "aten.lift_fresh"})
+
+
+def kernel_calls(by_op: dict[str, int]) -> int:
+    """The calls of `by_op` that launch a kernel on CUDA (all but the views): in a replayed CUDA
+    graph each still costs the GPU a few microseconds, however small, so at batch 1 this count times
+    that cost adds to the weights' read time."""
+    return sum(n for name, n in by_op.items() if name not in VIEW_OPS)
+
+
+def static_step_counts(model, inputs: dict) -> StepCounts:
+    """The aten calls and syncs of one step of the static decode engine (v2drop.static_decode),
+    uncaptured: what a captured CUDA graph replays."""
+    from v2drop import static_decode
+    from v2drop.adapters import adapter_for
+
+    text_model = adapter_for(model).text_model(model)
+    with torch.no_grad():
+        first, dynamic, positions = static_decode._prefill(model, text_model, _fresh(inputs))
+        state = static_decode.static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), 4)
+        step = static_decode.EagerStep(model, text_model, state)
+        step(first, 0)  # step 0 writes the first slot; step 1 is a steady-state step
+        with OpCounter() as counter:
+            step(first, 1)
     by_op = {name: n for name, n in counter.calls.items() if n}
     return StepCounts(op_calls=sum(by_op.values()), syncs=counter.syncs, by_op=by_op)

@@ -50,6 +50,11 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     counts = report["decode_step_counts"]
     assert counts["v2drop"]["syncs"] <= counts["stock"]["syncs"]
     assert counts["v2drop"]["op_calls"] <= 1.02 * counts["stock"]["op_calls"]
+    static = report["static_step_counts"]  # what a captured graph replays: no sync, and kernels to count
+    assert static["stock"]["syncs"] == static["v2drop"]["syncs"] == 0
+    assert 0 < static["stock"]["kernel_calls"] < static["stock"]["op_calls"]
+    stages = len(report["schedule"]["layers"]) + 1  # V²Drop: a key mask per stage, ~5 kernels each (index_fill_, mask)
+    assert 0 < static["v2drop"]["kernel_calls"] - static["stock"]["kernel_calls"] <= 5 * (stages - 1)
     prefill = report["prefill_counts"]
     assert prefill["v2drop"]["syncs"] <= prefill["stock"]["syncs"] + 1 and prefill["stock"]["op_calls"] > 0
     assert report["prefill_profile"] == {}  # CPU: no kernel profile
