@@ -6,7 +6,8 @@ Columns in: DECODED_SCHEMA. Columns out: `pipeline.schema.FILE_SCHEMA`, one row 
 
 `workers.model_stage.VideoModelWorker` does the work on Arrow batches; `ModelStage` only shapes
 what it returns into the output schema inside the actor, so the frame bytes and the intermediate
-columns never travel to the driver, and every block has the same types.
+columns never travel to the driver, and every block has the same types. The worker (torch,
+transformers: ~8 s of imports on 2 cores) is imported in the actor only; the driver never loads it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pyarrow as pa
 from pipeline._output import to_output_table
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
-from workers.model_stage import VideoModelWorker
 from workers.provenance import engine_fingerprint
 
 
@@ -40,7 +40,7 @@ def run_fingerprint(cfg: JobConfig) -> str:
     return engine_fingerprint(cfg.model, cfg.generation, cfg.prompt.system)
 
 
-class ModelStage(VideoModelWorker):
+class ModelStage:
     """The VideoModelWorker actor, returning `FILE_SCHEMA` tables stamped with this run's id.
 
     `fingerprint` is the driver's (`run_fingerprint`), what its resume compared. The actor stamps
@@ -53,9 +53,12 @@ class ModelStage(VideoModelWorker):
         if (actor := engine_fingerprint(kw["model"], kw["generation"], kw["prompt"].system)) != fingerprint:
             raise RuntimeError(f"engine fingerprint: this actor computes {actor}, the driver {fingerprint}; "
                                "the driver and the workers run different code or settings")
-        super().__init__(**model_stage_kwargs)  # loads the model: only once the engines agree
+        from workers.model_stage import VideoModelWorker
+
+        self.worker = VideoModelWorker(**model_stage_kwargs)  # loads the model: only once the engines agree
         self.run_id = run_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        on_gpu = getattr(self.loaded.model, "device", None) is not None and self.loaded.model.device.type == "cuda"
-        return to_output_table(super().__call__(batch), self.run_id, on_gpu=on_gpu)
+        model = self.worker.loaded.model
+        on_gpu = getattr(model, "device", None) is not None and model.device.type == "cuda"
+        return to_output_table(self.worker(batch), self.run_id, on_gpu=on_gpu)

@@ -123,7 +123,7 @@ def dry_run(cfg: JobConfig, storage: Storage) -> str:
     from pipeline.config import check_local_input
     from pipeline.preflight import check_model_source, discover_inputs
     from pipeline.run import VIDEO_CACHE_SUBDIR
-    from workers.loading import default_cache_dir
+    from workers.settings import default_cache_dir
 
     check_local_input(cfg)
     check_model_source(cfg, storage)

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline import _write
 from pipeline._discover import list_videos, videos_table
+from pipeline._model import run_fingerprint
 from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
 from pipeline.lease import Lease, lease_uri
 from pipeline.storage import Storage, StorageError
@@ -47,8 +48,6 @@ class Plan:
 
 def default_rule(cfg: JobConfig) -> _write.DoneRule:
     """Rows count as finished only when this run's model and engine configuration made them."""
-    from pipeline._model import run_fingerprint  # imports torch: only once every check has passed
-
     return _write.SameEngineRule(fingerprint=run_fingerprint(cfg))
 
 

@@ -42,6 +42,7 @@ from pipeline.preflight import Plan, prepare
 from pipeline.progress import Progress
 from pipeline.redact import redact
 from pipeline.storage import Storage
+from workers.settings import default_cache_dir
 
 VIDEOS_PER_PROBE_TASK = 4  # probing is ~0.1 s per video: a few per task amortise task overhead
 CLIPS_PER_DECODE_TASK = 2  # frames are big (16 x 448 x 448 x 3 B = 9.6 MB a clip): keep blocks small
@@ -151,8 +152,6 @@ def _blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
 
 
 def _io_kwargs(cfg: JobConfig, storage: Storage, **extra: Any) -> dict[str, Any]:
-    from workers.loading import default_cache_dir
-
     return {"storage": storage, "cache_dir": str(default_cache_dir(cfg.model.cache_dir) / VIDEO_CACHE_SUBDIR), **extra}
 
 

@@ -13,18 +13,55 @@ enable() refuses a transformers release outside `v2drop.compat.TESTED_TRANSFORME
 caller opts in, and self-checks each family once per process before patching it.
 
 Knows nothing of Ray.
+
+The names below are imported on first use (PEP 562), so that `v2drop.ENGINE_VERSION` costs no
+torch import: the pipeline's driver computes the engine fingerprint from it and never loads a model.
 """
 
-from v2drop import vision as vision  # vision.install(model): batched window attention without flash-attn
-from v2drop.api import disable, enable, is_enabled, last_stats, schedule_of, select_cache_rows
-from v2drop.runtime_check import SelfCheckError, SelfCheckResult, self_check
-from v2drop.schedule import Schedule
-from v2drop.stats import VisualStats, continued, prefill_stats, stats_marker
+import importlib
+from typing import TYPE_CHECKING, Any
 
 # Bump when a change to the engine can change its outputs for the same model and inputs: rows
 # written by another engine version are redone on resume (workers.provenance.engine_fingerprint).
 ENGINE_VERSION = "2"
 
-__all__ = ["Schedule", "enable", "disable", "is_enabled", "last_stats", "schedule_of", "select_cache_rows",
-           "self_check", "SelfCheckError", "SelfCheckResult", "ENGINE_VERSION", "VisualStats", "prefill_stats",
-           "stats_marker", "continued"]
+_HOME = {  # public name -> the submodule that defines it
+    "disable": "api", "enable": "api", "is_enabled": "api", "last_stats": "api", "schedule_of": "api",
+    "select_cache_rows": "api",
+    "SelfCheckError": "runtime_check", "SelfCheckResult": "runtime_check", "self_check": "runtime_check",
+    "Schedule": "schedule",
+    "VisualStats": "stats", "continued": "stats", "prefill_stats": "stats", "stats_marker": "stats",
+}
+__all__ = ["ENGINE_VERSION", "vision", *_HOME]
+
+if TYPE_CHECKING:  # what the type checker sees (`x as x`: re-exported); at run time __getattr__ imports them
+    from v2drop import vision as vision
+    from v2drop.api import disable as disable
+    from v2drop.api import enable as enable
+    from v2drop.api import is_enabled as is_enabled
+    from v2drop.api import last_stats as last_stats
+    from v2drop.api import schedule_of as schedule_of
+    from v2drop.api import select_cache_rows as select_cache_rows
+    from v2drop.runtime_check import SelfCheckError as SelfCheckError
+    from v2drop.runtime_check import SelfCheckResult as SelfCheckResult
+    from v2drop.runtime_check import self_check as self_check
+    from v2drop.schedule import Schedule as Schedule
+    from v2drop.stats import VisualStats as VisualStats
+    from v2drop.stats import continued as continued
+    from v2drop.stats import prefill_stats as prefill_stats
+    from v2drop.stats import stats_marker as stats_marker
+
+
+def __getattr__(name: str) -> Any:
+    """A public name from its submodule, or a submodule (`v2drop.vision`), imported on first use."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"v2drop.{_HOME[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f"v2drop.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"v2drop.{name}":
+                raise
+    raise AttributeError(f"module 'v2drop' has no attribute {name!r}")

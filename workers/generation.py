@@ -148,14 +148,6 @@ def pad_token_id(model: Any, processor: Any) -> int | None:
     return pad
 
 
-def decode_engine(generation_cfg: GenerationConfig) -> str:
-    """'static' or 'dynamic': generation.decode_engine, with auto = static for greedy decoding
-    (v2drop.static_decode; greedy only) and dynamic for sampling."""
-    if generation_cfg.decode_engine == "auto":
-        return "static" if generation_cfg.temperature == 0 else "dynamic"
-    return generation_cfg.decode_engine
-
-
 def run_decode(model: Any, inputs: Mapping[str, Any], generation_cfg: GenerationConfig,
                engine: str, **generate_kwargs: Any) -> torch.Tensor:
     """Sequences [B, P + N] from one engine. The static engine captures its step as a CUDA graph
@@ -177,7 +169,7 @@ def timed_generate(
     inside the timed region, so model work done there (a shared video prefill) counts as prefill.
     If the static engine fails (not for lack of memory), the call is decoded again on the dynamic
     engine and the reason is returned: a caption is not lost to a faster path's failure."""
-    engine = decode_engine(generation_cfg)
+    engine = generation_cfg.engine()
     timer = FirstTokenTimer(model.device)
     fallback = None
     with PeakMemory(model.device) as memory, torch.inference_mode():

@@ -33,10 +33,10 @@ import torch
 
 from vlm import loading, tiny
 from vlm.sources import S3_PREFIX, TINY_PREFIX, looks_like_path, tiny_family
+from workers.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = "~/.cache/v2drop-batch"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -52,11 +52,6 @@ class ResolvedModel:
     model_id: str  # the source as the user wrote it (hub id, path, s3 URI, tiny:<family>)
     revision: str | None  # hub commit (or the revision asked for); None for local/s3/tiny
     random_weights: bool  # True for tiny:<family>: outputs are noise, only the plumbing is real
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """`model.cache_dir`, or ~/.cache/v2drop-batch when the YAML leaves it null."""
-    return Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
 
 
 def resolve_model_source(

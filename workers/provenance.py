@@ -21,11 +21,11 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import v2drop
-from workers.generation import decode_engine
 from workers.settings import GenerationConfig, ModelConfig
 
 MODEL_KEYS = ("source", "revision", "dtype", "attn_implementation", "retention", "scorer")
@@ -43,7 +43,7 @@ def engine_fingerprint(model_cfg: ModelConfig, generation_cfg: GenerationConfig,
         "model": {key: getattr(model_cfg, key) for key in MODEL_KEYS},
         "generation": {key: getattr(generation_cfg, key) for key in GENERATION_KEYS},
         # the resolved engine (static or dynamic): their bf16 kernels differ, so may their tokens
-        "decode_engine": decode_engine(generation_cfg),
+        "decode_engine": generation_cfg.engine(),
         "system": system,
         "engine_version": v2drop.ENGINE_VERSION,
     }
@@ -53,17 +53,19 @@ def engine_fingerprint(model_cfg: ModelConfig, generation_cfg: GenerationConfig,
 @functools.lru_cache(maxsize=1)
 def software_versions() -> dict[str, str | None]:
     """The versions of this process: the same columns in every row and in the run summary."""
-    import torch
-    import transformers
-
     return {
         "project_version": _version(PROJECT),
         "git_commit": git_commit(),
-        # the imported modules' versions: a PYTHONPATH override can differ from what pip installed
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "torch_version": _imported_version("torch"),
+        "transformers_version": _imported_version("transformers"),
         "ray_version": _version("ray"),
     }
+
+
+def _imported_version(module: str) -> str | None:
+    """The imported module's version (a PYTHONPATH override can differ from what pip installed);
+    the installed one in a process that does not import it (the driver: no torch import there)."""
+    return sys.modules[module].__version__ if module in sys.modules else _version(module)
 
 
 def git_commit() -> str | None:

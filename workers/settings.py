@@ -13,8 +13,12 @@ Torch-free: the driver imports this without loading a model stack.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+DEFAULT_CACHE_DIR = "~/.cache/v2drop-batch"  # model.cache_dir when null: node-local weights and videos
 
 
 class ConfigError(ValueError):
@@ -39,7 +43,7 @@ class ModelConfig:
     retention: float = 0.25  # V²Drop layer-averaged visual-token retention; 1.0 = off
     # variation = V²Drop; random = a seeded random subset at the same schedule (the control baseline)
     scorer: str = "variation"
-    cache_dir: str | None = None  # node-local cache; None = ~/.cache/v2drop-batch
+    cache_dir: str | None = None  # node-local cache; None = DEFAULT_CACHE_DIR
 
     def __post_init__(self) -> None:
         require(bool(self.source), "model.source", "must be a hub id, local path, s3:// prefix or tiny:<family>")
@@ -87,6 +91,11 @@ class PromptConfig:
         require(self.task != "caption" or bool(self.caption), "prompt.caption", "must not be empty for task caption")
 
 
+def default_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """`model.cache_dir`, or DEFAULT_CACHE_DIR when the YAML leaves it null."""
+    return Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 512
@@ -109,6 +118,13 @@ class GenerationConfig:
                 "static decodes greedily: it needs generation.temperature 0 (or use auto or dynamic)")
         require(self.temperature >= 0, "generation.temperature", f"must be >= 0, got {self.temperature}")
         require(0 < self.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {self.top_p}")
+
+    def engine(self) -> str:
+        """'static' or 'dynamic': decode_engine, with auto = static for greedy decoding (the static
+        engine is greedy only) and dynamic for sampling."""
+        if self.decode_engine == "auto":
+            return "static" if self.temperature == 0 else "dynamic"
+        return self.decode_engine
 
 
 @dataclass

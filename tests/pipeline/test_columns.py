@@ -5,6 +5,7 @@ the declared types whether or not the run measured anything."""
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -58,11 +59,28 @@ def test_a_summary_row_has_the_declared_types_even_with_nothing_measured() -> No
     assert table.schema.field("video_seconds_processed").type == pa.float64()  # not int64 when it is 0
 
 
-def test_output_shaping_and_the_test_stand_ins_import_without_torch_or_transformers() -> None:
-    """A Ray actor imports its class's module: a stand-in stage (or the driver's plan-row task)
-    that pulled in the model stack would cost every pipeline test run about 9 s of imports."""
-    code = ("import sys, pipeline._output, workers.rows, tests.pipeline.stand_ins; "
+def test_the_driver_and_the_test_stand_ins_never_import_torch_or_transformers() -> None:
+    """The driver plans, writes and summarises; only the model actors load a model. Importing the
+    model stack costs about 8 s on 2 cores: in the driver of every run, and in every Ray actor of
+    a stand-in stage (an actor imports its class's module), or of the driver's plan-row task.
+    What the driver computes from the model settings (the engine fingerprint, the software
+    versions of its summary, the node cache) is computed here too."""
+    code = ("import sys, pipeline.__main__, pipeline.run, pipeline.plan, pipeline._output, workers.rows, "
+            "tests.pipeline.stand_ins\n"
+            "from pipeline.config import load_job\n"
+            "from pipeline.run import _io_kwargs, run_fingerprint\n"
+            "from pipeline.storage import Storage\n"
+            "from workers.provenance import software_versions\n"
+            "cfg = load_job('jobs/caption.yaml', ['preset=offline'])\n"
+            "print(run_fingerprint(cfg), software_versions()['torch_version'], _io_kwargs(cfg, Storage())['cache_dir'])\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    computed, imported = out.stdout.strip().splitlines()
+    assert imported == "[]"
+    fingerprint, torch_version, _ = computed.split()
+    from pipeline.config import load_job
+    from pipeline.run import run_fingerprint
+
+    assert fingerprint == run_fingerprint(load_job(root / "jobs" / "caption.yaml", ["preset=offline"]))  # as with torch
+    assert torch_version == importlib.metadata.version("torch")

@@ -46,6 +46,6 @@ def test_an_actor_whose_engine_fingerprint_differs_from_the_drivers_refuses_to_s
 
     cfg = load_job(Path(__file__).resolve().parents[2] / "jobs" / "caption.yaml", ["preset=offline", f"model.cache_dir={tmp_path}"])
     stage = ModelStage("run-1", run_fingerprint(cfg), **model_stage_kwargs(cfg))  # the same: it starts
-    assert stage.loaded.provenance["engine_fingerprint"] == run_fingerprint(cfg)
+    assert stage.worker.loaded.provenance["engine_fingerprint"] == run_fingerprint(cfg)
     with pytest.raises(RuntimeError, match=r"engine fingerprint: this actor computes \w{16}, the driver 0{16}"):
         ModelStage("run-1", "0" * 16, **model_stage_kwargs(cfg))

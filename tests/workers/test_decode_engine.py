@@ -14,7 +14,6 @@ from tests.workers.test_model_stage import CAPTION, GREEDY, as_batch, model_cfg
 from tests.workers.test_shared_prefix import CLIPS, QA
 from v2drop import static_decode
 from workers import model_stage as model_stage_module
-from workers.generation import decode_engine
 from workers.model_stage import load_for_stage
 from workers.provenance import engine_fingerprint
 from workers.settings import ConfigError, GenerationConfig, PromptConfig
@@ -57,9 +56,9 @@ def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monke
 
 
 def test_auto_is_static_when_greedy_and_dynamic_when_sampling():
-    assert decode_engine(dataclasses.replace(GREEDY, decode_engine="auto")) == "static"
-    assert decode_engine(dataclasses.replace(GREEDY, temperature=0.7, decode_engine="auto")) == "dynamic"
-    assert decode_engine(dataclasses.replace(GREEDY, decode_engine="dynamic")) == "dynamic"
+    assert dataclasses.replace(GREEDY, decode_engine="auto").engine() == "static"
+    assert dataclasses.replace(GREEDY, temperature=0.7, decode_engine="auto").engine() == "dynamic"
+    assert dataclasses.replace(GREEDY, decode_engine="dynamic").engine() == "dynamic"
 
 
 def test_static_with_sampling_is_refused_naming_the_key():
