@@ -27,6 +27,7 @@ from pipeline._discover import list_videos, videos_table
 from pipeline._model import run_fingerprint
 from pipeline.config import ConfigError, JobConfig, check_local_input, to_yaml
 from pipeline.lease import Lease, lease_uri
+from pipeline.schema import SCHEMA_VERSION
 from pipeline.storage import Storage, StorageError
 from vlm.families import TINY_FAMILIES  # torch-free, as is vlm.sources
 from vlm.sources import TINY_PREFIX, looks_like_path, tiny_family
@@ -56,9 +57,7 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
     """All checks, the lease, the resume state and the list of videos; raises ConfigError (exit 2)
     naming the key, or lease.LeaseHeld (exit 6) naming the run that holds the output.
 
-    `rule_for(cfg)` says which rows are finished (`_write.DoneRule`); it is called only after
-    every check passed, so a rule that needs heavy imports (an engine fingerprint) does not slow
-    down a job that fails its checks."""
+    `rule_for(cfg)` says which rows are finished (`_write.DoneRule`)."""
     check_local_input(cfg)
     check_model_source(cfg, storage)
     videos = discover_inputs(cfg, storage)  # 1
@@ -72,11 +71,22 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
             storage.write_bytes_atomic(f"{_write.run_dir_uri(cfg.output.uri, cfg.job, run_id)}/config.yaml",
                                        to_yaml(cfg).encode())
             state = _write.read_state(storage, cfg.output.uri, cfg.job, log, rule_for(cfg))
+        refuse_newer_schemas(cfg, state)
     except BaseException:
         lease.release()
         raise
     done = _write.finished_keys(state) if cfg.run.resume else set()
     return Plan(run_id, f"{started_at:%Y-%m-%d}", started_at, done, state, videos_table(videos), lease)
+
+
+def refuse_newer_schemas(cfg: JobConfig, state: _write.OutputState) -> None:
+    """A run rewrites older files with its own schema (pipeline._consolidate); one of an older
+    v2drop-batch must not do so to files a newer one wrote, which would drop their newer columns."""
+    newer = sorted(f.uri for f in state.files if (f.schema_version or 1) > SCHEMA_VERSION)
+    if newer:
+        newest = max(f.schema_version or 1 for f in state.files)
+        raise ConfigError(f"output.uri: {len(newer)} files of job {cfg.job} have schema version {newest}, newer than "
+                          f"this v2drop-batch's {SCHEMA_VERSION} (e.g. {newer[0]}); run the version that wrote them")
 
 
 class _output_errors:

@@ -54,6 +54,26 @@ def early_failure(tmp_path: Path, key: str, *overrides: str) -> str:
     return line
 
 
+def test_an_output_written_by_a_newer_schema_is_refused_and_left_as_it_is(tmp_path: Path, one_video: Path) -> None:
+    """An older deployment would rewrite the newer files with its own, smaller schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import FILE_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY
+
+    newer = tmp_path / "out" / "data" / "job=caption" / "run_date=2026-12-01" / "part-r9-00000.parquet"
+    newer.parent.mkdir(parents=True)
+    schema = FILE_SCHEMA.append(pa.field("a_newer_column", pa.string())).with_metadata(
+        {SCHEMA_VERSION_KEY: str(SCHEMA_VERSION + 1).encode()})
+    pq.write_table(pa.Table.from_pylist([{"clip_id": "c", "prompt": "", "status": "ok", "video_uri": "/v.mp4",
+                                          "run_id": "r9", "a_newer_column": "x"}], schema=schema), newer)
+    written = newer.read_bytes()
+    for _ in range(2):  # the lease is released: the second run gets the same answer, not "output busy"
+        line = early_failure(tmp_path, "output.uri", f"input.uri={one_video}", f"output.uri={tmp_path / 'out'}")
+        assert f"schema version {SCHEMA_VERSION + 1}, newer than this v2drop-batch's {SCHEMA_VERSION}" in line
+    assert newer.read_bytes() == written
+
+
 def test_empty_input_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     line = early_failure(tmp_path, "input.uri", f"input.uri={tmp_path / 'empty'}", f"output.uri={tmp_path / 'out'}")
