@@ -33,7 +33,8 @@ for name in port dashboard-agent-listen-port dashboard-agent-grpc-port runtime-e
             metrics-export-port ray-client-server-port; do
   ports+=("--$name=$(free_port)")
 done
-setsid ray start --head --block --num-cpus=2 --node-ip-address=127.0.0.1 "${ports[@]}" \
+# No node drain when it is signalled: Ray waits up to 30 s for one, for Serve replicas it has none of.
+RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid ray start --head --block --num-cpus=2 --node-ip-address=127.0.0.1 "${ports[@]}" \
   --dashboard-host=127.0.0.1 --dashboard-port="$port" --disable-usage-stats >/dev/null 2>&1 &
 head_pid=$!
 trap 'kill -TERM "$head_pid" 2>/dev/null; wait "$head_pid" 2>/dev/null || true' EXIT
