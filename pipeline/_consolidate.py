@@ -77,12 +77,12 @@ def upgrade_older_schemas(storage: Storage, files: list[FileKeys], rewritten: se
                           log: Callable[[str], None]) -> None:
     """Rewrite in place, with the current schema, each file of an older version that `rewrite`
     did not already replace (a file is replaced whole, so a crash leaves the old or the new one)."""
-    older = [f for f in files if f.uri not in rewritten and (f.schema_version or 1) < SCHEMA_VERSION]
+    older = [f for f in files if f.uri not in rewritten and f.schema_version < SCHEMA_VERSION]
     for f in older:
         with writing(f.uri):
             storage.write_parquet_atomic(conform(storage.read_parquet(f.uri), FILE_SCHEMA), f.uri)
     if older:
-        versions = sorted({f.schema_version or 1 for f in older})
+        versions = sorted({f.schema_version for f in older})
         log(f"[write] upgraded {len(older)} files of schema version {versions} to version {SCHEMA_VERSION}")
 
 

@@ -107,7 +107,7 @@ class FileKeys:
     uri: str
     keys: list[Key]
     done: list[bool]  # DoneRule per row
-    schema_version: int | None = SCHEMA_VERSION  # pipeline.schema.schema_version of the file
+    schema_version: int = SCHEMA_VERSION  # pipeline.schema.schema_version of the file
 
 
 @dataclass

@@ -82,9 +82,9 @@ def prepare(cfg: JobConfig, storage: Storage, log: Callable[[str], None] = print
 def refuse_newer_schemas(cfg: JobConfig, state: _write.OutputState) -> None:
     """A run rewrites older files with its own schema (pipeline._consolidate); one of an older
     v2drop-batch must not do so to files a newer one wrote, which would drop their newer columns."""
-    newer = sorted(f.uri for f in state.files if (f.schema_version or 1) > SCHEMA_VERSION)
+    newer = sorted(f.uri for f in state.files if f.schema_version > SCHEMA_VERSION)
     if newer:
-        newest = max(f.schema_version or 1 for f in state.files)
+        newest = max(f.schema_version for f in state.files)
         raise ConfigError(f"output.uri: {len(newer)} files of job {cfg.job} have schema version {newest}, newer than "
                           f"this v2drop-batch's {SCHEMA_VERSION} (e.g. {newer[0]}); run the version that wrote them")
 

@@ -159,10 +159,10 @@ SUMMARY_FILE_SCHEMA = pa.schema([f for f in SUMMARY_SCHEMA if f.name not in PART
                                 metadata=_VERSION_METADATA)
 
 
-def schema_version(schema: pa.Schema) -> int | None:
-    """The SCHEMA_VERSION a file was written with (None: before versions were recorded)."""
+def schema_version(schema: pa.Schema) -> int:
+    """The SCHEMA_VERSION a file was written with; 1 for files from before versions were recorded."""
     value = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
-    return int(value) if value is not None else None
+    return int(value) if value is not None else 1
 
 
 def conform(rows: dict[str, list[Any]] | pa.Table, schema: pa.Schema = FILE_SCHEMA) -> pa.Table:
