@@ -129,16 +129,17 @@ def kernel_calls(by_op: dict[str, int]) -> int:
 def static_step_counts(model, inputs: dict) -> StepCounts:
     """The aten calls and syncs of one step of the static decode engine (v2drop.static_decode),
     uncaptured: what a captured CUDA graph replays."""
-    from v2drop import static_decode
+    from v2drop import stage_cache, static_decode
     from v2drop.adapters import adapter_for
 
     text_model = adapter_for(model).text_model(model)
     with torch.no_grad():
         first, dynamic, positions = static_decode._prefill(model, text_model, _fresh(inputs))
-        state = static_decode.static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), 4)
+        state = stage_cache.static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), 4)
         step = static_decode.EagerStep(model, text_model, state)
-        step(first, 0)  # step 0 writes the first slot; step 1 is a steady-state step
-        with OpCounter() as counter:
-            step(first, 1)
+        with static_decode.one_token_attention(text_model):
+            step(first, 0)  # step 0 writes the first slot; step 1 is a steady-state step
+            with OpCounter() as counter:
+                step(first, 1)
     by_op = {name: n for name, n in counter.calls.items() if n}
     return StepCounts(op_calls=sum(by_op.values()), syncs=counter.syncs, by_op=by_op)

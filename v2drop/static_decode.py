@@ -5,21 +5,23 @@ each step and builds masks of growing length, so no step can be captured as a CU
 
 1. `generate(max_new_tokens=1)` runs the prefill (stock or V²Drop) and gives the first token, the
    filled DynamicCache, and (through a hook on the text model) the prompt's rotary positions.
-2. Each layer's cache is copied into a transformers `StaticLayer` sized to that layer's own
-   prefill length plus the new tokens: after a V²Drop prefill the later stages are shorter.
-   Each stage also gets a key-valid buffer of the same length (False past what is written).
-3. `decode_step` has static shapes: one token per row in, one token per row out; the cache
-   layers write at their own position counters and the stage masks set one column per step,
-   both indexed by device tensors. On CUDA it can be captured as one CUDA graph (`capture=True`):
-   step 0 runs eagerly as the warm-up, the graph is recorded once (recording executes nothing,
-   so no state moves), and steps 1.. replay it after copying the token and the step number into
-   its input buffers. No compiler is involved, so capturing costs about one step per call.
-   On CPU the step runs uncaptured. `compile=True` runs the step through `torch.compile`
-   (inductor, no cudagraphs of its own: the capture above records the compiled kernels), which
-   fuses the ~2,200 kernels of an eager step; a replayed graph still launches each of them.
-   It compiles with dynamic cache lengths: calls of the same batch size reuse one compiled graph
-   whatever their prompt lengths; each new batch size compiles once more (transformers' layers
-   specialise the batch dimension).
+2. The cache is copied into a preallocated one per stage (v2drop.stage_cache): each layer sized
+   to its own prefill length plus the new tokens, each stage with a key-valid buffer and a slot
+   buffer that the step sets once and the stage's layers write at.
+3. `decode_step` has static shapes: one token per row in, one token per row out. Its attention
+   is `one_token_sdpa`, transformers' sdpa for one query token (the grouped query heads packed
+   onto their key-value head, the cache read as it is); transformers itself switches, under
+   torch.compile, to copying each layer's whole cache `num_key_value_groups` times per step.
+   On CUDA the step can be captured as one CUDA graph (`capture=True`): step 0 runs eagerly as
+   the warm-up, the graph is recorded once (recording executes nothing, so no state moves), and
+   steps 1.. replay it after copying the token and the step number into its input buffers. No
+   compiler is involved, so capturing costs about one step per call. On CPU the step runs
+   uncaptured. `compile=True` runs the step through `torch.compile` (inductor, no cudagraphs of
+   its own: the capture above records the compiled kernels), which fuses the ~1,150 kernels of
+   an eager 28-layer step; a replayed graph still launches each kernel it has. It compiles with
+   dynamic cache lengths: calls of the same batch size reuse one compiled graph whatever their
+   prompt lengths; each new batch size compiles once more (transformers' layers specialise the
+   batch dimension).
 4. Rows that produced an end token emit the pad token from then on, as generate does; the loop
    stops once every row has finished (checked every `stop_check_every` steps, one sync each).
    When at most half of the rows still decoding are unfinished at a check, the finished ones
@@ -27,36 +29,25 @@ each step and builds masks of growing length, so no step can be captured as a CU
    one step's cost), so short answers do not keep the whole batch decoding to the longest. Not
    with `compile=True`: each new batch size would compile again.
 
-Worked example, 2 stages over 4 layers, prefill lengths (10, 4), 3 new tokens: layers 0-1 get
-13-slot caches, layers 2-3 7-slot caches; step t writes slot 10 + t and 4 + t respectively.
 Next-token positions continue from the prompt's last rotary position + 1 per row (the M-RoPE
 text rule of the Qwen families; 1-D RoPE for LLaVA-OneVision).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import torch
-from transformers.cache_utils import Cache, StaticLayer
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
-from v2drop import api, key_masks
+from v2drop import key_masks
 from v2drop.adapters import adapter_for
 from v2drop.compat import cache_kwarg, output_cache
-from v2drop.loop import StageMasks, rotary
-
-
-@dataclass
-class StaticState:
-    """Everything the captured step reads or mutates in place (fixed addresses)."""
-
-    cache: Cache  # StaticLayer per decoder layer, sized per stage
-    starts: list[int]  # first layer of each stage
-    valid: list[torch.Tensor]  # per stage [B, prefill_len_s + max_new_tokens] bool
-    prefill_lengths: torch.Tensor  # [num_stages] long: where step 0 writes in each stage
-    next_positions: torch.Tensor  # [3, B, 1] (M-RoPE) or [B, 1]: rotary position of step 0's token
+from v2drop.loop import rotary
+from v2drop.stage_cache import StaticState, select_rows, static_state
 
 
 @torch.no_grad()
@@ -67,11 +58,19 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
     first token, pad_token_id)."""
     text_model = adapter_for(model).text_model(model)
     first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
-    eos, pad = _end_tokens(model)
     if max_new_tokens == 1:
         return first
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
     del dynamic
+    with one_token_attention(text_model):
+        return _decode(model, text_model, state, first, max_new_tokens, capture=capture, compile=compile,
+                       stop_check_every=stop_check_every)
+
+
+def _decode(model, text_model, state: StaticState, first: torch.Tensor, max_new_tokens: int, *, capture: bool,
+            compile: bool, stop_check_every: int) -> torch.Tensor:
+    """generate_static's loop: tokens [B, <= max_new_tokens] from the first one and the filled state."""
+    eos, pad = _end_tokens(model)
     fn = compiled_decode_step() if compile else decode_step
     step_class = CapturedStep if capture else EagerStep
     step = step_class(model, text_model, state, fn)
@@ -118,7 +117,8 @@ def decode_logits(model, text_model, state: StaticState, token: torch.Tensor, t:
     cos, sin = rotary(text_model, hidden, state.next_positions + t)
     ends = state.starts[1:] + [len(text_model.layers)]
     for s, (start, end) in enumerate(zip(state.starts, ends)):
-        state.valid[s].index_fill_(1, (state.prefill_lengths[s] + t).view(1), True)
+        torch.add(state.prefill_lengths[s:s + 1], t, out=state.write_at[s])
+        state.valid[s].index_fill_(1, state.write_at[s], True)
         mask = key_masks.additive_key_mask(state.valid[s], 1, hidden.dtype)
         for layer in text_model.layers[start:end]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
@@ -134,9 +134,44 @@ def forced_logits(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
     text_model = adapter_for(model).text_model(model)
     _, dynamic, positions = _prefill(model, text_model, inputs)
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), tokens.shape[1])
-    steps = [decode_logits(model, text_model, state, tokens[:, t:t + 1], torch.tensor(t, device=tokens.device))
-             for t in range(tokens.shape[1] - 1)]
+    with one_token_attention(text_model):
+        steps = [decode_logits(model, text_model, state, tokens[:, t:t + 1], torch.tensor(t, device=tokens.device))
+                 for t in range(tokens.shape[1] - 1)]
     return torch.stack(steps, dim=1)
+
+
+ONE_TOKEN_SDPA = "v2drop_one_token_sdpa"
+
+
+def one_token_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
+                   scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention (integrations.sdpa_attention, its `pack_gqa` branch) for one
+    query token per row: query [B, H, 1, D] -> [B, H_kv, H / H_kv, D], so the grouped query heads
+    of a key-value head become its query rows and key/value [B, H_kv, L, D] are read as they are;
+    the key mask [B, 1, 1, L] broadcasts. Returns [B, 1, H, D], as transformers does."""
+    batch, heads, _, dim = query.shape
+    packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ONE_TOKEN_SDPA, one_token_sdpa)
+
+
+@contextmanager
+def one_token_attention(text_model) -> Iterator[None]:
+    """While decoding on the static cache, an sdpa text model attends with `one_token_sdpa` (set on
+    its config, read by every attention layer at each call; put back afterwards). Other attention
+    implementations are left as they are."""
+    config = text_model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = ONE_TOKEN_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 class EagerStep:
@@ -182,60 +217,6 @@ class CapturedStep:
         with torch.cuda.graph(self.graph):  # records only: cache counters and masks do not move
             self.out = self.fn(*self.args, self.token, self.t)
         return first
-
-
-def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_mask, max_new_tokens: int) -> StaticState:
-    """Copy a filled DynamicCache into per-layer StaticLayers sized prefill + max_new_tokens."""
-    stages = _stage_masks(model, dynamic, attention_mask, positions)
-    layers = []
-    for layer in dynamic.layers:
-        length = layer.keys.shape[2]
-        layers.append(_static_layer(layer.keys, layer.values, length + max_new_tokens, length))
-    valid = [torch.nn.functional.pad(m.bool(), (0, max_new_tokens), value=False) for m in stages.masks]
-    state = StaticState(
-        cache=Cache(layers=layers),
-        starts=list(stages.starts),
-        valid=valid,
-        prefill_lengths=torch.tensor([m.shape[1] for m in stages.masks], device=positions.device),
-        next_positions=(positions[..., -1:] + 1).contiguous(),
-    )
-    return state  # every buffer is only ever mutated in place: a captured step may hold its address
-
-
-def _static_layer(keys: torch.Tensor, values: torch.Tensor, max_cache_len: int, filled) -> StaticLayer:
-    """A StaticLayer of `max_cache_len` slots holding `keys`/`values` [B, H, L, D] in its first L,
-    with `filled` (int or 0-d tensor) of them written."""
-    static = StaticLayer(max_cache_len=max_cache_len)
-    static.lazy_initialization(keys, values)
-    static.keys[:, :, :keys.shape[2]] = keys
-    static.values[:, :, :values.shape[2]] = values
-    static.cumulative_length.fill_(filled)
-    return static
-
-
-def select_rows(state: StaticState, index: torch.Tensor) -> StaticState:
-    """A new state holding only the rows `index` ([b] long, positions in `state`'s batch), in new
-    buffers: the old ones are freed once no step refers to them."""
-    layers = [_static_layer(layer.keys[index], layer.values[index], layer.max_cache_len, layer.cumulative_length)
-              for layer in state.cache.layers]
-    return StaticState(
-        cache=Cache(layers=layers),
-        starts=state.starts,
-        valid=[v[index] for v in state.valid],
-        prefill_lengths=state.prefill_lengths,
-        next_positions=state.next_positions.index_select(-2, index),  # [3, B, 1] or [B, 1]
-    )
-
-
-def _stage_masks(model, dynamic, attention_mask, positions) -> StageMasks:
-    """The V²Drop per-stage key masks of this cache, or one stage over the prompt's mask (stock)."""
-    state = getattr(model, api._STATE_ATTR, None)
-    if state is not None and state.owns(dynamic) and state.stage_masks is not None:
-        return StageMasks(starts=list(state.stage_masks.starts), masks=list(state.stage_masks.masks))
-    batch, length = positions.shape[-2], dynamic.layers[0].keys.shape[2]
-    if attention_mask is None:
-        attention_mask = torch.ones(batch, length, dtype=torch.bool, device=positions.device)
-    return StageMasks(starts=[0], masks=[attention_mask.to(device=positions.device, dtype=torch.bool)])
 
 
 def _prefill(model, text_model, inputs: dict, **generate_kwargs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import v2drop
-from v2drop import static_decode
+from v2drop import stage_cache, static_decode
 from vlm import testing as models
 
 NUM_LAYERS = 8
@@ -104,7 +104,7 @@ def test_each_stage_cache_is_sized_to_its_own_prefill_plus_new_tokens():
     text_model = model.model.language_model
     first, dynamic, positions = static_decode._prefill(model, text_model, inputs)
     lengths = [layer.keys.shape[2] for layer in dynamic.layers]
-    state = static_decode.static_state(model, text_model, dynamic, positions, inputs["attention_mask"], 5)
+    state = stage_cache.static_state(model, text_model, dynamic, positions, inputs["attention_mask"], 5)
     assert [layer.max_cache_len for layer in state.cache.layers] == [n + 5 for n in lengths]
     assert lengths[-1] < lengths[0]  # later stages hold fewer tokens after the drops
     schedule = v2drop.Schedule.for_retention(NUM_LAYERS, 0.25)
@@ -119,13 +119,16 @@ def test_static_step_asks_the_device_nothing(dropping):
     model, inputs = _setup("qwen2_5_vl", dropping)
     text_model = model.model.language_model
     first, dynamic, positions = static_decode._prefill(model, text_model, inputs)
-    state = static_decode.static_state(model, text_model, dynamic, positions, inputs["attention_mask"], 4)
+    state = stage_cache.static_state(model, text_model, dynamic, positions, inputs["attention_mask"], 4)
     step = static_decode.EagerStep(model, text_model, state)
     step(first, 0)
     with torch.no_grad(), OpCounter() as counter:
         step(first, 1)
     assert counter.syncs == 0  # capturable: no host reads
-    assert [int(layer.cumulative_length) for layer in state.cache.layers[:1]] == [dynamic.layers[0].keys.shape[2] + 2]
+    for layer, prefill in [(state.cache.layers[0], dynamic.layers[0]), (state.cache.layers[-1], dynamic.layers[-1])]:
+        length = prefill.keys.shape[2]  # steps 0 and 1 wrote the two slots after the prompt, and no further
+        written = layer.keys[:, :, length:].abs().sum(dim=(0, 1, 3)) > 0
+        assert written.tolist() == [True, True, False, False]
 
 
 @pytest.mark.slow
@@ -146,3 +149,33 @@ def test_the_compiled_step_gives_generates_tokens_with_one_graph_for_every_cache
         assert static_decode.generate_static(model, inputs, 6, compile=True).tolist() == expected.tolist()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] == 1, graphs
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision"])
+def test_the_compiled_step_attends_to_each_cache_as_it_is(monkeypatch, family):
+    """What torch.compile traces of the step (a recording backend, no compiler): every attention
+    call reads its layer's cache buffers themselves. transformers' sdpa under compile would expand
+    the cache `num_key_value_groups` times (a copy of every layer's whole cache, every step); the
+    tokens are generate()'s either way."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    model = models.model(family, num_layers=4)
+    assert model.config.get_text_config().num_attention_heads > model.config.get_text_config().num_key_value_heads
+    v2drop.enable(model, v2drop.Schedule.for_retention(4, 0.25))
+    visual = models.Visual("video", (2, 0, 0) if family == "llava_onevision" else (2, 8, 8))
+    inputs = models.batch(family, [models.Sample(q, visual) for q in QUESTIONS])
+    monkeypatch.setattr(static_decode, "compiled_decode_step",
+                        lambda: torch.compile(static_decode.decode_step, backend=record, dynamic=True))
+    assert static_decode.generate_static(model, inputs, 4, compile=True).tolist() == _reference(model, inputs, 4).tolist()
+    [graph] = graphs
+    attention = [n for n in graph.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert len(attention) == 4
+    for call in attention:
+        key, value = call.args[1:3]
+        assert key.op == value.op == "placeholder", (key.format_node(), value.format_node())
+    assert model.config.get_text_config()._attn_implementation == "sdpa"  # put back after decoding
