@@ -66,6 +66,22 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert all(set(t) == {"target", "measured", "goal", "met", "off_by"} for t in report["targets"])
 
 
+def test_the_compiled_engine_gives_the_dynamic_engines_tokens_and_the_targets(tmp_path, monkeypatch):
+    """`--engines ... compiled` (planned for the GPU) at toy size, 4 layers: traced by dynamo but not
+    compiled by inductor here (the step's inductor compile is tests/v2drop/test_static_decode.py's)."""
+    from v2drop import static_decode
+
+    monkeypatch.setattr(static_decode, "compiled_decode_step",
+                        lambda: torch.compile(static_decode.decode_step, backend="eager", dynamic=True))
+    toy = [*TOY[:TOY.index("--batch-sizes")], "--batch-sizes", "2", "--new-tokens", "3", "--repeats", "1", "--device", "cpu"]
+    toy[toy.index("--num-layers") + 1] = "4"
+    report = bench_model.main([*toy, "--engines", "dynamic", "compiled", "--out-dir", str(tmp_path)])
+    rows = {(r["variant"], r["engine"]): r for r in report["rows"]}
+    assert set(rows) == {(v, e) for v in ("stock", "v2drop") for e in ("dynamic", "compiled")}
+    assert all(rows[v, "compiled"]["tokens_equal_dynamic"] == 1.0 for v in ("stock", "v2drop"))
+    assert all(t["target"].endswith("[compiled]") for t in report["targets"])  # read from the fastest engine
+
+
 # Budget for --batch-sizes auto at TOY's shapes: 2.5 stock clips (707,584 bytes each in float32, 3
 # new tokens), so stock gets 2 clips per call and V²Drop, whose cache is smaller, 3.
 AUTO_BUDGET_GIB = 0.00165

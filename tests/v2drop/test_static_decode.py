@@ -151,8 +151,7 @@ def test_the_compiled_step_gives_generates_tokens_with_one_graph_for_every_cache
     assert graphs[0] == graphs[1] == 1, graphs
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision"])
-def test_the_compiled_step_attends_to_each_cache_as_it_is(monkeypatch, family):
+def test_the_compiled_step_attends_to_each_cache_as_it_is(monkeypatch):
     """What torch.compile traces of the step (a recording backend, no compiler): every attention
     call reads its layer's cache buffers themselves. transformers' sdpa under compile would expand
     the cache `num_key_value_groups` times (a copy of every layer's whole cache, every step); the
@@ -164,11 +163,11 @@ def test_the_compiled_step_attends_to_each_cache_as_it_is(monkeypatch, family):
         return graph.forward
 
     torch._dynamo.reset()
+    family = "llava_onevision"  # the Qwen2 language model (1-D RoPE); the compiled-tokens test above is Qwen2.5-VL's
     model = models.model(family, num_layers=4)
     assert model.config.get_text_config().num_attention_heads > model.config.get_text_config().num_key_value_heads
     v2drop.enable(model, v2drop.Schedule.for_retention(4, 0.25))
-    visual = models.Visual("video", (2, 0, 0) if family == "llava_onevision" else (2, 8, 8))
-    inputs = models.batch(family, [models.Sample(q, visual) for q in QUESTIONS])
+    inputs = models.batch(family, [models.Sample(q, models.Visual("video", (2, 0, 0))) for q in QUESTIONS])
     monkeypatch.setattr(static_decode, "compiled_decode_step",
                         lambda: torch.compile(static_decode.decode_step, backend=record, dynamic=True))
     assert static_decode.generate_static(model, inputs, 4, compile=True).tolist() == _reference(model, inputs, 4).tolist()
