@@ -9,6 +9,10 @@ GPU stalls the host until the queue has drained. They show in two places:
   Python reads (which are counted once already), and ops whose output size depends on the data
   (DATA_DEPENDENT_OPS), which the host must read back to allocate the output.
 
+Ops that torch decomposes on CPU but runs as one fused kernel on CUDA (`rms_norm`, which CUDA
+dispatches to aten._fused_rms_norm) count as that one kernel where this torch has it for CUDA,
+since the counts stand for what a CUDA run launches.
+
 One decode step is the difference between `generate` with n + 1 and with n new tokens, so it
 holds everything a step costs: the model forward, generate's logits processing and stopping check.
 """
@@ -25,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HOST_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"})
 SCALAR_READ = "aten._local_scalar_dense"  # the aten call behind item() and bool()
 DATA_DEPENDENT_OPS = ("aten.nonzero", "aten.masked_select")
+FUSED_ON_CUDA = {f: "aten._fused_rms_norm" for f in (torch.nn.functional.rms_norm, torch.rms_norm)
+                 if torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_rms_norm", "CUDA")}
 
 
 class OpCounter:
@@ -35,6 +41,7 @@ class OpCounter:
         self.calls: Counter[str] = Counter()
         self.syncs = 0
         self.reading = 0  # depth of Python host reads in progress
+        self.fused = 0  # depth of FUSED_ON_CUDA calls in progress: their aten calls are not counted
         self._modes = (_PythonReads(self), _AtenCalls(self))
 
     def __enter__(self) -> OpCounter:
@@ -53,6 +60,8 @@ class _PythonReads(TorchFunctionMode):
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in FUSED_ON_CUDA:
+            return self._fused(func, args, kwargs)
         if getattr(func, "__name__", None) not in HOST_READS:
             return func(*args, **(kwargs or {}))
         self.counter.syncs += 1
@@ -62,6 +71,15 @@ class _PythonReads(TorchFunctionMode):
         finally:
             self.counter.reading -= 1
 
+    def _fused(self, func, args, kwargs):
+        if not self.counter.fused:
+            self.counter.calls[FUSED_ON_CUDA[func]] += 1
+        self.counter.fused += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.fused -= 1
+
 
 class _AtenCalls(TorchDispatchMode):
     def __init__(self, counter: OpCounter) -> None:
@@ -69,6 +87,8 @@ class _AtenCalls(TorchDispatchMode):
         self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.counter.fused:
+            return func(*args, **(kwargs or {}))
         name = str(func.overloadpacket)
         self.counter.calls[name] += 1
         if name in DATA_DEPENDENT_OPS or (name == SCALAR_READ and not self.counter.reading):
@@ -129,7 +149,7 @@ def kernel_calls(by_op: dict[str, int]) -> int:
 def static_step_counts(model, inputs: dict) -> StepCounts:
     """The aten calls and syncs of one step of the static decode engine (v2drop.static_decode),
     uncaptured: what a captured CUDA graph replays."""
-    from v2drop import stage_cache, static_decode
+    from v2drop import stage_cache, static_decode, step_kernels
     from v2drop.adapters import adapter_for
 
     text_model = adapter_for(model).text_model(model)
@@ -137,7 +157,7 @@ def static_step_counts(model, inputs: dict) -> StepCounts:
         first, dynamic, positions = static_decode._prefill(model, text_model, _fresh(inputs))
         state = stage_cache.static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), 4)
         step = static_decode.EagerStep(model, text_model, state)
-        with static_decode.one_token_attention(text_model):
+        with step_kernels.step_kernels(text_model):
             step(first, 0)  # step 0 writes the first slot; step 1 is a steady-state step
             with OpCounter() as counter:
                 step(first, 1)

@@ -8,16 +8,15 @@ each step and builds masks of growing length, so no step can be captured as a CU
 2. The cache is copied into a preallocated one per stage (v2drop.stage_cache): each layer sized
    to its own prefill length plus the new tokens, each stage with a key-valid buffer and a slot
    buffer that the step sets once and the stage's layers write at.
-3. `decode_step` has static shapes: one token per row in, one token per row out. Its attention
-   is `one_token_sdpa`, transformers' sdpa for one query token (the grouped query heads packed
-   onto their key-value head, the cache read as it is); transformers itself switches, under
-   torch.compile, to copying each layer's whole cache `num_key_value_groups` times per step.
+3. `decode_step` has static shapes: one token per row in, one token per row out. It runs with
+   v2drop.step_kernels' attention and norms (transformers' computation in fewer kernels: one
+   sdpa call reading the cache as it is, one fused kernel per RMSNorm on CUDA).
    On CUDA the step can be captured as one CUDA graph (`capture=True`): step 0 runs eagerly as
    the warm-up, the graph is recorded once (recording executes nothing, so no state moves), and
    steps 1.. replay it after copying the token and the step number into its input buffers. No
    compiler is involved, so capturing costs about one step per call. On CPU the step runs
    uncaptured. `compile=True` runs the step through `torch.compile` (inductor, no cudagraphs of
-   its own: the capture above records the compiled kernels), which fuses the ~1,150 kernels of
+   its own: the capture above records the compiled kernels), which fuses the ~750 kernels of
    an eager 28-layer step; a replayed graph still launches each kernel it has. It compiles with
    dynamic cache lengths: calls of the same batch size reuse one compiled graph whatever their
    prompt lengths; each new batch size compiles once more (transformers' layers specialise the
@@ -35,19 +34,17 @@ text rule of the Qwen families; 1-D RoPE for LLaVA-OneVision).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cache
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
 
 from v2drop import key_masks
 from v2drop.adapters import adapter_for
 from v2drop.compat import cache_kwarg, output_cache
 from v2drop.loop import rotary
 from v2drop.stage_cache import StaticState, select_rows, static_state
+from v2drop.step_kernels import step_kernels
 
 
 @torch.no_grad()
@@ -62,7 +59,7 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
         return first
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
     del dynamic
-    with one_token_attention(text_model):
+    with step_kernels(text_model):
         return _decode(model, text_model, state, first, max_new_tokens, capture=capture, compile=compile,
                        stop_check_every=stop_check_every)
 
@@ -134,44 +131,10 @@ def forced_logits(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
     text_model = adapter_for(model).text_model(model)
     _, dynamic, positions = _prefill(model, text_model, inputs)
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), tokens.shape[1])
-    with one_token_attention(text_model):
+    with step_kernels(text_model):
         steps = [decode_logits(model, text_model, state, tokens[:, t:t + 1], torch.tensor(t, device=tokens.device))
                  for t in range(tokens.shape[1] - 1)]
     return torch.stack(steps, dim=1)
-
-
-ONE_TOKEN_SDPA = "v2drop_one_token_sdpa"
-
-
-def one_token_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
-                   scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention (integrations.sdpa_attention, its `pack_gqa` branch) for one
-    query token per row: query [B, H, 1, D] -> [B, H_kv, H / H_kv, D], so the grouped query heads
-    of a key-value head become its query rows and key/value [B, H_kv, L, D] are read as they are;
-    the key mask [B, 1, 1, L] broadcasts. Returns [B, 1, H, D], as transformers does."""
-    batch, heads, _, dim = query.shape
-    packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ONE_TOKEN_SDPA, one_token_sdpa)
-
-
-@contextmanager
-def one_token_attention(text_model) -> Iterator[None]:
-    """While decoding on the static cache, an sdpa text model attends with `one_token_sdpa` (set on
-    its config, read by every attention layer at each call; put back afterwards). Other attention
-    implementations are left as they are."""
-    config = text_model.config
-    if config._attn_implementation != "sdpa":
-        yield
-        return
-    config._attn_implementation = ONE_TOKEN_SDPA
-    try:
-        yield
-    finally:
-        config._attn_implementation = "sdpa"
 
 
 class EagerStep:

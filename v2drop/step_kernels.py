@@ -1,0 +1,106 @@
+"""What the static decode step (v2drop.static_decode) runs in place of transformers' own code.
+
+A decode step at batch 16 is bound by its kernel count, not by its arithmetic: on an H200 each
+of the ~1,150 kernels of a 28-layer step costs a few microseconds even inside a CUDA graph,
+which is most of the step beyond the ~3.2 ms the 7B weights take to read. Both swaps below
+compute what transformers computes, with fewer kernels, and only while `step_kernels` is open:
+
+* Attention: `one_token_sdpa`, transformers' sdpa for one query token (its `pack_gqa` branch: the
+  grouped query heads packed onto their key-value head, the cache read as it is), used compiled
+  or not. Under torch.compile transformers itself switches to `repeat_kv`, which copies each
+  layer's whole cache `num_key_value_groups` times per step (7x for Qwen2.5-VL-7B).
+* RMSNorm: `fused_rms_norm`, `F.rms_norm`, which CUDA runs as one kernel (aten._fused_rms_norm,
+  torch >= 2.8) where transformers' RMSNorm launches eight (two casts, pow, mean, add, rsqrt, two
+  muls): 2 norms per layer (4 with Qwen3's q/k norms) plus the final one, so ~400 of the 1,150.
+  On CPU torch decomposes it into transformers' own operations, so float32 results are the same
+  bits. In bf16/fp16 the fused kernel multiplies by the weight before its one rounding, where
+  transformers rounds, then multiplies and rounds again: at most about one unit in the last place
+  per element. The runtime self-check (v2drop.runtime_check) compares this step's logits with
+  generate()'s for every family before a model serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+ONE_TOKEN_SDPA = "v2drop_one_token_sdpa"
+
+
+@contextmanager
+def step_kernels(text_model) -> Iterator[None]:
+    """The static step's attention and norms while the block runs; transformers' afterwards."""
+    with ExitStack() as stack:
+        stack.enter_context(one_token_attention(text_model))
+        stack.enter_context(fused_rms_norms(text_model))
+        yield
+
+
+def one_token_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
+                   scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention (integrations.sdpa_attention, its `pack_gqa` branch) for one
+    query token per row: query [B, H, 1, D] -> [B, H_kv, H / H_kv, D], so the grouped query heads
+    of a key-value head become its query rows and key/value [B, H_kv, L, D] are read as they are;
+    the key mask [B, 1, 1, L] broadcasts. Returns [B, 1, H, D], as transformers does."""
+    batch, heads, _, dim = query.shape
+    packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ONE_TOKEN_SDPA, one_token_sdpa)
+
+
+@contextmanager
+def one_token_attention(text_model) -> Iterator[None]:
+    """An sdpa text model attends with `one_token_sdpa` (set on its config, read by every attention
+    layer at each call; put back afterwards). Other attention implementations are left as they are."""
+    config = text_model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = ONE_TOKEN_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def rms_norms(text_model) -> list[nn.Module]:
+    """The text model's RMSNorm layers of transformers' one form (Qwen2RMSNorm, Qwen2_5_VLRMSNorm,
+    Qwen3VLTextRMSNorm: `weight * (x32 * rsqrt(mean(x32²) + eps)).to(dtype)`)."""
+    return [m for m in text_model.modules()
+            if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "variance_epsilon", None), float)
+            and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1]
+
+
+def fused_rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`norm(hidden)` as one `F.rms_norm` call. A weight of another dtype than `hidden` (where
+    transformers' result takes the wider of the two) keeps transformers' forward."""
+    if hidden.dtype != norm.weight.dtype:
+        return type(norm).forward(norm, hidden)
+    return F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+@contextmanager
+def fused_rms_norms(text_model) -> Iterator[None]:
+    """Each of `rms_norms(text_model)` computes with `fused_rms_norm` (an instance attribute that
+    shadows its class's forward; whatever the instance had before is put back afterwards)."""
+    norms = rms_norms(text_model)
+    before = [norm.__dict__.get("forward") for norm in norms]
+    for norm in norms:
+        norm.forward = partial(fused_rms_norm, norm)
+    try:
+        yield
+    finally:
+        for norm, forward in zip(norms, before):
+            if forward is None:
+                del norm.forward
+            else:
+                norm.forward = forward
