@@ -9,14 +9,15 @@ each step and builds masks of growing length, so no step can be captured as a CU
    to its own prefill length plus the new tokens, each stage with a key-valid buffer and a slot
    buffer that the step sets once and the stage's layers write at.
 3. `decode_step` has static shapes: one token per row in, one token per row out. It runs with
-   v2drop.step_kernels' attention and norms (transformers' computation in fewer kernels: one
-   sdpa call reading the cache as it is, one fused kernel per RMSNorm on CUDA).
+   v2drop.step_kernels' attention, norms and rotary (transformers' computation in fewer kernels:
+   one sdpa call reading the cache as it is, one fused kernel per RMSNorm on CUDA, q and k rotated
+   in one pass).
    On CUDA the step can be captured as one CUDA graph (`capture=True`): step 0 runs eagerly as
    the warm-up, the graph is recorded once (recording executes nothing, so no state moves), and
    steps 1.. replay it after copying the token and the step number into its input buffers. No
    compiler is involved, so capturing costs about one step per call. On CPU the step runs
    uncaptured. `compile=True` runs the step through `torch.compile` (inductor, no cudagraphs of
-   its own: the capture above records the compiled kernels), which fuses the ~750 kernels of
+   its own: the capture above records the compiled kernels), which fuses the ~640 kernels of
    an eager 28-layer step; a replayed graph still launches each kernel it has. It compiles with
    dynamic cache lengths: calls of the same batch size reuse one compiled graph whatever their
    prompt lengths; each new batch size compiles once more (transformers' layers specialise the

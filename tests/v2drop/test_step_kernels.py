@@ -1,7 +1,9 @@
-"""The static step's fused RMSNorm is transformers' RMSNorm, swapped in only while the step runs,
-and the step then counts one kernel per norm (what CUDA launches)."""
+"""The static step's fused RMSNorm and one-pass rotary are transformers' RMSNorm and rotary,
+swapped in only while the step runs, and the step then launches fewer kernels."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -61,7 +63,7 @@ def test_a_weight_of_another_dtype_keeps_transformers_promotion():
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_the_static_step_launches_one_kernel_per_norm(family):
+def test_the_static_step_launches_one_kernel_per_norm_and_one_rotary_pass_per_layer(family):
     model, text_model = _text_model(family)
     visual = models.Visual("video", (2, 8, 8))
     inputs = models.batch(family, [models.Sample("Describe.", visual)])
@@ -71,3 +73,36 @@ def test_the_static_step_launches_one_kernel_per_norm(family):
         assert counts["aten._fused_rms_norm"] == norms and "aten.rsqrt" not in counts
     else:
         assert counts["aten.rsqrt"] == norms
+    assert counts["aten.neg"] == NUM_LAYERS  # rotate_half once per layer: q and k in one pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_pass_rotary_gives_transformers_bits(family, dtype):
+    _, text_model = _text_model(family)
+    module = sys.modules[type(text_model.layers[0].self_attn).__module__]
+    theirs = module.apply_rotary_pos_emb
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(3, h, 5, 16, generator=gen).to(dtype) for h in (8, 2))
+    cos, sin = (torch.randn(3, 5, 16, generator=gen).to(dtype) for _ in range(2))
+    with step_kernels.rotary_in_one_pass_for(text_model):
+        assert module.apply_rotary_pos_emb is step_kernels.rotary_in_one_pass
+        ours = module.apply_rotary_pos_emb(q, k, cos, sin)
+    assert module.apply_rotary_pos_emb is theirs
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs(q, k, cos, sin)))
+
+
+def test_a_rotary_of_another_form_is_left_in_place(monkeypatch):
+    """transformers' function computing something else (here: interleaved pairs) stays."""
+    _, text_model = _text_model("qwen2_5_vl")
+    module = sys.modules[type(text_model.layers[0].self_attn).__module__]
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        def rotate(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", interleaved)
+    with step_kernels.rotary_in_one_pass_for(text_model):
+        assert module.apply_rotary_pos_emb is interleaved
