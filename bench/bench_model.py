@@ -12,7 +12,8 @@ this repository (no flash-attn, no Ray, no network). Each clip is one video of `
 batch has no padding. Per batch size and variant, in one run on one machine state:
 
 * vision tower: `get_video_features` on the batch's pixels, ms per clip, with the batched window
-  attention (v2drop.vision); the stock per-window loop is timed once at batch 1 for comparison.
+  attention and fused norms (v2drop.vision); the stock tower (per-window loop, transformers'
+  norms) is timed once at batch 1 for comparison.
 * prefill: one forward over the prompt with the encoder output precomputed, ms per clip.
 * decode: (generate - prefill) / (new tokens - 1), ms per step for the whole batch.
 * total per clip = (vision + generate) / batch; clips/s and output tokens/s from it.

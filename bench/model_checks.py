@@ -40,7 +40,8 @@ def check_capture(model, tokenizer, args, schedule) -> str | None:
 
 
 def vision_loop_vs_batched(model, tokenizer, args) -> dict:
-    """The vision tower at batch 1, stock per-window loop vs batched sdpa calls (ms per clip)."""
+    """The vision tower at batch 1, stock (per-window loop) vs v2drop.vision's (batched sdpa calls,
+    fused norms), ms per clip."""
     clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
     times = {}
     for name, switch in (("stock_loop", vision.uninstall), ("batched", vision.install)):

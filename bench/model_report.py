@@ -102,7 +102,7 @@ def markdown(report: dict) -> str:
     c = report["decode_step_counts"]
     lines += [
         "", f"Vision tower at batch 1: stock per-window loop {v['stock_loop_ms']:.1f} ms, "
-        f"batched sdpa {v['batched_ms']:.1f} ms ({v['stock_loop_ms'] / v['batched_ms']:.2f}x).", "",
+        f"batched sdpa and fused norms {v['batched_ms']:.1f} ms ({v['stock_loop_ms'] / v['batched_ms']:.2f}x).", "",
         "One decode step at batch 1 (aten calls / of them kernels, i.e. not views / host-device syncs): generate() "
         + ", ".join(f"{name} {n['op_calls']} / {n['kernel_calls']} / {n['syncs']}" for name, n in c.items())
         + "; the static engine's step " + ", ".join(

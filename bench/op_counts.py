@@ -149,7 +149,7 @@ def kernel_calls(by_op: dict[str, int]) -> int:
 def static_step_counts(model, inputs: dict) -> StepCounts:
     """The aten calls and syncs of one step of the static decode engine (v2drop.static_decode),
     uncaptured: what a captured CUDA graph replays."""
-    from v2drop import stage_cache, static_decode, step_kernels
+    from v2drop import kernels, stage_cache, static_decode
     from v2drop.adapters import adapter_for
 
     text_model = adapter_for(model).text_model(model)
@@ -157,7 +157,7 @@ def static_step_counts(model, inputs: dict) -> StepCounts:
         first, dynamic, positions = static_decode._prefill(model, text_model, _fresh(inputs))
         state = stage_cache.static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), 4)
         step = static_decode.EagerStep(model, text_model, state)
-        with step_kernels.step_kernels(text_model):
+        with kernels.step_kernels(text_model):
             step(first, 0)  # step 0 writes the first slot; step 1 is a steady-state step
             with OpCounter() as counter:
                 step(first, 1)

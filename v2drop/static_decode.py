@@ -9,7 +9,7 @@ each step and builds masks of growing length, so no step can be captured as a CU
    to its own prefill length plus the new tokens, each stage with a key-valid buffer and a slot
    buffer that the step sets once and the stage's layers write at.
 3. `decode_step` has static shapes: one token per row in, one token per row out. It runs with
-   v2drop.step_kernels' attention, norms and rotary (transformers' computation in fewer kernels:
+   v2drop.kernels' attention, norms and rotary (transformers' computation in fewer kernels:
    one sdpa call reading the cache as it is, one fused kernel per RMSNorm on CUDA, q and k rotated
    in one pass).
    On CUDA the step can be captured as one CUDA graph (`capture=True`): step 0 runs eagerly as
@@ -43,9 +43,9 @@ import torch
 from v2drop import key_masks
 from v2drop.adapters import adapter_for
 from v2drop.compat import cache_kwarg, output_cache
+from v2drop.kernels import step_kernels
 from v2drop.loop import rotary
 from v2drop.stage_cache import StaticState, select_rows, static_state
-from v2drop.step_kernels import step_kernels
 
 
 @torch.no_grad()

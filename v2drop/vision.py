@@ -16,7 +16,8 @@ one gather. The grouping costs one sync and is computed once per distinct `cu_se
 (the tower passes the same two tensors, windows and frames, to every block).
 
 `install(model)` swaps the forward of each vision-attention module (an instance attribute; the
-class and other models are untouched), for towers that run on sdpa. flash-attn stays an option:
+class and other models are untouched), for towers that run on sdpa, and runs the tower's RMSNorms
+as one fused kernel each (v2drop.kernels.fused_rms_norm: the same bits in float32). flash-attn stays an option:
 with it the stock varlen path is kept. LLaVA-OneVision's SigLIP tower already runs its frames as
 one batch and is left alone.
 """
@@ -26,11 +27,13 @@ from __future__ import annotations
 import sys
 import types
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from v2drop.kernels import fused_rms_norm, rms_norms
 from vlm.families import FAMILIES
 
 # Vision-attention classes whose forward this module reproduces: the family table's
@@ -127,20 +130,34 @@ def vision_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def install(model: nn.Module) -> int:
-    """Batch the vision tower's attention windows (sdpa towers only). Returns how many attention
-    modules were switched (0 for towers without segment loops, or not on sdpa). Idempotent."""
+    """Batch the vision tower's attention windows and fuse its norms (sdpa towers only). Returns
+    how many attention modules were switched (0 for towers without segment loops, or not on
+    sdpa). Idempotent."""
     modules = [m for m in vision_attention_modules(model) if m.config._attn_implementation == "sdpa"]
     cache = _GroupsCache()  # one per model: every block sees the same cu_seqlens tensors
     for module in modules:
         rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         module.forward = types.MethodType(_batched_forward(rotary, cache), module)
         setattr(module, _INSTALLED_ATTR, True)
+    for norm in tower_norms(model) if modules else []:
+        norm.forward = partial(fused_rms_norm, norm)
     return len(modules)
 
 
 def uninstall(model: nn.Module) -> None:
-    """The stock per-segment loop again."""
+    """The stock per-segment loop and norms again."""
     for module in vision_attention_modules(model):
         if getattr(module, _INSTALLED_ATTR, False):
             del module.forward
             delattr(module, _INSTALLED_ATTR)
+    for norm in tower_norms(model):
+        if getattr(norm.__dict__.get("forward"), "func", None) is fused_rms_norm:
+            del norm.forward
+
+
+def tower_norms(model: nn.Module) -> list[nn.Module]:
+    """The RMSNorms of the vision towers: the modules holding the attention blocks
+    (`<tower>.blocks.<i>.attn`)."""
+    towers = {name.rsplit(".blocks.", 1)[0] for name, m in model.named_modules()
+              if type(m).__name__ in ATTENTION_CLASSES and ".blocks." in name}
+    return [norm for tower in sorted(towers) for norm in rms_norms(model.get_submodule(tower))]

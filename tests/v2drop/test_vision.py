@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v2drop import vision
+from bench.op_counts import FUSED_ON_CUDA, OpCounter
+from v2drop import kernels, vision
 from vlm import testing as models
 from vlm import tiny
 from vlm.families import FAMILIES
@@ -55,8 +56,6 @@ def test_batched_tower_equals_stock_tower(family, grids):
 
 
 def test_batched_tower_makes_a_few_attention_calls_not_one_per_window():
-    from bench.op_counts import OpCounter
-
     model = _tower("qwen2_5_vl")
     grids = [(2, 12, 20)]  # 2 frames x 6 windows per frame = 12 windows in 3 sizes
     with OpCounter() as stock:
@@ -71,6 +70,22 @@ def test_batched_tower_makes_a_few_attention_calls_not_one_per_window():
 def _attention_calls(counter) -> int:
     # sdpa reaches the dispatcher as the kernel it chose (on CPU `_scaled_dot_product_flash_attention_for_cpu`)
     return sum(n for op, n in counter.calls.items() if "scaled_dot_product" in op)
+
+
+def test_install_fuses_the_tower_norms_only_and_uninstall_puts_them_back():
+    model = _tower("qwen2_5_vl")
+    norms = vision.tower_norms(model)
+    assert len(norms) == 2 * 4 + 1  # norm1 and norm2 of each block, the merger's ln_q
+    text_norms = kernels.rms_norms(model.model.language_model)
+    vision.install(model)
+    assert all(n.forward.func is kernels.fused_rms_norm for n in norms)
+    assert all("forward" not in n.__dict__ for n in text_norms)  # the prefill's norms stay transformers'
+    with OpCounter() as counter:
+        _encode(model, [(2, 12, 20)])
+    if FUSED_ON_CUDA:  # this torch has the CUDA kernel (the lock's build does)
+        assert counter.calls["aten._fused_rms_norm"] == len(norms)
+    vision.uninstall(model)
+    assert all("forward" not in n.__dict__ for n in norms)
 
 
 def test_install_leaves_eager_towers_and_llava_alone():

@@ -1,9 +1,10 @@
-"""What the static decode step (v2drop.static_decode) runs in place of transformers' own code.
+"""transformers' computations in fewer kernels, where the engine runs its own loops: the static
+decode step (v2drop.static_decode, inside `step_kernels`) and the vision tower (v2drop.vision).
 
 A decode step at batch 16 is bound by its kernel count, not by its arithmetic: on an H200 each
-of the ~1,150 kernels of a 28-layer step costs a few microseconds even inside a CUDA graph,
-which is most of the step beyond the ~3.2 ms the 7B weights take to read. Both swaps below
-compute what transformers computes, with fewer kernels, and only while `step_kernels` is open:
+of the ~1,150 kernels of a 28-layer step cost a few microseconds even inside a CUDA graph, most
+of the step beyond the ~3.2 ms the 7B weights take to read. The swaps below compute what
+transformers computes, with fewer kernels; the step's hold only while `step_kernels` is open:
 
 * Attention: `one_token_sdpa`, transformers' sdpa for one query token (its `pack_gqa` branch: the
   grouped query heads packed onto their key-value head, the cache read as it is), used compiled
@@ -12,6 +13,8 @@ compute what transformers computes, with fewer kernels, and only while `step_ker
 * RMSNorm: `fused_rms_norm`, `F.rms_norm`, which CUDA runs as one kernel (aten._fused_rms_norm,
   torch >= 2.8) where transformers' RMSNorm launches eight (two casts, pow, mean, add, rsqrt, two
   muls): 2 norms per layer (4 with Qwen3's q/k norms) plus the final one, so ~400 of the 1,150.
+  v2drop.vision.install fuses the Qwen2.5-VL vision tower's norms the same way, for good: there
+  each unfused norm also writes and reads float32 copies of [patches, width] several times.
   On CPU torch decomposes it into transformers' own operations, so float32 results are the same
   bits. In bf16/fp16 the fused kernel multiplies by the weight before its one rounding, where
   transformers rounds, then multiplies and rounds again: at most about one unit in the last place
@@ -80,10 +83,10 @@ def one_token_attention(text_model) -> Iterator[None]:
         config._attn_implementation = "sdpa"
 
 
-def rms_norms(text_model) -> list[nn.Module]:
-    """The text model's RMSNorm layers of transformers' one form (Qwen2RMSNorm, Qwen2_5_VLRMSNorm,
-    Qwen3VLTextRMSNorm: `weight * (x32 * rsqrt(mean(x32²) + eps)).to(dtype)`)."""
-    return [m for m in text_model.modules()
+def rms_norms(module: nn.Module) -> list[nn.Module]:
+    """The RMSNorm layers under `module` of transformers' one form (Qwen2RMSNorm,
+    Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm: `weight * (x32 * rsqrt(mean(x32²) + eps)).to(dtype)`)."""
+    return [m for m in module.modules()
             if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "variance_epsilon", None), float)
             and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1]
 

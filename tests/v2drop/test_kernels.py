@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import op_counts
-from v2drop import step_kernels
+from v2drop import kernels
 from v2drop.adapters import adapter_for
 from vlm import testing as models
 
@@ -25,13 +25,13 @@ def _text_model(family: str):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_text_norm_is_found_and_put_back(family):
     model, text_model = _text_model(family)
-    norms = step_kernels.rms_norms(text_model)
+    norms = kernels.rms_norms(text_model)
     per_layer = 4 if family == "qwen3_vl" else 2  # Qwen3: q_norm and k_norm too
     assert len(norms) == NUM_LAYERS * per_layer + 1
     assert text_model.norm in norms and text_model.layers[0].input_layernorm in norms
     with pytest.raises(RuntimeError, match="inside"):
-        with step_kernels.fused_rms_norms(text_model):
-            assert all(n.forward.func is step_kernels.fused_rms_norm for n in norms)
+        with kernels.fused_rms_norms(text_model):
+            assert all(n.forward.func is kernels.fused_rms_norm for n in norms)
             raise RuntimeError("inside")
     assert all("forward" not in n.__dict__ for n in norms)  # the class's forward again
 
@@ -41,13 +41,13 @@ def test_the_fused_norm_is_transformers_norm(family):
     """float32: the same bits (torch decomposes it into transformers' operations on CPU). bf16:
     within one unit in the last place (one rounding where transformers has two)."""
     _, text_model = _text_model(family)
-    norm = step_kernels.rms_norms(text_model)[0]
+    norm = kernels.rms_norms(text_model)[0]
     with torch.no_grad():
         norm.weight.copy_(torch.randn_like(norm.weight))
         x = 3 * torch.randn(4, 5, norm.weight.shape[0])
-        assert torch.equal(step_kernels.fused_rms_norm(norm, x), norm(x))
+        assert torch.equal(kernels.fused_rms_norm(norm, x), norm(x))
         norm.to(torch.bfloat16)
-        stock, fused = norm(x.bfloat16()).float(), step_kernels.fused_rms_norm(norm, x.bfloat16()).float()
+        stock, fused = norm(x.bfloat16()).float(), kernels.fused_rms_norm(norm, x.bfloat16()).float()
     ulp = torch.finfo(torch.bfloat16).eps * stock.abs()
     assert ((fused - stock).abs() <= ulp).all()
     assert not torch.equal(fused, stock)  # the rounding differs somewhere: the fused path ran
@@ -55,10 +55,10 @@ def test_the_fused_norm_is_transformers_norm(family):
 
 def test_a_weight_of_another_dtype_keeps_transformers_promotion():
     _, text_model = _text_model("qwen2_5_vl")
-    norm = step_kernels.rms_norms(text_model)[0]
+    norm = kernels.rms_norms(text_model)[0]
     x = torch.randn(2, norm.weight.shape[0]).bfloat16()
     with torch.no_grad():
-        out = step_kernels.fused_rms_norm(norm, x)  # float32 weight, bf16 input
+        out = kernels.fused_rms_norm(norm, x)  # float32 weight, bf16 input
     assert out.dtype == torch.float32 and torch.equal(out, norm(x))
 
 
@@ -68,7 +68,7 @@ def test_the_static_step_launches_one_kernel_per_norm_and_one_rotary_pass_per_la
     visual = models.Visual("video", (2, 8, 8))
     inputs = models.batch(family, [models.Sample("Describe.", visual)])
     counts = op_counts.static_step_counts(model, inputs).by_op
-    norms = len(step_kernels.rms_norms(text_model))
+    norms = len(kernels.rms_norms(text_model))
     if op_counts.FUSED_ON_CUDA:  # this torch has the CUDA kernel (the lock's build does)
         assert counts["aten._fused_rms_norm"] == norms and "aten.rsqrt" not in counts
     else:
@@ -85,8 +85,8 @@ def test_the_one_pass_rotary_gives_transformers_bits(family, dtype):
     gen = torch.Generator().manual_seed(1)
     q, k = (torch.randn(3, h, 5, 16, generator=gen).to(dtype) for h in (8, 2))
     cos, sin = (torch.randn(3, 5, 16, generator=gen).to(dtype) for _ in range(2))
-    with step_kernels.rotary_in_one_pass_for(text_model):
-        assert module.apply_rotary_pos_emb is step_kernels.rotary_in_one_pass
+    with kernels.rotary_in_one_pass_for(text_model):
+        assert module.apply_rotary_pos_emb is kernels.rotary_in_one_pass
         ours = module.apply_rotary_pos_emb(q, k, cos, sin)
     assert module.apply_rotary_pos_emb is theirs
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs(q, k, cos, sin)))
@@ -104,5 +104,5 @@ def test_a_rotary_of_another_form_is_left_in_place(monkeypatch):
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
     monkeypatch.setattr(module, "apply_rotary_pos_emb", interleaved)
-    with step_kernels.rotary_in_one_pass_for(text_model):
+    with kernels.rotary_in_one_pass_for(text_model):
         assert module.apply_rotary_pos_emb is interleaved
