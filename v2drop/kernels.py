@@ -45,7 +45,7 @@ ONE_TOKEN_SDPA = "v2drop_one_token_sdpa"
 
 @contextmanager
 def step_kernels(text_model) -> Iterator[None]:
-    """The static step's attention and norms while the block runs; transformers' afterwards."""
+    """The static step's attention, norms and rotary while the block runs; transformers' afterwards."""
     with ExitStack() as stack:
         stack.enter_context(one_token_attention(text_model))
         stack.enter_context(fused_rms_norms(text_model))
@@ -119,14 +119,16 @@ def fused_rms_norms(text_model) -> Iterator[None]:
 
 def rotary_in_one_pass(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' apply_rotary_pos_emb for q [B, H, S, D] and k [B, H_kv, S, D] stacked along
-    the heads: the same elementwise operations once instead of twice."""
+    """transformers' apply_rotary_pos_emb for q and k stacked along their heads: the same
+    elementwise operations once instead of twice. The heads sit where cos and sin broadcast
+    (`unsqueeze_dim`: q [B, H, S, D] with 1, the default; [B, S, H, D] with 2)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    both = torch.cat((q, k), dim=1)
+    both = torch.cat((q, k), dim=unsqueeze_dim)
     half = both.shape[-1] // 2
     rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
     out = both * cos + rotated * sin
-    return out[:, : q.shape[1]], out[:, q.shape[1]:]
+    heads = q.shape[unsqueeze_dim]
+    return out.narrow(unsqueeze_dim, 0, heads), out.narrow(unsqueeze_dim, heads, k.shape[unsqueeze_dim])
 
 
 ROTARY_NAME = "apply_rotary_pos_emb"

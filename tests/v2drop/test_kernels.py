@@ -92,6 +92,17 @@ def test_the_one_pass_rotary_gives_transformers_bits(family, dtype):
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs(q, k, cos, sin)))
 
 
+def test_the_one_pass_rotary_takes_the_heads_where_cos_broadcasts():
+    """[B, S, H, D] with unsqueeze_dim=2, as transformers' function allows."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(3, 5, h, 16, generator=gen) for h in (8, 2))
+    cos, sin = (torch.randn(3, 5, 16, generator=gen) for _ in range(2))
+    ours, theirs = kernels.rotary_in_one_pass(q, k, cos, sin, 2), apply_rotary_pos_emb(q, k, cos, sin, 2)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 def test_a_rotary_of_another_form_is_left_in_place(monkeypatch):
     """transformers' function computing something else (here: interleaved pairs) stays."""
     _, text_model = _text_model("qwen2_5_vl")
