@@ -30,7 +30,9 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
   check that captured and uncaptured tokens agree; if capture fails the run goes on uncaptured
   and the report says why). `--engines ... compiled` adds the static engine with its step through
   torch.compile (v2drop.static_decode, compile=True; one compile per batch size, about a minute
-  each on a GPU, so it is not in the default run).
+  each on a GPU, so it is not in the default run). `--engines ... static-unfused` adds the static
+  engine with transformers' own RMSNorms and rotary in its step, and the vision tower is timed
+  batched with transformers' norms too: what v2drop.kernels' fused ones buy, side by side.
 
 Variants run interleaved and the median of `--repeats` is reported, after one warm-up round.
 Writes bench/results/model-<device>[-7b].json and .md (or into --out-dir). The model and clips
@@ -65,7 +67,9 @@ from bench.model_setup import build_model, clip_batch, encode, fresh, run_genera
 from bench.report import timed
 
 ENGINES = ("dynamic", "static")  # the default run (under 8 minutes on one H200)
-ENGINE_CHOICES = (*ENGINES, "compiled")  # compiled: the static step through torch.compile (compiles once per batch size)
+# compiled: the static step through torch.compile (compiles once per batch size); static-unfused: the
+# static step with transformers' own RMSNorm and rotary (v2drop.kernels), to time them side by side
+ENGINE_CHOICES = (*ENGINES, "compiled", "static-unfused")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

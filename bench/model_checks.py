@@ -16,22 +16,24 @@ from v2drop import static_decode, vision
 
 
 def check_capture(model, tokenizer, args, schedule) -> str | None:
-    """The captured static step (and the captured compiled one, when that engine runs) must give
-    the same step's uncaptured tokens; otherwise the run goes on uncaptured and the report says why."""
-    compiles = [c for engine, c in (("static", False), ("compiled", True)) if engine in args.engines]
-    if not args.capture or not compiles:
+    """The captured static step (and the captured compiled or unfused one, when that engine runs)
+    must give the same step's uncaptured tokens; otherwise the run goes on uncaptured and the report
+    says why."""
+    steps = {"static": {}, "compiled": {"compile": True}, "static-unfused": {"fused_kernels": False}}
+    checked = [(engine, kwargs) for engine, kwargs in steps.items() if engine in args.engines]
+    if not args.capture or not checked:
         return None
     clips = clip_batch(model, tokenizer, args.grid, 2, args.device)
     inputs = text_inputs(clips, encode(model, clips))
     try:
         for variant in VARIANTS:
             set_variant(model, variant, schedule)
-            for compile in compiles:  # captured vs uncaptured, each with the same step function
+            for engine, kwargs in checked:  # captured vs uncaptured, each with the same step function
                 eager, captured = (static_decode.generate_static(model, fresh(inputs), 8, capture=capture,
-                                                                 compile=compile, stop_check_every=8)
+                                                                 stop_check_every=8, **kwargs)
                                    for capture in (False, True))
                 if not torch.equal(eager, captured):
-                    raise RuntimeError(f"{variant}{' compiled' if compile else ''}: captured tokens "
+                    raise RuntimeError(f"{variant} {engine}: captured tokens "
                                        f"{captured.tolist()} != uncaptured {eager.tolist()}")
         return None
     except Exception as error:  # noqa: BLE001 - the run goes on uncaptured and the report says why
@@ -40,11 +42,13 @@ def check_capture(model, tokenizer, args, schedule) -> str | None:
 
 
 def vision_loop_vs_batched(model, tokenizer, args) -> dict:
-    """The vision tower at batch 1, stock (per-window loop) vs v2drop.vision's (batched sdpa calls,
-    fused norms), ms per clip."""
+    """The vision tower at batch 1, ms per clip: stock (per-window loop), v2drop.vision's batched
+    sdpa calls with transformers' norms, and with its fused norms (installed last, as it stays)."""
     clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
     times = {}
-    for name, switch in (("stock_loop", vision.uninstall), ("batched", vision.install)):
+    for name, switch in (("stock_loop", vision.uninstall),
+                         ("batched_unfused_norms", lambda m: vision.install(m, fused_norms=False)),
+                         ("batched", vision.install)):
         switch(model)
         encode(model, clips)  # warm-up
         times[f"{name}_ms"] = statistics.median(timed(lambda: encode(model, clips), args.device)[0]

@@ -101,8 +101,10 @@ def markdown(report: dict) -> str:
     v = report["vision_batch1"]
     c = report["decode_step_counts"]
     lines += [
-        "", f"Vision tower at batch 1: stock per-window loop {v['stock_loop_ms']:.1f} ms, "
-        f"batched sdpa and fused norms {v['batched_ms']:.1f} ms ({v['stock_loop_ms'] / v['batched_ms']:.2f}x).", "",
+        "", f"Vision tower at batch 1: stock per-window loop {v['stock_loop_ms']:.1f} ms, batched sdpa "
+        f"{v['batched_unfused_norms_ms']:.1f} ms with transformers' norms and {v['batched_ms']:.1f} ms with fused ones "
+        f"({v['stock_loop_ms'] / v['batched_ms']:.2f}x the stock tower, {v['batched_unfused_norms_ms'] / v['batched_ms']:.3f}x "
+        "from the norms).", *fused_step_lines(report["rows"]), "",
         "One decode step at batch 1 (aten calls / of them kernels, i.e. not views / host-device syncs): generate() "
         + ", ".join(f"{name} {n['op_calls']} / {n['kernel_calls']} / {n['syncs']}" for name, n in c.items())
         + "; the static engine's step " + ", ".join(
@@ -130,3 +132,17 @@ def markdown(report: dict) -> str:
     if not report["hardware"].startswith("NVIDIA"):
         lines += ["", "Not on the GPU the targets are set for: the targets table shows the report's shape, not a claim."]
     return "\n".join(lines) + "\n"
+
+
+def fused_step_lines(rows: list[dict]) -> list[str]:
+    """When the run has both, the static step with v2drop.kernels' fused norms and rotary against
+    the same step with transformers' (`static-unfused`): decode ms/step per variant and batch."""
+    unfused = {(r["variant"], r["batch"], r["new_tokens"]): r for r in rows if r["engine"] == "static-unfused"}
+    pairs = [(r, unfused[key]) for r in rows
+             if r["engine"] == "static" and (key := (r["variant"], r["batch"], r["new_tokens"])) in unfused]
+    if not pairs:
+        return []
+    return ["", "Static step, fused RMSNorms and one-pass rotary (v2drop.kernels) vs transformers' (static-unfused), "
+            "decode ms/step: " + "; ".join(
+                f"{r['variant']} batch {r['batch']} ({r['new_tokens']} tokens) {r['decode_ms_per_step']:.2f} vs "
+                f"{u['decode_ms_per_step']:.2f} ({u['decode_ms_per_step'] / r['decode_ms_per_step']:.3f}x)" for r, u in pairs) + "."]

@@ -91,5 +91,6 @@ def run_generate(model, inputs: dict, new_tokens: int, engine: str, args):
                              do_sample=False, return_dict_in_generate=True)
         return kv_cache_bytes(output_cache(out)), out.sequences[:, -new_tokens:]
     tokens = static_decode.generate_static(model, fresh(inputs), new_tokens, capture=args.capture,
-                                           compile=engine == "compiled", stop_check_every=new_tokens)
+                                           compile=engine == "compiled", stop_check_every=new_tokens,
+                                           fused_kernels=engine != "static-unfused")
     return None, tokens

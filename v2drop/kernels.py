@@ -44,12 +44,15 @@ ONE_TOKEN_SDPA = "v2drop_one_token_sdpa"
 
 
 @contextmanager
-def step_kernels(text_model) -> Iterator[None]:
-    """The static step's attention, norms and rotary while the block runs; transformers' afterwards."""
+def step_kernels(text_model, fused: bool = True) -> Iterator[None]:
+    """The static step's attention, norms and rotary while the block runs; transformers' afterwards.
+    fused=False keeps transformers' norms and rotary (the attention is the step's either way), for
+    timing the two side by side (bench_model's `static-unfused` engine)."""
     with ExitStack() as stack:
         stack.enter_context(one_token_attention(text_model))
-        stack.enter_context(fused_rms_norms(text_model))
-        stack.enter_context(rotary_in_one_pass_for(text_model))
+        if fused:
+            stack.enter_context(fused_rms_norms(text_model))
+            stack.enter_context(rotary_in_one_pass_for(text_model))
         yield
 
 

@@ -50,17 +50,18 @@ from v2drop.stage_cache import StaticState, select_rows, static_state
 
 @torch.no_grad()
 def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool = False, compile: bool = False,
-                    stop_check_every: int = 1, **prefill_kwargs) -> torch.Tensor:
+                    stop_check_every: int = 1, fused_kernels: bool = True, **prefill_kwargs) -> torch.Tensor:
     """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new
     tokens. `prefill_kwargs` go to the prefill's generate call (a logits processor that times the
-    first token, pad_token_id)."""
+    first token, pad_token_id). fused_kernels=False: the step with transformers' own norms and
+    rotary (v2drop.kernels.step_kernels), for benchmarks."""
     text_model = adapter_for(model).text_model(model)
     first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
     if max_new_tokens == 1:
         return first
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
     del dynamic
-    with step_kernels(text_model):
+    with step_kernels(text_model, fused_kernels):
         return _decode(model, text_model, state, first, max_new_tokens, capture=capture, compile=compile,
                        stop_check_every=stop_check_every)
 

@@ -129,17 +129,17 @@ def vision_attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
 
 
-def install(model: nn.Module) -> int:
+def install(model: nn.Module, fused_norms: bool = True) -> int:
     """Batch the vision tower's attention windows and fuse its norms (sdpa towers only). Returns
     how many attention modules were switched (0 for towers without segment loops, or not on
-    sdpa). Idempotent."""
+    sdpa). Idempotent. fused_norms=False leaves the norms transformers' (for benchmarks)."""
     modules = [m for m in vision_attention_modules(model) if m.config._attn_implementation == "sdpa"]
     cache = _GroupsCache()  # one per model: every block sees the same cu_seqlens tensors
     for module in modules:
         rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         module.forward = types.MethodType(_batched_forward(rotary, cache), module)
         setattr(module, _INSTALLED_ATTR, True)
-    for norm in tower_norms(model) if modules else []:
+    for norm in tower_norms(model) if modules and fused_norms else []:
         norm.forward = partial(fused_rms_norm, norm)
     return len(modules)
 

@@ -58,12 +58,26 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     prefill = report["prefill_counts"]
     assert prefill["v2drop"]["syncs"] <= prefill["stock"]["syncs"] + 1 and prefill["stock"]["op_calls"] > 0
     assert report["prefill_profile"] == {}  # CPU: no kernel profile
-    assert set(report["vision_batch1"]) == {"stock_loop_ms", "batched_ms"}
+    assert set(report["vision_batch1"]) == {"stock_loop_ms", "batched_unfused_norms_ms", "batched_ms"}
     names = [t["target"] for t in report["targets"]]
     assert any(n.startswith("whole model with V²Drop, best batch") for n in names)  # no auto rows: fixed batches
     assert any(n.startswith("clips/s V²Drop / stock at batch 2") for n in names)
     assert any(n.startswith("peak memory") for n in names)
     assert all(set(t) == {"target", "measured", "goal", "met", "off_by"} for t in report["targets"])
+
+
+def test_the_unfused_static_engine_runs_beside_the_static_one_with_the_same_tokens(tmp_path):
+    """`--engines ... static-unfused`: the static step with transformers' own norms and rotary, for
+    timing v2drop.kernels side by side. float32 on CPU: the same tokens; the report compares the two."""
+    toy = [*TOY[:TOY.index("--batch-sizes")], "--batch-sizes", "2", "--new-tokens", "3", "--repeats", "1", "--device", "cpu"]
+    toy[toy.index("--num-layers") + 1] = "4"
+    report = bench_model.main([*toy, "--engines", "dynamic", "static", "static-unfused", "--out-dir", str(tmp_path)])
+    rows = {(r["variant"], r["engine"]): r for r in report["rows"]}
+    assert set(rows) == {(v, e) for v in ("stock", "v2drop") for e in ("dynamic", "static", "static-unfused")}
+    assert all(r["tokens_equal_dynamic"] == 1.0 for r in rows.values())
+    assert all(t["target"].endswith("[static]") for t in report["targets"])  # the targets use the fused step
+    lines = [line for line in (tmp_path / "model-cpu.md").read_text().splitlines() if line.startswith("Static step, fused")]
+    assert len(lines) == 1 and "stock batch 2 (3 tokens)" in lines[0] and "v2drop batch 2 (3 tokens)" in lines[0]
 
 
 def test_the_compiled_engine_gives_the_dynamic_engines_tokens_and_the_targets(tmp_path, monkeypatch):

@@ -117,3 +117,17 @@ def test_a_rotary_of_another_form_is_left_in_place(monkeypatch):
     monkeypatch.setattr(module, "apply_rotary_pos_emb", interleaved)
     with kernels.rotary_in_one_pass_for(text_model):
         assert module.apply_rotary_pos_emb is interleaved
+
+
+def test_unfused_step_kernels_keep_transformers_norms_and_rotary():
+    """fused=False (bench_model's static-unfused engine): only the attention is the step's."""
+    _, text_model = _text_model("qwen2_5_vl")
+    module = sys.modules[type(text_model.layers[0].self_attn).__module__]
+    with kernels.step_kernels(text_model, fused=False):
+        assert text_model.config._attn_implementation == kernels.ONE_TOKEN_SDPA
+        assert module.apply_rotary_pos_emb is not kernels.rotary_in_one_pass
+        assert all("forward" not in n.__dict__ for n in kernels.rms_norms(text_model))
+    with kernels.step_kernels(text_model):
+        assert module.apply_rotary_pos_emb is kernels.rotary_in_one_pass
+        assert all(n.forward.func is kernels.fused_rms_norm for n in kernels.rms_norms(text_model))
+    assert text_model.config._attn_implementation == "sdpa"

@@ -86,6 +86,8 @@ def test_install_fuses_the_tower_norms_only_and_uninstall_puts_them_back():
         assert counter.calls["aten._fused_rms_norm"] == len(norms)
     vision.uninstall(model)
     assert all("forward" not in n.__dict__ for n in norms)
+    vision.install(model, fused_norms=False)  # bench_model's batched tower with transformers' norms
+    assert all("forward" not in n.__dict__ for n in norms)
 
 
 def test_install_leaves_eager_towers_and_llava_alone():
