@@ -88,10 +88,29 @@ def one_token_attention(text_model) -> Iterator[None]:
 
 def rms_norms(module: nn.Module) -> list[nn.Module]:
     """The RMSNorm layers under `module` of transformers' one form (Qwen2RMSNorm,
-    Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm: `weight * (x32 * rsqrt(mean(x32²) + eps)).to(dtype)`)."""
+    Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm: `weight * (x32 * rsqrt(mean(x32²) + eps)).to(dtype)`):
+    by their attributes, and per class a probe (`same_norm`)."""
     return [m for m in module.modules()
             if type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "variance_epsilon", None), float)
-            and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1]
+            and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1 and same_norm(m)]
+
+
+_SAME_NORM: dict[type, bool] = {}
+
+
+def same_norm(norm: nn.Module) -> bool:
+    """Whether `fused_rms_norm` gives `norm`'s own results on a random input of its weight's dtype
+    and device, within two units in the last place; probed on the first instance of each class
+    (a norm of another form, such as Gemma's `1 + weight`, fails it and keeps its forward)."""
+    kind = type(norm)
+    if kind not in _SAME_NORM:
+        x = torch.randn(4, norm.weight.shape[0], generator=torch.Generator().manual_seed(0))
+        x = x.to(norm.weight.device, norm.weight.dtype)
+        with torch.no_grad():
+            ours, theirs = fused_rms_norm(norm, x).float(), kind.forward(norm, x).float()
+        tolerance = 2 * torch.finfo(norm.weight.dtype).eps
+        _SAME_NORM[kind] = bool(torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance))
+    return _SAME_NORM[kind]
 
 
 def fused_rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -131,3 +131,21 @@ def test_unfused_step_kernels_keep_transformers_norms_and_rotary():
         assert module.apply_rotary_pos_emb is kernels.rotary_in_one_pass
         assert all(n.forward.func is kernels.fused_rms_norm for n in kernels.rms_norms(text_model))
     assert text_model.config._attn_implementation == "sdpa"
+
+
+def test_a_norm_of_another_form_keeps_its_forward():
+    """An RMSNorm with transformers' attributes but Gemma's `1 + weight` fails the probe."""
+    _, text_model = _text_model("qwen2_5_vl")
+    base = type(text_model.norm)
+
+    class GemmaStyleRMSNorm(base):
+        def forward(self, hidden):
+            h = hidden.float()
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)).to(hidden.dtype)
+
+    odd = GemmaStyleRMSNorm(text_model.norm.weight.shape[0])
+    text_model.add_module("odd_norm", odd)
+    found = kernels.rms_norms(text_model)
+    assert odd not in found and text_model.norm in found
+    with kernels.fused_rms_norms(text_model):
+        assert "forward" not in odd.__dict__
