@@ -95,28 +95,36 @@ def rms_norms(module: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1 and same_norm(m)]
 
 
-_SAME_NORM: dict[type, bool] = {}
+_SAME_NORM: dict[tuple[type, torch.dtype, str], bool] = {}
 
 
 def same_norm(norm: nn.Module) -> bool:
     """Whether `fused_rms_norm` gives `norm`'s own results on a random input of its weight's dtype
-    and device, within two units in the last place; probed on the first instance of each class
-    (a norm of another form, such as Gemma's `1 + weight`, fails it and keeps its forward)."""
+    and device, within two units in the last place; probed on the first instance of each class,
+    dtype and device type (a norm of another form, such as Gemma's `1 + weight`, fails it and keeps
+    its forward)."""
     kind = type(norm)
-    if kind not in _SAME_NORM:
+    key = (kind, norm.weight.dtype, norm.weight.device.type)
+    if key not in _SAME_NORM:
         x = torch.randn(4, norm.weight.shape[0], generator=torch.Generator().manual_seed(0))
         x = x.to(norm.weight.device, norm.weight.dtype)
         with torch.no_grad():
             ours, theirs = fused_rms_norm(norm, x).float(), kind.forward(norm, x).float()
         tolerance = 2 * torch.finfo(norm.weight.dtype).eps
-        _SAME_NORM[kind] = bool(torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance))
-    return _SAME_NORM[kind]
+        _SAME_NORM[key] = bool(torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance))
+    return _SAME_NORM[key]
+
+
+# Where transformers' norm computes in float32 as F.rms_norm does (float64 it computes in float32 too,
+# F.rms_norm in float64).
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def fused_rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """`norm(hidden)` as one `F.rms_norm` call. A weight of another dtype than `hidden` (where
-    transformers' result takes the wider of the two) keeps transformers' forward."""
-    if hidden.dtype != norm.weight.dtype:
+    """`norm(hidden)` as one `F.rms_norm` call. Another dtype than FUSED_DTYPES, or a weight of
+    another dtype than `hidden` (where transformers' result takes the wider of the two), keeps
+    transformers' forward."""
+    if hidden.dtype not in FUSED_DTYPES or hidden.dtype != norm.weight.dtype:
         return type(norm).forward(norm, hidden)
     return F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
 

@@ -149,3 +149,17 @@ def test_a_norm_of_another_form_keeps_its_forward():
     assert odd not in found and text_model.norm in found
     with kernels.fused_rms_norms(text_model):
         assert "forward" not in odd.__dict__
+
+
+def test_a_float64_model_keeps_transformers_norms_and_does_not_decide_for_float32():
+    """transformers' norm computes in float32 even on float64 (the runtime self-check's dtype), so
+    float64 keeps its forward; that probe must not stand for the class in float32."""
+    _, text_model = _text_model("qwen2_5_vl")
+    norm = text_model.norm
+    x = torch.randn(3, norm.weight.shape[0], dtype=torch.float64)
+    norm.to(torch.float64)
+    assert kernels.same_norm(norm)
+    with torch.no_grad():
+        assert torch.equal(kernels.fused_rms_norm(norm, x), norm(x))  # transformers' own
+    norm.to(torch.float32)
+    assert kernels.same_norm(norm) and norm in kernels.rms_norms(text_model)
