@@ -129,6 +129,15 @@ def fused_rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
+def fuse(norm: nn.Module) -> None:
+    """`norm` computes with `fused_rms_norm`: an instance attribute that shadows its class's forward."""
+    norm.forward = partial(fused_rms_norm, norm)
+
+
+def is_fused(norm: nn.Module) -> bool:
+    return getattr(norm.__dict__.get("forward"), "func", None) is fused_rms_norm
+
+
 @contextmanager
 def fused_rms_norms(text_model) -> Iterator[None]:
     """Each of `rms_norms(text_model)` computes with `fused_rms_norm` (an instance attribute that
@@ -136,7 +145,7 @@ def fused_rms_norms(text_model) -> Iterator[None]:
     norms = rms_norms(text_model)
     before = [norm.__dict__.get("forward") for norm in norms]
     for norm in norms:
-        norm.forward = partial(fused_rms_norm, norm)
+        fuse(norm)
     try:
         yield
     finally:

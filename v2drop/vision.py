@@ -27,13 +27,12 @@ from __future__ import annotations
 import sys
 import types
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v2drop.kernels import fused_rms_norm, rms_norms
+from v2drop.kernels import fuse, is_fused, rms_norms
 from vlm.families import FAMILIES
 
 # Vision-attention classes whose forward this module reproduces: the family table's
@@ -140,7 +139,7 @@ def install(model: nn.Module, fused_norms: bool = True) -> int:
         module.forward = types.MethodType(_batched_forward(rotary, cache), module)
         setattr(module, _INSTALLED_ATTR, True)
     for norm in tower_norms(model) if modules and fused_norms else []:
-        norm.forward = partial(fused_rms_norm, norm)
+        fuse(norm)
     return len(modules)
 
 
@@ -151,7 +150,7 @@ def uninstall(model: nn.Module) -> None:
             del module.forward
             delattr(module, _INSTALLED_ATTR)
     for norm in tower_norms(model):
-        if getattr(norm.__dict__.get("forward"), "func", None) is fused_rms_norm:
+        if is_fused(norm):
             del norm.forward
 
 
