@@ -1,6 +1,6 @@
 """pipeline.run recognises a model actor that could not be constructed by Ray's exception type
 (RayActorError.actor_init_failed), wherever it sits in the chain, and nothing else as one. The
-end-to-end case (an empty model folder, exit code 3) is tests/pipeline/test_run.py."""
+end-to-end case (an empty model folder, exit code 3) is tests/pipeline/test_run_models.py."""
 
 from __future__ import annotations
 

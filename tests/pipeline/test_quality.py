@@ -17,7 +17,7 @@ from pipeline.__main__ import EXIT_QUALITY, _run
 from pipeline._quality import QualityStats, format_quality, verdict
 from pipeline.config import QualityConfig
 from pipeline.run import run
-from tests.pipeline.test_run import offline, read_rows
+from tests.pipeline.runs import offline, read_rows
 from workers import shadow
 
 

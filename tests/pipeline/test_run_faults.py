@@ -21,8 +21,8 @@ from pipeline._write import job_data_uri
 from pipeline.lease import LeaseHeld, lease_uri
 from pipeline.run import error_fraction, run
 from pipeline.storage import Storage
+from tests.pipeline.runs import by_file, cli_env, make_video, offline, read_rows
 from tests.pipeline.stand_ins import FrameStatsStage, SlowStage
-from tests.pipeline.test_run import by_file, cli_env, make_video, offline, read_rows
 from tests.s3_faults import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
