@@ -31,7 +31,8 @@ def shared_videos() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A real local Ray cluster with 2 CPUs, started once for the session and stopped after.
+    """A real local Ray cluster with 2 CPUs, started once per test process (scripts/test.sh runs
+    two, each with its own cluster) and stopped after.
 
     Workers get the repo on PYTHONPATH (so test modules' stage classes import there) and the
     fake AWS credentials of tests.s3_server (a worker does not see env set after it started).
