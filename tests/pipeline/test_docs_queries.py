@@ -22,19 +22,17 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_job, with_absolute_paths
 from pipeline.run import run
 from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, SCHEMA_VERSION, SUMMARY_FILE_SCHEMA, schema_version
+from tests.pipeline.runs import REPO, offline
 
-REPO = Path(__file__).resolve().parents[2]
 DOCS = {name: (REPO / "docs" / name).read_text() for name in ("schema.md", "cluster.md")}
 DOC_PREFIXES = ("s3://example-captions/v2drop/", "outputs/")
 pytestmark = pytest.mark.slow
 
 
 def job(out: Path, videos: Path, *overrides: str):
-    return with_absolute_paths(load_job(REPO / "jobs" / "caption.yaml", [
-        "preset=offline", f"input.uri={videos}", f"output.uri={out}", *overrides]))
+    return offline("caption.yaml", out, f"input.uri={videos}", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,10 @@ from pipeline._write import job_data_uri
 from pipeline.lease import LeaseHeld, lease_uri
 from pipeline.run import error_fraction, run
 from pipeline.storage import Storage
-from tests.pipeline.runs import by_file, cli_env, make_video, offline, read_rows
+from tests.pipeline.runs import JOBS, REPO, by_file, cli_env, make_video, offline, read_rows
 from tests.pipeline.stand_ins import FrameStatsStage, SlowStage
 from tests.s3_faults import FaultProxy
 
-REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-in-the-endpoint-7731"
 
 
@@ -98,7 +97,7 @@ def test_a_driver_killed_during_resume_false_keeps_the_old_rows_and_what_it_flus
     before = set((out / "data").rglob("*.parquet"))
 
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address, str(REPO), str(REPO / "jobs" / "caption.yaml"),
+        [sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address, str(REPO), str(JOBS / "caption.yaml"),
          "preset=offline", f"output.uri={out}", *overrides, "run.resume=false", "run.flush_interval_s=0.5",
          "run.lease_ttl_s=3"],
         cwd=REPO, env={**cli_env(), "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -170,7 +169,7 @@ def test_a_run_whose_videos_all_fail_exits_5_after_writing_every_row(tmp_path: P
     folder.mkdir()
     (folder / "zero.mp4").write_bytes(b"")
     (folder / "notes.mp4").write_text("not a video\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline", str(REPO / "jobs" / "caption.yaml"), "preset=offline",
+    result = subprocess.run([sys.executable, "-m", "pipeline", str(JOBS / "caption.yaml"), "preset=offline",
                              f"input.uri={folder}", f"output.uri={tmp_path / 'out'}"],
                             cwd=tmp_path, env={**cli_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=300)
