@@ -20,7 +20,8 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
 * peak memory: torch.cuda.max_memory_allocated over vision + generate (CUDA); the KV cache
   bytes after generate everywhere.
 * aten calls and host-device syncs of one decode step and of one prefill at batch 1 (bench.op_counts),
-  stock vs V²Drop; on CUDA, wall vs kernel time of that prefill (where the batch-1 prefill ratio goes).
+  stock vs V²Drop; that prefill's wall time eager and replayed from a CUDA graph (v2drop.prefill_graphs),
+  and on CUDA its kernel time (where the batch-1 prefill ratio goes).
 * `--batch-sizes ... auto`: each variant at its own batch, the clips per call the model stage
   would choose from the memory budget (bench.engine_batch over workers.call_size and
   v2drop.memory; `--memory-budget-gib` forces a budget, which CPU runs need); such rows carry
@@ -207,6 +208,7 @@ def main(argv=None) -> dict:
         for batch, variants, chosen_by in batch_groups(size, auto):
             rows += measure_batch(model, tokenizer, args, schedule, batch, variants, chosen_by)
             report_file.write(stem.with_name(stem.name + "-partial"), {"rows": rows}, "", quiet=True)
+    profile = prefill_profile(model, tokenizer, args, schedule)
     measured = sorted({r["batch"] for r in rows})
     profile_batch = 16 if 16 in measured else measured[0]
     report = {
@@ -224,9 +226,9 @@ def main(argv=None) -> dict:
         "decode_step_counts": decode_counts,
         "static_step_counts": static_counts,
         "prefill_counts": prefill_counts,
-        "prefill_profile": prefill_profile(model, tokenizer, args, schedule),
+        "prefill_profile": profile,
         "rows": rows,
-        "targets": targets(rows, flop_ratio),
+        "targets": targets(rows, flop_ratio, profile),
         "profile_batch": profile_batch,
         "step_profile": step_profile(model, tokenizer, args, schedule, profile_batch),
         "wall_s": time.perf_counter() - started,

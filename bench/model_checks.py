@@ -1,6 +1,6 @@
 """The whole-model benchmark's one-off measurements beside its table: capture check, vision loop
 vs batched, prefill FLOP ratio, aten calls and syncs of a decode step and of a prefill, kernel
-profiles of a decode step and of a batch-1 prefill."""
+profiles of a decode step and of a batch-1 prefill, eager and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bench.model_setup import VARIANTS, clip_batch, encode, fresh, run_generate,
 from bench.op_counts import decode_step_counts, prefill_counts, static_step_counts
 from bench.report import timed
 from v2drop import static_decode, vision
+from v2drop.prefill_graphs import PrefillGraphs
 
 
 def check_capture(model, tokenizer, args, schedule) -> str | None:
@@ -126,29 +127,36 @@ def step_profile(model, tokenizer, args, schedule, batch: int, steps: int = 16) 
 
 @torch.no_grad()
 def prefill_profile(model, tokenizer, args, schedule) -> dict:
-    """Where a batch-1 prefill's time goes (CUDA only), per variant: wall time beside GPU kernel
-    time. At batch 1 a dropped stage's layers are small, so wall well above kernel time means the
-    host (Python, launches, syncs) sets the pace, not the GPU: the prefill time ratio then stays
-    above the FLOP ratio."""
-    if not args.device.startswith("cuda"):
-        return {}
+    """Where a batch-1 prefill's time goes, per variant, eager and `replayed` (v2drop.prefill_graphs:
+    recorded once as a CUDA graph, then replayed; stock through the same patched forward with an
+    empty schedule, i.e. transformers' own forward): wall ms, and on CUDA the GPU kernel ms. At
+    batch 1 a dropped stage's layers are small, so eager wall well above kernel time means the host
+    sets the pace, and the prefill time ratio stays above the FLOP ratio; replayed, the host is out.
+    Off CUDA nothing is recorded (`replays` 0) and both modes are eager."""
     clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
     inputs = text_inputs(clips, encode(model, clips))
     out = {}
     for variant in VARIANTS:
-        set_variant(model, variant, schedule)
+        for mode in ("eager", "replayed"):
+            graphs = PrefillGraphs() if mode == "replayed" else None
+            try:
+                set_variant(model, variant, schedule, prefill_graphs=graphs)
 
-        def prefill() -> object:
-            return model(**fresh(inputs), use_cache=True, logits_to_keep=1)
+                def prefill() -> object:
+                    return model(**fresh(inputs), use_cache=True, logits_to_keep=1)
 
-        prefill()  # warm-up
-        wall_ms = statistics.median(timed(prefill, args.device)[0] for _ in range(3))
-        kernels = kernel_ms(prefill)
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:6]
-        out[variant] = {
-            "wall_ms": wall_ms,
-            "kernel_ms": sum(ms for ms, _ in kernels.values()),
-            "launches": sum(n for _, n in kernels.values()),
-            "top": [(k[:70], round(ms, 3), n) for k, (ms, n) in top],
-        }
+                prefill(), prefill()  # warm-up; a replayed mode records at the first call
+                entry: dict = {"wall_ms": statistics.median(timed(prefill, args.device)[0] for _ in range(3))}
+                if args.device.startswith("cuda"):
+                    kernels = kernel_ms(prefill)
+                    entry.update(kernel_ms=sum(ms for ms, _ in kernels.values()),
+                                 launches=sum(n for _, n in kernels.values()),
+                                 top=[(k[:70], round(ms, 3), n) for k, (ms, n) in
+                                      sorted(kernels.items(), key=lambda kv: -kv[1][0])[:6]])
+                if graphs is not None:
+                    entry.update(replays=graphs.replays, failures=list(graphs.failures.values()))
+            except Exception as error:  # noqa: BLE001 - a profile is a diagnostic; the run goes on
+                entry = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            out[f"{variant}/{mode}"] = entry
+    set_variant(model, "stock", schedule)
     return out

@@ -69,8 +69,14 @@ def fresh(inputs: dict) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}
 
 
-def set_variant(model, variant: str, schedule) -> None:
-    if variant == "stock":
+def set_variant(model, variant: str, schedule, prefill_graphs=None) -> None:
+    """Stock or V²Drop. With `prefill_graphs` (v2drop.prefill_graphs) small prefills are replayed
+    from recordings; for stock through v2drop's patched forward with an empty schedule, which runs
+    transformers' own forward."""
+    if prefill_graphs is not None:
+        dropping = schedule if variant == "v2drop" else v2drop.Schedule(layers=(), keep=())
+        v2drop.enable(model, dropping, prefill_graphs=prefill_graphs)
+    elif variant == "stock":
         v2drop.disable(model)
     else:
         v2drop.enable(model, schedule)

@@ -3,6 +3,7 @@
     import v2drop
     s = v2drop.Schedule.for_retention(num_layers=28, retention=0.25)
     v2drop.enable(model, s)          # model.generate(...) as usual
+    v2drop.enable(model, s, prefill_graphs=v2drop.PrefillGraphs())  # CUDA: small prefills replayed as graphs
     v2drop.last_stats(model)         # per-sample token counts, retention, FLOPs (the engine's detail)
     v2drop.prefill_stats(model, ids, mask, marker)  # one VisualStats per sample, stock model too
     v2drop.select_cache_rows(model, cache, index)   # fork a prefilled cache, e.g. per question
@@ -29,6 +30,7 @@ _HOME = {  # public name -> the submodule that defines it
     "disable": "api", "enable": "api", "is_enabled": "api", "last_stats": "api", "schedule_of": "api",
     "select_cache_rows": "api",
     "SelfCheckError": "runtime_check", "SelfCheckResult": "runtime_check", "self_check": "runtime_check",
+    "PrefillGraphs": "prefill_graphs",
     "Schedule": "schedule",
     "VisualStats": "stats", "continued": "stats", "prefill_stats": "stats", "stats_marker": "stats",
 }
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # what the type checker sees (`x as x`: re-exported); at run 
     from v2drop.api import last_stats as last_stats
     from v2drop.api import schedule_of as schedule_of
     from v2drop.api import select_cache_rows as select_cache_rows
+    from v2drop.prefill_graphs import PrefillGraphs as PrefillGraphs
     from v2drop.runtime_check import SelfCheckError as SelfCheckError
     from v2drop.runtime_check import SelfCheckResult as SelfCheckResult
     from v2drop.runtime_check import self_check as self_check

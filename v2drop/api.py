@@ -18,11 +18,12 @@ import torch
 import transformers
 from torch import nn
 
-from v2drop import compat, loop
+from v2drop import compat, loop, prefill_graphs
 from v2drop.adapters import adapter_for
 from v2drop.adapters.base import FamilyAdapter
 from v2drop.drop_record import DropRecord, per_sample_stats
 from v2drop.flops import TextShape
+from v2drop.prefill_graphs import PrefillGraphs
 from v2drop.schedule import Schedule
 from v2drop.select import RowCounts, random_scores, variation_scores
 
@@ -48,6 +49,7 @@ class DropState:
     last_stats: list[dict] = field(default_factory=list)
     # The last dropping prefill's record, turned into last_stats when they are first asked for.
     last_record: DropRecord | None = None
+    prefill_graphs: PrefillGraphs | None = None  # small prefills replayed as CUDA graphs, if given
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache_ref is not None and self.cache_ref() is cache
@@ -57,9 +59,13 @@ SCORERS = ("variation", "random")
 
 
 def enable(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", seed: int = 0,
-           allow_untested: bool = False) -> nn.Module:
+           allow_untested: bool = False, prefill_graphs: PrefillGraphs | None = None) -> nn.Module:
     """Patch `model` to drop visual tokens per `schedule`; returns the model. Idempotent:
-    enabling again replaces the schedule and scorer.
+    enabling again replaces the schedule, scorer and prefill graphs.
+
+    prefill_graphs: `v2drop.prefill_graphs.PrefillGraphs()` replays small unpadded prefills (batch
+    1-4 at 7B shapes) as CUDA graphs, one recording per shape, checked bit for bit against an eager
+    run; with an empty Schedule(layers=(), keep=()) it does so for the stock model's own forward.
 
     scorer "variation" is V²Drop; "random" keeps a seeded random subset at the same schedule,
     the control baseline for benchmarks.
@@ -75,10 +81,11 @@ def enable(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", s
     from v2drop.runtime_check import self_check  # the check patches tiny models through patch()
 
     self_check(model)
-    return patch(model, schedule, scorer=scorer, seed=seed)
+    return patch(model, schedule, scorer=scorer, seed=seed, prefill_graphs=prefill_graphs)
 
 
-def patch(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", seed: int = 0) -> nn.Module:
+def patch(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", seed: int = 0,
+          prefill_graphs: PrefillGraphs | None = None) -> nn.Module:
     """enable() without the version check and the self-check: what the self-check itself runs."""
     adapter = adapter_for(model)
     text_model = adapter.text_model(model)
@@ -86,7 +93,7 @@ def patch(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", se
     schedule.check_depth(text_model.config.num_hidden_layers)
     score = _scorer(scorer, seed, model)
     if (state := getattr(model, _STATE_ATTR, None)) is not None:
-        state.schedule, state.score = schedule, score
+        state.schedule, state.score, state.prefill_graphs = schedule, score, prefill_graphs
         return model
     state = DropState(
         schedule=schedule,
@@ -97,6 +104,7 @@ def patch(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", se
             _record_input_ids(model), with_kwargs=True
         ),
         score=score,
+        prefill_graphs=prefill_graphs,
     )
     setattr(model, _STATE_ATTR, state)
     text_model.forward = types.MethodType(_patched_text_forward(model), text_model)
@@ -210,6 +218,9 @@ def _patched_text_forward(model: nn.Module):
                     return _dropping_prefill(self, state, inputs_embeds, visual, valid, counts,
                                              position_ids, cache, use_cache, kwargs)
             state.cache_ref, state.stage_masks = None, None
+            if state.prefill_graphs is not None:
+                return prefill_graphs.stock_prefill(state.prefill_graphs, self, stock, inputs_embeds, attention_mask,
+                                                    call)
             return stock(inputs_embeds=inputs_embeds, **call)
         if state.owns(cache):
             return _continuation(self, state, inputs_embeds, attention_mask, position_ids,
@@ -232,8 +243,17 @@ def _dropping_prefill(text_model, state, inputs_embeds, visual, valid, counts, p
         cache = loop.DynamicCache(config=text_model.config)
     tokens = loop.initial_token_state(text_model, state.adapter, inputs_embeds, valid, position_ids,
                                       visual, state.adapter.layer_additions(kwargs, inputs_embeds))
-    result = loop.prefill_with_drops(text_model, state.schedule, tokens, counts, cache, use_cache,
-                                     loop.layer_kwargs(kwargs), state.score)
+    layer_kwargs = loop.layer_kwargs(kwargs)
+
+    def run(tokens, cache):
+        return loop.prefill_with_drops(text_model, state.schedule, tokens, counts, cache, use_cache, layer_kwargs,
+                                       state.score)
+
+    if state.prefill_graphs is not None:
+        result = prefill_graphs.dropping_prefill(state.prefill_graphs, text_model, run, tokens, counts, cache,
+                                                 (state.schedule, state.score, use_cache, layer_kwargs))
+    else:
+        result = run(tokens, cache)
     state.last_record = result.record
     logger.debug("v2drop visual tokens per layer: %s", result.record.visual_per_layer)
     state.cache_ref = weakref.ref(cache) if use_cache else None

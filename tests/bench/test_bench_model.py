@@ -57,7 +57,11 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert 0 < static["v2drop"]["kernel_calls"] - static["stock"]["kernel_calls"] <= 5 * (stages - 1)
     prefill = report["prefill_counts"]
     assert prefill["v2drop"]["syncs"] <= prefill["stock"]["syncs"] + 1 and prefill["stock"]["op_calls"] > 0
-    assert report["prefill_profile"] == {}  # CPU: no kernel profile
+    profile = report["prefill_profile"]  # CPU: wall times only, and nothing recorded (no CUDA graphs)
+    assert set(profile) == {"stock/eager", "stock/replayed", "v2drop/eager", "v2drop/replayed"}
+    assert all(p["wall_ms"] > 0 and "kernel_ms" not in p for p in profile.values())
+    assert profile["stock/replayed"]["replays"] == profile["v2drop/replayed"]["replays"] == 0
+    assert "| v2drop/replayed |" in (tmp_path / "model-cpu.md").read_text()
     assert set(report["vision_batch1"]) == {"stock_loop_ms", "batched_unfused_norms_ms", "batched_ms"}
     names = [t["target"] for t in report["targets"]]
     assert any(n.startswith("whole model with V²Drop, best batch") for n in names)  # no auto rows: fixed batches
@@ -154,6 +158,12 @@ def test_fixed_rows_alone_keep_the_best_batch_targets():
     fixed = {t["target"]: t["measured"] for t in model_report.targets([r for r in rows if r["batch"] == 4], 0.5)}
     assert fixed["clips/s V²Drop / stock at batch 4 [static]"] == pytest.approx(40 / 30)
     assert fixed["whole model with V²Drop, best batch, ms/clip (4 tokens) [static]"] == 30.0
+    replayed = "prefill time ratio at batch 1, replayed from CUDA graphs (v2drop.prefill_graphs) [static]"
+    assert replayed not in fixed
+    profile = {"stock/replayed": {"wall_ms": 50.0, "replays": 3}, "v2drop/replayed": {"wall_ms": 15.0, "replays": 3}}
+    assert {t["target"]: t["measured"] for t in model_report.targets(rows, 0.5, profile)}[replayed] == pytest.approx(0.3)
+    profile["v2drop/replayed"]["replays"] = 0  # not recorded: no such figure
+    assert replayed not in {t["target"] for t in model_report.targets(rows, 0.5, profile)}
 
 
 @pytest.mark.parametrize("argv, message", [
