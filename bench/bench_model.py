@@ -208,11 +208,13 @@ def main(argv=None) -> dict:
         for batch, variants, chosen_by in batch_groups(size, auto):
             rows += measure_batch(model, tokenizer, args, schedule, batch, variants, chosen_by)
             report_file.write(stem.with_name(stem.name + "-partial"), {"rows": rows}, "", quiet=True)
-    profile = prefill_profile(model, tokenizer, args, schedule)
     measured = sorted({r["batch"] for r in rows})
     profile_batch = 16 if 16 in measured else measured[0]
+    steps = step_profile(model, tokenizer, args, schedule, profile_batch)
+    machine = hardware(args.device)
+    profile = prefill_profile(model, tokenizer, args, schedule)  # last: it records CUDA graphs of its own
     report = {
-        "hardware": hardware(args.device),
+        "hardware": machine,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out_dir"},
         "weights": "random (seeded); real Qwen2.5-VL architecture",
         "num_params": sum(p.numel() for p in model.parameters()),
@@ -230,7 +232,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "targets": targets(rows, flop_ratio, profile),
         "profile_batch": profile_batch,
-        "step_profile": step_profile(model, tokenizer, args, schedule, profile_batch),
+        "step_profile": steps,
         "wall_s": time.perf_counter() - started,
     }
     report_file.write(stem, report, markdown(report))
