@@ -63,9 +63,10 @@ def enable(model: nn.Module, schedule: Schedule, *, scorer: str = "variation", s
     """Patch `model` to drop visual tokens per `schedule`; returns the model. Idempotent:
     enabling again replaces the schedule, scorer and prefill graphs.
 
-    prefill_graphs: `v2drop.prefill_graphs.PrefillGraphs()` replays small unpadded prefills (batch
-    1-4 at 7B shapes) as CUDA graphs, one recording per shape, checked bit for bit against an eager
-    run; with an empty Schedule(layers=(), keep=()) it does so for the stock model's own forward.
+    prefill_graphs: `v2drop.PrefillGraphs()` replays small unpadded prefills (by default up to
+    8,192 token slots: batch 1-3 of a 2,048-visual-token clip) as CUDA graphs, one recording per
+    shape, checked bit for bit against an eager run; with an empty Schedule(layers=(), keep=()) it
+    does so for the stock model's own forward.
 
     scorer "variation" is V²Drop; "random" keeps a seeded random subset at the same schedule,
     the control baseline for benchmarks.
