@@ -6,15 +6,19 @@ CUDA graphs need a GPU, so the recorder here is `Rerun`: its replay runs the rec
 and writes the results into the recorded output tensors, which is what a CUDA graph replay does
 (kernels reading the fixed input buffers, writing the fixed outputs). Everything around the
 recording (buffers, keys, the cache copied out, the bit check, eviction, fallbacks) is the engine's
-own code; `bench.model_checks.prefill_profile` records real CUDA graphs on a GPU.
+own code; `bench.model_checks.prefill_profile` records real CUDA graphs on a GPU. What a CUDA
+recording cannot hold is counted here instead: the recorded prefill reads nothing back from the
+device and makes no tensor from host data.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import v2drop
+from bench.op_counts import OpCounter
 from v2drop.prefill_graphs import PrefillGraphs, tensors_in
 from vlm import testing as models
 
@@ -44,6 +48,31 @@ class Broken(Rerun):
         for recorded in tensors_in(self.out):
             recorded.zero_()
         return self.out
+
+
+class Watched(Rerun):
+    """Rerun, watching the recording for what a CUDA graph cannot hold: host-device syncs (they fail
+    a recording) and tensors made from host data that hold any (their copy would be frozen into it).
+    DynamicCache makes its empty start tensors from `[]`, which copies nothing."""
+
+    recordings: list[tuple[int, list[int]]] = []  # (syncs, sizes of tensors made from host data)
+
+    def __init__(self, closure) -> None:
+        with OpCounter() as counter, _HostTensors() as made:
+            super().__init__(closure)
+        Watched.recordings.append((counter.syncs, [n for n in made.sizes if n]))
+
+
+class _HostTensors(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.lift_fresh.default:
+            self.sizes.append(out.numel())
+        return out
 
 
 def _visual(family: str) -> models.Visual:
@@ -83,6 +112,16 @@ def test_replayed_prefills_equal_eager_ones_for_new_inputs_of_the_shape(family, 
     assert not torch.equal(eager[0][1], eager[2][1])  # the pixels matter: a stale replay would show
     if dropping:
         assert v2drop.last_stats(model) == eager_stats
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["stock", "v2drop"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_a_recorded_prefill_reads_nothing_back_and_copies_nothing_in(family, dropping):
+    model = models.model(family, num_layers=NUM_LAYERS)
+    v2drop.enable(model, _schedule(dropping), prefill_graphs=PrefillGraphs(recorder=Watched))
+    Watched.recordings.clear()
+    _generate(model, _inputs(family))
+    assert Watched.recordings == [(0, [])]
 
 
 def test_the_stock_forward_replayed_equals_the_unpatched_model():
