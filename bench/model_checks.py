@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import v2drop
 from bench.model_setup import VARIANTS, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
@@ -44,7 +45,10 @@ def check_capture(model, tokenizer, args, schedule) -> str | None:
 
 def vision_loop_vs_batched(model, tokenizer, args) -> dict:
     """The vision tower at batch 1, ms per clip: stock (per-window loop), v2drop.vision's batched
-    sdpa calls with transformers' norms, and with its fused norms (installed last, as it stays)."""
+    sdpa calls with transformers' norms, and with its fused norms (installed last, as it stays).
+    Beside them, what the batched tower computes: its FLOPs per clip (torch's FLOP counter: matrix
+    products and attention) and the rate it reaches, and on CUDA its top kernels: the tower is the
+    largest fixed cost of a V²Drop clip, and these say whether its time goes to arithmetic."""
     clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
     times = {}
     for name, switch in (("stock_loop", vision.uninstall),
@@ -54,6 +58,13 @@ def vision_loop_vs_batched(model, tokenizer, args) -> dict:
         encode(model, clips)  # warm-up
         times[f"{name}_ms"] = statistics.median(timed(lambda: encode(model, clips), args.device)[0]
                                                 for _ in range(max(args.repeats, 1)))
+    with FlopCounterMode(display=False) as flops:
+        encode(model, clips)
+    times["flops_per_clip"] = flops.get_total_flops()
+    times["batched_tflop_per_s"] = times["flops_per_clip"] / times["batched_ms"] / 1e9
+    if args.device.startswith("cuda"):
+        kernels = kernel_ms(lambda: encode(model, clips))
+        times["top"] = [(k[:70], round(ms, 3), n) for k, (ms, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:8]]
     return times
 
 

@@ -109,7 +109,9 @@ def markdown(report: dict) -> str:
         "", f"Vision tower at batch 1: stock per-window loop {v['stock_loop_ms']:.1f} ms, batched sdpa "
         f"{v['batched_unfused_norms_ms']:.1f} ms with transformers' norms and {v['batched_ms']:.1f} ms with fused ones "
         f"({v['stock_loop_ms'] / v['batched_ms']:.2f}x the stock tower, {v['batched_unfused_norms_ms'] / v['batched_ms']:.3f}x "
-        "from the norms).", *fused_step_lines(report["rows"]), "",
+        f"from the norms); it computes {v['flops_per_clip'] / 1e9:.4g} GFLOP per clip, {v['batched_tflop_per_s']:.3g} TFLOP/s"
+        + ("; top kernels (ms, launches): " + "; ".join(f"{k} {ms} x{n}" for k, ms, n in v["top"]) if v.get("top") else "")
+        + ".", *fused_step_lines(report["rows"]), "",
         "One decode step at batch 1 (aten calls / of them kernels, i.e. not views / host-device syncs): generate() "
         + ", ".join(f"{name} {n['op_calls']} / {n['kernel_calls']} / {n['syncs']}" for name, n in c.items())
         + "; the static engine's step " + ", ".join(

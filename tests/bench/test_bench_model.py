@@ -62,7 +62,15 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert all(p["wall_ms"] > 0 and "kernel_ms" not in p for p in profile.values())
     assert profile["stock/replayed"]["replays"] == profile["v2drop/replayed"]["replays"] == 0
     assert "| v2drop/replayed |" in (tmp_path / "model-cpu.md").read_text()
-    assert set(report["vision_batch1"]) == {"stock_loop_ms", "batched_unfused_norms_ms", "batched_ms"}
+    vision_batch1 = report["vision_batch1"]  # CPU: no kernel profile ("top")
+    assert set(vision_batch1) == {"stock_loop_ms", "batched_unfused_norms_ms", "batched_ms", "flops_per_clip",
+                                  "batched_tflop_per_s"}
+    tower = build_model(bench_model.parse_args(TOY))[0].model.visual
+    linear = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    patches = 2 * 8 * 12  # each is embedded and meets every block's linear layers once; the merger one per 4
+    weights = tower.patch_embed.proj.weight.numel() + linear(tower.blocks) + linear(tower.merger) // 4
+    assert 2 * patches * weights <= vision_batch1["flops_per_clip"] <= 1.5 * 2 * patches * weights  # + attention
+    assert vision_batch1["batched_tflop_per_s"] == pytest.approx(vision_batch1["flops_per_clip"] / vision_batch1["batched_ms"] / 1e9)
     names = [t["target"] for t in report["targets"]]
     assert any(n.startswith("whole model with V²Drop, best batch") for n in names)  # no auto rows: fixed batches
     assert any(n.startswith("clips/s V²Drop / stock at batch 2") for n in names)
