@@ -45,14 +45,15 @@ def check_capture(model, tokenizer, args, schedule) -> str | None:
 
 def vision_loop_vs_batched(model, tokenizer, args) -> dict:
     """The vision tower at batch 1, ms per clip: stock (per-window loop), v2drop.vision's batched
-    sdpa calls with transformers' norms, and with its fused norms (installed last, as it stays).
+    sdpa calls with transformers' norms and rotary, and with its fused norms and fewer-pass rotary
+    (installed last, as it stays).
     Beside them, what the batched tower computes: its FLOPs per clip (torch's FLOP counter: matrix
     products and attention) and the rate it reaches, and on CUDA its top kernels: the tower is the
     largest fixed cost of a V²Drop clip, and these say whether its time goes to arithmetic."""
     clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
     times = {}
     for name, switch in (("stock_loop", vision.uninstall),
-                         ("batched_unfused_norms", lambda m: vision.install(m, fused_norms=False)),
+                         ("batched_unfused", lambda m: vision.install(m, fused=False)),
                          ("batched", vision.install)):
         switch(model)
         encode(model, clips)  # warm-up

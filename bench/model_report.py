@@ -107,9 +107,9 @@ def markdown(report: dict) -> str:
     c = report["decode_step_counts"]
     lines += [
         "", f"Vision tower at batch 1: stock per-window loop {v['stock_loop_ms']:.1f} ms, batched sdpa "
-        f"{v['batched_unfused_norms_ms']:.1f} ms with transformers' norms and {v['batched_ms']:.1f} ms with fused ones "
-        f"({v['stock_loop_ms'] / v['batched_ms']:.2f}x the stock tower, {v['batched_unfused_norms_ms'] / v['batched_ms']:.3f}x "
-        f"from the norms); it computes {v['flops_per_clip'] / 1e9:.4g} GFLOP per clip, {v['batched_tflop_per_s']:.3g} TFLOP/s"
+        f"{v['batched_unfused_ms']:.1f} ms with transformers' norms and rotary and {v['batched_ms']:.1f} ms with v2drop's "
+        f"({v['stock_loop_ms'] / v['batched_ms']:.2f}x the stock tower, {v['batched_unfused_ms'] / v['batched_ms']:.3f}x "
+        f"from those); it computes {v['flops_per_clip'] / 1e9:.4g} GFLOP per clip, {v['batched_tflop_per_s']:.3g} TFLOP/s"
         + ("; top kernels (ms, launches): " + "; ".join(f"{k} {ms} x{n}" for k, ms, n in v["top"]) if v.get("top") else "")
         + ".", *fused_step_lines(report["rows"]), "",
         "One decode step at batch 1 (aten calls / of them kernels, i.e. not views / host-device syncs): generate() "

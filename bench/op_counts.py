@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -40,6 +41,7 @@ class OpCounter:
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self.syncs = 0
+        self.bytes = 0  # read and written by the calls that launch kernels (`bytes_touched`)
         self.reading = 0  # depth of Python host reads in progress
         self.fused = 0  # depth of FUSED_ON_CUDA calls in progress: their aten calls are not counted
         self._modes = (_PythonReads(self), _AtenCalls(self))
@@ -93,7 +95,18 @@ class _AtenCalls(TorchDispatchMode):
         self.counter.calls[name] += 1
         if name in DATA_DEPENDENT_OPS or (name == SCALAR_READ and not self.counter.reading):
             self.counter.syncs += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if name not in VIEW_OPS:
+            self.counter.bytes += bytes_touched((args, kwargs, out))
+        return out
+
+
+def bytes_touched(tree) -> int:
+    """The bytes of the tensors in `tree` (a call's inputs and outputs): what the kernel reads and
+    writes, counting each broadcast or sliced input at the smaller of its view and its storage. An
+    estimate of memory traffic that caches and fusion can only lower."""
+    tensors = [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    return sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors)
 
 
 @dataclass(frozen=True)

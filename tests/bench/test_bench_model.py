@@ -63,7 +63,7 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert profile["stock/replayed"]["replays"] == profile["v2drop/replayed"]["replays"] == 0
     assert "| v2drop/replayed |" in (tmp_path / "model-cpu.md").read_text()
     vision_batch1 = report["vision_batch1"]  # CPU: no kernel profile ("top")
-    assert set(vision_batch1) == {"stock_loop_ms", "batched_unfused_norms_ms", "batched_ms", "flops_per_clip",
+    assert set(vision_batch1) == {"stock_loop_ms", "batched_unfused_ms", "batched_ms", "flops_per_clip",
                                   "batched_tflop_per_s"}
     tower = build_model(bench_model.parse_args(TOY))[0].model.visual
     linear = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))

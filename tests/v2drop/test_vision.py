@@ -7,6 +7,8 @@ segments of different lengths. A tower of 4 blocks with full attention in blocks
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -86,8 +88,36 @@ def test_install_fuses_the_tower_norms_only_and_uninstall_puts_them_back():
         assert counter.calls["aten._fused_rms_norm"] == len(norms)
     vision.uninstall(model)
     assert all("forward" not in n.__dict__ for n in norms)
-    vision.install(model, fused_norms=False)  # bench_model's batched tower with transformers' norms
+    vision.install(model, fused=False)  # bench_model's batched tower with transformers' norms and rotary
     assert all("forward" not in n.__dict__ for n in norms)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_the_fewer_pass_rotary_is_transformers_bit_for_bit(family):
+    module = sys.modules[type(vision.vision_attention_modules(_tower(family))[0]).__module__]
+    assert vision.same_vision_rotary(module.apply_rotary_pos_emb_vision)
+    gen = torch.Generator().manual_seed(1)  # a block's shapes: [S, 2, H, d] q and k, bf16, and float32 cos/sin
+    qk = torch.randn(512, 2, 16, 80, generator=gen).bfloat16()
+    cos, sin = torch.randn(512, 80, generator=gen), torch.randn(512, 80, generator=gen)
+    ours = vision.rotary_in_fewer_passes(qk, *vision.signed_rotary(cos, sin))
+    theirs = module.apply_rotary_pos_emb_vision(qk[:, 0], qk[:, 1], cos, sin)
+    assert torch.equal(ours[:, 0], theirs[0]) and torch.equal(ours[:, 1], theirs[1])
+
+
+def test_the_fused_tower_is_the_unfused_one_bit_for_bit_with_fewer_kernels_and_bytes():
+    """float32 on CPU: the fused norms and the fewer-pass rotary give the same bits (see v2drop.kernels)."""
+    model, grids = _tower("qwen2_5_vl"), [(2, 16, 16)]
+    counts, outputs = {}, {}
+    for fused in (False, True):
+        vision.uninstall(model)
+        vision.install(model, fused=fused)
+        with OpCounter() as counts[fused]:
+            outputs[fused] = _encode(model, grids)
+    assert torch.equal(outputs[True], outputs[False])
+    blocks = 4
+    assert counts[True].calls["aten.neg"] == 1  # the signed sin, once per forward; transformers: q and k per block
+    assert counts[False].calls["aten.neg"] >= 2 * blocks
+    assert counts[True].bytes < 0.9 * counts[False].bytes
 
 
 def test_install_leaves_eager_towers_and_llava_alone():
