@@ -114,8 +114,8 @@ def rotary_in_fewer_passes(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torc
     rotate_half(x) = cat(-x2, x1), and casts back. `qk * cos` computes the same products without
     the copies (bf16 -> float32 is exact, and the product promotes), and rotate_half(x) * sin is
     x.roll(d / 2) * signed_sin: cat(x2, x1) times sin with its first half negated, where (-a) * b
-    and a * (-b) round alike. On a 16-clip batch at 7B shapes that is ~1/3 fewer bytes moved per
-    block (q and k are [131,072, 16, 80] float32 there, 671 MB each)."""
+    and a * (-b) round alike: about a third fewer bytes read and written by the rotary (q and k
+    of a 16-clip batch at 7B shapes are [131,072, 16, 80], 671 MB each in float32)."""
     cos, signed_sin = cos[:, None, None, :], signed_sin[:, None, None, :]
     return (qk * cos + qk.roll(qk.shape[-1] // 2, dims=-1) * signed_sin).to(qk.dtype)
 
