@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 # Bump when a change to the engine can change its outputs for the same model and inputs: rows
 # written by another engine version are redone on resume (workers.provenance.engine_fingerprint).
-# 3: the vision tower's batched window attention and fused RMSNorms (v2drop.vision), which came
-# after 2 and round differently (about 1e-5 in float32, one unit in the last place in bf16).
+# 3: the vision tower's batched window attention, fused RMSNorms and patch embedding as a matrix
+# product (v2drop.vision), which came after 2 and round differently (about 1e-5 in float32, one
+# unit in the last place in bf16).
 ENGINE_VERSION = "3"
 
 _HOME = {  # public name -> the submodule that defines it

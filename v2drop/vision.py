@@ -17,8 +17,9 @@ one gather. The grouping costs one sync and is computed once per distinct `cu_se
 
 `install(model)` swaps the forward of each vision-attention module (an instance attribute; the
 class and other models are untouched), for towers that run on sdpa, and runs the tower's RMSNorms
-as one fused kernel each (v2drop.kernels.fused_rms_norm: the same bits in float32) and its rotary
-embedding in fewer passes (`rotary_in_fewer_passes`: the same bits). flash-attn stays an option:
+as one fused kernel each (v2drop.kernels.fused_rms_norm: the same bits in float32), its rotary
+embedding in fewer passes (`rotary_in_fewer_passes`: the same bits) and its patch embedding's
+Conv3d as one matrix product (`linear_patch_embed`). flash-attn stays an option:
 with it the stock varlen path is kept. LLaVA-OneVision's SigLIP tower already runs its frames as
 one batch and is left alone.
 """
@@ -173,9 +174,10 @@ def vision_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def install(model: nn.Module, fused: bool = True) -> int:
-    """Batch the vision tower's attention windows and fuse its norms (sdpa towers only). Returns
-    how many attention modules were switched (0 for towers without segment loops, or not on
-    sdpa). Idempotent. fused=False keeps transformers' norms and rotary (for benchmarks)."""
+    """Batch the vision tower's attention windows, fuse its norms, rotate in fewer passes and embed
+    patches with one matrix product (sdpa towers only). Returns how many attention modules were
+    switched (0 for towers without segment loops, or not on sdpa). Idempotent. fused=False keeps
+    transformers' norms, rotary and Conv3d (for benchmarks)."""
     modules = [m for m in vision_attention_modules(model) if m.config._attn_implementation == "sdpa"]
     groups = _ByIdentity(segment_groups)  # one per model: every block sees the same objects
     rotaries = _ByIdentity(lambda position_embeddings: signed_rotary(*position_embeddings))
@@ -186,6 +188,8 @@ def install(model: nn.Module, fused: bool = True) -> int:
         setattr(module, _INSTALLED_ATTR, True)
     for norm in tower_norms(model) if modules and fused else []:
         fuse(norm)
+    for embed in patch_embeddings(model) if modules and fused else []:
+        embed.forward = types.MethodType(linear_patch_embed, embed)
     return len(modules)
 
 
@@ -198,6 +202,31 @@ def uninstall(model: nn.Module) -> None:
     for norm in tower_norms(model):
         if is_fused(norm):
             del norm.forward
+    for embed in patch_embeddings(model):
+        if getattr(embed.__dict__.get("forward"), "__func__", None) is linear_patch_embed:
+            del embed.forward
+
+
+def patch_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The Qwen towers' patch embeddings (`<tower>.patch_embed`) whose Conv3d does not overlap its
+    patches (kernel = stride, no padding, dilation or groups): a linear map of each flat patch."""
+    return [m for name, m in model.named_modules() if name.endswith("patch_embed")
+            and isinstance(conv := getattr(m, "proj", None), nn.Conv3d) and conv.stride == conv.kernel_size
+            and conv.padding == (0, 0, 0) and conv.dilation == (1, 1, 1) and conv.groups == 1]
+
+
+def linear_patch_embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A patch embedding's forward with its Conv3d as the matrix product it is: [patches, C*T*P*P]
+    times the weight viewed as [D, C*T*P*P] (no copy; checkpoints keep the Conv3d). cuDNN has no
+    good algorithm for a convolution whose kernel covers its whole input: reported 10-60x slower
+    than this product on H20 and H100, seconds per call on Blackwell in bf16 (transformers #45750,
+    sglang-omni #132); vLLM does the same, and transformers offers it as
+    `from_pretrained(..., fusion_config={"patch_embeddings": True})`, which registers class patches
+    for the whole process at load, where this works on any built model, random ones included.
+    A different kernel: it rounds differently from the convolution (about 1e-6 in float32)."""
+    weight = self.proj.weight
+    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return F.linear(flat, weight.view(weight.shape[0], -1), self.proj.bias)
 
 
 def tower_norms(model: nn.Module) -> list[nn.Module]:
