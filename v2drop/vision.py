@@ -218,9 +218,9 @@ def patch_embeddings(model: nn.Module) -> list[nn.Module]:
 def linear_patch_embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """A patch embedding's forward with its Conv3d as the matrix product it is: [patches, C*T*P*P]
     times the weight viewed as [D, C*T*P*P] (no copy; checkpoints keep the Conv3d). cuDNN has no
-    good algorithm for a convolution whose kernel covers its whole input: reported 10-60x slower
-    than this product on H20 and H100, seconds per call on Blackwell in bf16 (transformers #45750,
-    sglang-omni #132); vLLM does the same, and transformers offers it as
+    good algorithm for a convolution whose kernel covers its whole input: reported 11-18x slower
+    than this product on an H20 (sglang-omni #132), ~62x on other set-ups and ~50,000x on Blackwell
+    in bf16 (transformers #45750); vLLM does the same, and transformers offers it as
     `from_pretrained(..., fusion_config={"patch_embeddings": True})`, which registers class patches
     for the whole process at load, where this works on any built model, random ones included.
     A different kernel: it rounds differently from the convolution (about 1e-6 in float32)."""
