@@ -37,6 +37,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from v2drop import compat, loop
+from v2drop.cuda_graphs import CudaGraph, on_side_stream
 from v2drop.select import RowCounts, variation_scores
 from v2drop.tokens import TokenState
 
@@ -82,22 +83,6 @@ def same_bits(a: Any, b: Any) -> bool:
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [] if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
-
-
-class CudaGraph:
-    """`closure()` recorded as one torch.cuda.CUDAGraph (recording runs nothing); replay() runs its
-    kernels again on the same memory and returns the recorded outputs, now holding the new values."""
-
-    device_type = "cuda"
-
-    def __init__(self, closure: Callable[[], Any]) -> None:
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = closure()
-
-    def replay(self) -> Any:
-        self.graph.replay()
-        return self.out
 
 
 @dataclasses.dataclass
@@ -172,12 +157,7 @@ def _warm_up(fn: PrefillFn, inputs: Any, cache) -> Any:
     lazy set-up done away from the stream it records on."""
     if not (tensors := tensors_in(inputs)) or tensors[0].device.type != "cuda":
         return fn(inputs, cache)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = fn(inputs, cache)
-    torch.cuda.current_stream().wait_stream(side)
-    return out
+    return on_side_stream(lambda: fn(inputs, cache))
 
 
 def dropping_prefill(graphs: PrefillGraphs, text_model, run: PrefillFn, tokens: TokenState, counts: RowCounts,

@@ -43,6 +43,7 @@ import torch
 from v2drop import key_masks
 from v2drop.adapters import adapter_for
 from v2drop.compat import cache_kwarg, output_cache
+from v2drop.cuda_graphs import CudaGraph, on_side_stream
 from v2drop.kernels import step_kernels
 from v2drop.loop import rotary
 from v2drop.stage_cache import StaticState, select_rows, static_state
@@ -156,31 +157,25 @@ class CapturedStep:
         if not torch.cuda.is_available() or state.next_positions.device.type != "cuda":
             raise ValueError("capture=True needs the model on a CUDA device; use capture=False on CPU")
         self.args, self.fn = (model, text_model, state), fn
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.recording: CudaGraph | None = None
         self.token: torch.Tensor | None = None
         self.t = torch.zeros((), dtype=torch.long, device=state.next_positions.device)
-        self.out: torch.Tensor | None = None
 
     def __call__(self, token: torch.Tensor, t: int) -> torch.Tensor:
-        if self.graph is None:
+        if self.recording is None:
             return self._warm_up_and_capture(token, t)
-        assert self.token is not None and self.out is not None  # set by the capture
+        assert self.token is not None  # set by the capture
         self.token.copy_(token)
         self.t.fill_(t)
-        self.graph.replay()
-        return self.out
+        return self.recording.replay()
 
     def _warm_up_and_capture(self, token: torch.Tensor, t: int) -> torch.Tensor:
         self.token = token.clone()
         self.t.fill_(t)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # the real step t, also warming up kernels and workspaces
-            first = self.fn(*self.args, self.token, self.t).clone()  # compiles here when compiled
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records only: cache counters and masks do not move
-            self.out = self.fn(*self.args, self.token, self.t)
+        # the real step t, also warming up kernels and workspaces (and compiling, when compiled)
+        first = on_side_stream(lambda: self.fn(*self.args, self.token, self.t).clone())
+        # records only: cache counters and masks do not move
+        self.recording = CudaGraph(lambda: self.fn(*self.args, self.token, self.t))
         return first
 
 
