@@ -181,11 +181,11 @@ def stock_prefill(graphs: PrefillGraphs, text_model, stock_forward, inputs_embed
     replayed when it can be recorded: small and unpadded. The one sync that finds out there is no
     padding is the stock forward's own; the recording then runs without a mask, where transformers
     would read an all-ones one back from the device."""
-    valid = loop.valid_tokens(inputs_embeds, attention_mask)
     cache = compat.pop_cache(dict(call))
     use_cache = text_model.config.use_cache if call["use_cache"] is None else call["use_cache"]
-    if (not graphs.wants(inputs_embeds.device, valid.numel()) or not isinstance(cache, DynamicCache | None)
-            or not bool(valid.all())):
+    if (not graphs.wants(inputs_embeds.device, inputs_embeds.shape[0] * inputs_embeds.shape[1])
+            or not isinstance(cache, DynamicCache | None)
+            or (attention_mask is not None and not bool(loop.valid_tokens(inputs_embeds, attention_mask).all()))):
         return stock_forward(inputs_embeds=inputs_embeds, **call)
     if use_cache and cache is None:
         cache = DynamicCache(config=text_model.config)
