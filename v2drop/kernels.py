@@ -129,9 +129,17 @@ def fused_rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
+_FUSED_FORWARD = "_v2drop_fused_forward"
+
+
 def fuse(norm: nn.Module) -> None:
-    """`norm` computes with `fused_rms_norm`: an instance attribute that shadows its class's forward."""
-    norm.forward = partial(fused_rms_norm, norm)
+    """`norm` computes with `fused_rms_norm`: an instance attribute that shadows its class's forward.
+    The same callable each time: torch.compile guards on it, and torch 2.11's dynamo recompiled the
+    compiled step on every call when each call's step fused the norms with new ones ("Cache line
+    invalidated because ... input_layernorm.forward got deallocated")."""
+    if _FUSED_FORWARD not in norm.__dict__:
+        setattr(norm, _FUSED_FORWARD, partial(fused_rms_norm, norm))
+    norm.forward = norm.__dict__[_FUSED_FORWARD]
 
 
 def is_fused(norm: nn.Module) -> bool:

@@ -36,6 +36,18 @@ def test_every_text_norm_is_found_and_put_back(family):
     assert all("forward" not in n.__dict__ for n in norms)  # the class's forward again
 
 
+def test_each_step_fuses_a_norm_with_the_same_callable():
+    """torch.compile guards on the norms' forward objects: new ones at each call's step made torch
+    2.11 recompile the compiled step on every call (its guard saw the old ones deallocated)."""
+    _, text_model = _text_model("qwen2_5_vl")
+    norm = text_model.layers[0].input_layernorm
+    with kernels.fused_rms_norms(text_model):
+        first = norm.forward
+    assert "forward" not in norm.__dict__
+    with kernels.fused_rms_norms(text_model):
+        assert norm.forward is first and kernels.is_fused(norm)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_fused_norm_is_transformers_norm(family):
     """float32: the same bits (torch decomposes it into transformers' operations on CPU). bf16:
