@@ -6,7 +6,8 @@
 # Each builds a fresh venv in a temp dir from a resolution by uv (`uv pip compile`; lowest-direct
 # is uv's own mode, which pip lacks), installs the project into it and runs the test command's
 # pytest line with it. The oldest transformers beside it comes from .venv (scripts/setup.sh).
-# uv downloads torch's CUDA build from the package index: several GB per run.
+# uv downloads torch's CUDA build from the package index: several GB per run. PYTHON_VERSION
+# (default 3.11) picks the interpreter, which uv must find on the machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case "${1:-}" in
@@ -14,13 +15,14 @@ case "${1:-}" in
   newest) resolution=highest ;;
   *) echo "usage: bash scripts/range.sh lowest|newest" >&2; exit 2 ;;
 esac
+python=${PYTHON_VERSION:-3.11}
 source scripts/setup.sh  # .venv/transformers-oldest, for the suite's version-range test
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT  # several GB, passed or not
 python -m venv "$work/uv" && "$work/uv/bin/pip" install -q uv
 uv="$work/uv/bin/uv"
-"$uv" pip compile -q --no-header --resolution "$resolution" --python-version 3.11 --extra dev pyproject.toml -o "$work/pins.txt"
-"$uv" venv -q --seed -p 3.11 "$work/venv"
+"$uv" pip compile -q --no-header --resolution "$resolution" --python-version "$python" --extra dev pyproject.toml -o "$work/pins.txt"
+"$uv" venv -q --seed -p "$python" "$work/venv"
 "$uv" pip install -q -p "$work/venv" -r "$work/pins.txt"
 "$uv" pip install -q -p "$work/venv" --no-deps -e .
 "$work/venv/bin/python" -c "import torch, torchvision, transformers, numpy
