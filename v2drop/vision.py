@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v2drop.kernels import fuse, is_fused, rms_norms
+from v2drop.kernels import ByIdentity, fuse, is_fused, negate_first_half, rms_norms
 from vlm.families import FAMILIES
 
 # Vision-attention classes whose forward this module reproduces: the family table's
@@ -102,8 +100,7 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def signed_rotary(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin with its first half negated), float32: what `rotary_in_fewer_passes` multiplies by."""
-    half = sin.shape[-1] // 2
-    return cos.float(), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).float()
+    return cos.float(), negate_first_half(sin).float()
 
 
 def rotary_in_fewer_passes(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -134,25 +131,7 @@ def same_vision_rotary(original) -> bool:
     return True
 
 
-class _ByIdentity:
-    """`make(obj)` for the last two objects seen, keyed by identity: the tower passes the same
-    objects to every block (the window and frame `cu_seqlens` tensors, one (cos, sin) tuple). The
-    objects are held, so an id cannot be reused while cached."""
-
-    def __init__(self, make: Callable[[Any], Any]) -> None:
-        self.make = make
-        self.entries: list[tuple[Any, Any]] = []
-
-    def get(self, obj: Any) -> Any:
-        for seen, value in self.entries:
-            if seen is obj:
-                return value
-        value = self.make(obj)
-        self.entries = [*self.entries[-1:], (obj, value)]
-        return value
-
-
-def _batched_forward(rotary, groups: _ByIdentity, rotaries: _ByIdentity | None):
+def _batched_forward(rotary, groups: ByIdentity, rotaries: ByIdentity | None):
     """The attention forward: rotary in fewer passes where `rotaries` is given (the family's
     function passed `same_vision_rotary`), else the family's own; segments grouped by length."""
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
@@ -179,8 +158,8 @@ def install(model: nn.Module, fused: bool = True) -> int:
     switched (0 for towers without segment loops, or not on sdpa). Idempotent. fused=False keeps
     transformers' norms, rotary and Conv3d (for benchmarks)."""
     modules = [m for m in vision_attention_modules(model) if m.config._attn_implementation == "sdpa"]
-    groups = _ByIdentity(segment_groups)  # one per model: every block sees the same objects
-    rotaries = _ByIdentity(lambda position_embeddings: signed_rotary(*position_embeddings))
+    groups = ByIdentity(segment_groups)  # one per model: every block sees the same objects
+    rotaries = ByIdentity(lambda position_embeddings: signed_rotary(*position_embeddings))
     for module in modules:
         rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         fewer_passes = rotaries if fused and same_vision_rotary(rotary) else None

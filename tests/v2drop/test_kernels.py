@@ -75,7 +75,7 @@ def test_a_weight_of_another_dtype_keeps_transformers_promotion():
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_the_static_step_launches_one_kernel_per_norm_and_one_rotary_pass_per_layer(family):
+def test_the_static_step_launches_one_kernel_per_norm_one_rotary_pass_per_layer_and_one_sign_per_step(family):
     model, text_model = _text_model(family)
     visual = models.Visual("video", (2, 8, 8))
     inputs = models.batch(family, [models.Sample("Describe.", visual)])
@@ -85,7 +85,8 @@ def test_the_static_step_launches_one_kernel_per_norm_and_one_rotary_pass_per_la
         assert counts["aten._fused_rms_norm"] == norms and "aten.rsqrt" not in counts
     else:
         assert counts["aten.rsqrt"] == norms
-    assert counts["aten.neg"] == NUM_LAYERS  # rotate_half once per layer: q and k in one pass
+    assert counts["aten.neg"] == 1  # sin's signed copy, once per step, not rotate_half's in each layer
+    assert counts["aten.roll"] == NUM_LAYERS  # q and k rotated in one pass per layer
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -113,6 +114,20 @@ def test_the_one_pass_rotary_takes_the_heads_where_cos_broadcasts():
     cos, sin = (torch.randn(3, 5, 16, generator=gen) for _ in range(2))
     ours, theirs = kernels.rotary_in_one_pass(q, k, cos, sin, 2), apply_rotary_pos_emb(q, k, cos, sin, 2)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_the_one_pass_rotary_signs_each_sin_it_is_given():
+    """sin's signed copy is kept by identity: the next step's sin, or one seen two steps before,
+    each gets its own."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, h, 1, 16, generator=gen) for h in (8, 2))
+    cos = torch.randn(2, 1, 16, generator=gen)
+    sins = [torch.randn(2, 1, 16, generator=gen) for _ in range(3)]
+    for sin in (sins[0], sins[0], sins[1], sins[2], sins[0], sins[1]):
+        ours, theirs = kernels.rotary_in_one_pass(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_a_rotary_of_another_form_is_left_in_place(monkeypatch):
