@@ -202,7 +202,7 @@ def rotary_in_one_pass(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     q * cos + rotate_half(q) * sin, with rotate_half(q) * sin as q.roll(d / 2) times sin's signed
     copy (`negate_first_half`), which is made once per sin tensor instead of negating q and k in
     every layer. Under torch.compile, which fuses the negation into its kernel anyway, it is made
-    in place (dynamo would guard on the cache's entries). The heads sit where cos and sin
+    on each call (dynamo would guard on the cache's entries). The heads sit where cos and sin
     broadcast (`unsqueeze_dim`: q [B, H, S, D] with 1, the default; [B, S, H, D] with 2)."""
     signed = negate_first_half(sin) if torch.compiler.is_compiling() else _SIGNED_SINS.get(sin)
     cos, signed = cos.unsqueeze(unsqueeze_dim), signed.unsqueeze(unsqueeze_dim)
