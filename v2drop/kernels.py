@@ -192,6 +192,12 @@ def negate_first_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., :half], x[..., half:]), dim=-1)
 
 
+def rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, given sin's signed copy (`negate_first_half`): one roll
+    where rotate_half negates and concatenates."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
 # Every layer of a step gets the same sin tensor: its signed copy is made once, not once per layer.
 _SIGNED_SINS = ByIdentity(negate_first_half)
 
@@ -207,7 +213,7 @@ def rotary_in_one_pass(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     signed = negate_first_half(sin) if torch.compiler.is_compiling() else _SIGNED_SINS.get(sin)
     cos, signed = cos.unsqueeze(unsqueeze_dim), signed.unsqueeze(unsqueeze_dim)
     both = torch.cat((q, k), dim=unsqueeze_dim)
-    out = both * cos + both.roll(both.shape[-1] // 2, dims=-1) * signed
+    out = rotate_signed(both, cos, signed)
     heads = q.shape[unsqueeze_dim]
     return out.narrow(unsqueeze_dim, 0, heads), out.narrow(unsqueeze_dim, heads, k.shape[unsqueeze_dim])
 

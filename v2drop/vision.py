@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v2drop.kernels import ByIdentity, fuse, is_fused, negate_first_half, rms_norms
+from v2drop.kernels import ByIdentity, fuse, is_fused, negate_first_half, rms_norms, rotate_signed
 from vlm.families import FAMILIES
 
 # Vision-attention classes whose forward this module reproduces: the family table's
@@ -115,7 +115,7 @@ def rotary_in_fewer_passes(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torc
     and a * (-b) round alike: about a third fewer bytes read and written by the rotary (q and k
     of a 16-clip batch at 7B shapes are [131,072, 16, 80], 671 MB each in float32)."""
     cos, signed_sin = cos[:, None, None, :], signed_sin[:, None, None, :]
-    return (qk * cos + qk.roll(qk.shape[-1] // 2, dims=-1) * signed_sin).to(qk.dtype)
+    return rotate_signed(qk, cos, signed_sin).to(qk.dtype)
 
 
 @cache
