@@ -2,8 +2,8 @@
 
     python -m bench.bench_model --seven-b --device cuda --dtype bfloat16     # one GPU, < 8 min
     python -m bench.bench_model --batch-sizes 1 4 --new-tokens 8 --grid 2 16 16   # CPU, small
-    python -m bench.bench_model --seven-b --device cuda --dtype bfloat16 \
-        --batch-sizes 1 16 auto --engines static --new-tokens 256            # the engine's batches, ~6 min
+    python -m bench.bench_model --seven-b --device cuda --dtype bfloat16 --new-tokens 256 \
+        --batch-sizes 16 1 auto --engines static static-unfused@16 compiled@16   # the engine's batches
 
 A Qwen2.5-VL with random weights and the real architecture; `--seven-b` gives Qwen2.5-VL-7B's
 shapes (LLM 7.6 B, vision tower 0.68 B), built on the device. Needs only torch, transformers and
@@ -34,6 +34,8 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
   each on a GPU, so it is not in the default run). `--engines ... static-unfused` adds the static
   engine with transformers' own RMSNorms and rotary in its step, and the vision tower is timed
   batched with transformers' norms too: what v2drop.kernels' fused ones buy, side by side.
+  `ENGINE@BATCH` runs an engine at that one fixed batch only, beside the others: a comparison
+  (the report sets each beside `static`), while the targets read an engine run at every batch.
 
 Variants run interleaved and the median of `--repeats` is reported, after one warm-up round.
 Writes bench/results/model-<device>[-7b].json and .md (or into --out-dir). The model and clips
@@ -54,7 +56,7 @@ import torch
 import v2drop
 from bench import report as report_file
 from bench.bench_v2drop import hardware
-from bench.engine_batch import AUTO, MAX_AUTO_BATCH, batch_groups, batch_size_arg, budget_bytes, engine_batches
+from bench.engine_batch import AUTO, FIXED, MAX_AUTO_BATCH, batch_groups, batch_size_arg, budget_bytes, engine_batches
 from bench.model_checks import (
     check_capture,
     prefill_flop_ratio,
@@ -64,13 +66,21 @@ from bench.model_checks import (
     vision_loop_vs_batched,
 )
 from bench.model_report import markdown, targets
-from bench.model_setup import build_model, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
+from bench.model_setup import (
+    ENGINES,
+    build_model,
+    clip_batch,
+    encode,
+    engine_arg,
+    engine_batch,
+    engines_at,
+    fresh,
+    run_generate,
+    set_variant,
+    text_inputs,
+)
 from bench.report import timed
 
-ENGINES = ("dynamic", "static")  # the default run (under 8 minutes on one H200)
-# compiled: the static step through torch.compile (compiles once per batch size); static-unfused: the
-# static step with transformers' own RMSNorm and rotary (v2drop.kernels), to time them side by side
-ENGINE_CHOICES = (*ENGINES, "compiled", "static-unfused")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -98,9 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINE_CHOICES,
-                   help="dynamic: generate() on a DynamicCache; static: v2drop.static_decode; "
-                        "compiled: static with its step through torch.compile")
+    p.add_argument("--engines", type=engine_arg, nargs="+", default=ENGINES,
+                   help="dynamic: generate() on a DynamicCache; static: v2drop.static_decode; compiled: static "
+                        "with its step through torch.compile; static-unfused: static with transformers' norms and "
+                        "rotary; ENGINE@BATCH: that engine at that one fixed batch size only")
     p.add_argument("--capture", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the static decode step as a CUDA graph; default: on CUDA")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -113,6 +124,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--memory-budget-gib must be > 0, got {args.memory_budget_gib}")
     if args.max_auto_batch < 1:
         p.error(f"--max-auto-batch must be >= 1, got {args.max_auto_batch}")
+    names = [spec.partition("@")[0] for spec in args.engines]
+    if len(set(names)) < len(names):
+        p.error(f"--engines names an engine twice: {' '.join(args.engines)}")
+    if all(engine_batch(spec) is not None for spec in args.engines):
+        p.error("--engines needs one engine without '@BATCH' (the targets read an engine run at every batch)")
+    for spec in args.engines:
+        if engine_batch(spec) not in (None, *args.batch_sizes):
+            p.error(f"--engines {spec}: its batch is not in --batch-sizes")
     if AUTO in args.batch_sizes and args.memory_budget_gib is None and not args.device.startswith("cuda"):
         p.error(f"--batch-sizes {AUTO} on {args.device} needs --memory-budget-gib (only CUDA has a free-memory figure)")
     return args
@@ -135,13 +154,14 @@ def measure_batch(model, tokenizer, args, schedule, batch: int, variants: tuple[
     clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
     vision_ms, encoded = timed_median(lambda: encode(model, clips), args.repeats, args.device)
     inputs = text_inputs(clips, encoded)
+    engines = engines_at(args.engines, batch if chosen_by == FIXED else None)
     rows = []
     for variant in variants:
         set_variant(model, variant, schedule)
         prefill_ms, _ = timed_median(lambda: model(**fresh(inputs), use_cache=True, logits_to_keep=1),
                                      args.repeats, args.device)
         tokens_by_engine = {}
-        for engine in args.engines:
+        for engine in engines:
             for new_tokens in args.new_tokens:
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
@@ -152,7 +172,7 @@ def measure_batch(model, tokenizer, args, schedule, batch: int, variants: tuple[
                 rows.append(row(variant, engine, batch, chosen_by, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes))
                 tokens_by_engine[engine, new_tokens] = tokens
                 print(f"{variant} {engine} batch {batch} {new_tokens} tokens: {generate_ms:.0f} ms", file=sys.stderr, flush=True)
-        for r in rows[-len(args.engines) * len(args.new_tokens):]:
+        for r in rows[-len(engines) * len(args.new_tokens):]:
             r["tokens_equal_dynamic"] = token_agreement(tokens_by_engine, r["engine"], r["new_tokens"])
     return rows
 

@@ -10,7 +10,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import v2drop
-from bench.model_setup import VARIANTS, clip_batch, encode, fresh, run_generate, set_variant, text_inputs
+from bench.model_setup import (
+    STEP_KWARGS,
+    VARIANTS,
+    clip_batch,
+    encode,
+    engine_batch,
+    engines_at,
+    fresh,
+    run_generate,
+    set_variant,
+    text_inputs,
+)
 from bench.op_counts import decode_step_counts, prefill_counts, static_step_counts
 from bench.report import timed
 from v2drop import static_decode, vision
@@ -20,23 +31,25 @@ from v2drop.prefill_graphs import PrefillGraphs
 def check_capture(model, tokenizer, args, schedule) -> str | None:
     """The captured static step (and the captured compiled or unfused one, when that engine runs)
     must give the same step's uncaptured tokens; otherwise the run goes on uncaptured and the report
-    says why."""
-    steps = {"static": {}, "compiled": {"compile": True}, "static-unfused": {"fused_kernels": False}}
-    checked = [(engine, kwargs) for engine, kwargs in steps.items() if engine in args.engines]
+    says why. Checked at batch 2, or at the one batch an ENGINE@BATCH runs at (a compiled step
+    compiles once per batch size, so that is the compile its timed rows reuse)."""
+    checked = [(spec.partition("@")[0], engine_batch(spec) or 2) for spec in args.engines
+               if spec.partition("@")[0] in STEP_KWARGS]
     if not args.capture or not checked:
         return None
-    clips = clip_batch(model, tokenizer, args.grid, 2, args.device)
-    inputs = text_inputs(clips, encode(model, clips))
     try:
-        for variant in VARIANTS:
-            set_variant(model, variant, schedule)
-            for engine, kwargs in checked:  # captured vs uncaptured, each with the same step function
-                eager, captured = (static_decode.generate_static(model, fresh(inputs), 8, capture=capture,
-                                                                 stop_check_every=8, **kwargs)
-                                   for capture in (False, True))
-                if not torch.equal(eager, captured):
-                    raise RuntimeError(f"{variant} {engine}: captured tokens "
-                                       f"{captured.tolist()} != uncaptured {eager.tolist()}")
+        for batch in sorted({b for _, b in checked}):
+            clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
+            inputs = text_inputs(clips, encode(model, clips))
+            for variant in VARIANTS:
+                set_variant(model, variant, schedule)
+                for engine in (e for e, b in checked if b == batch):  # captured vs uncaptured, the same step function
+                    eager, captured = (static_decode.generate_static(model, fresh(inputs), 8, capture=capture,
+                                                                     stop_check_every=8, **STEP_KWARGS[engine])
+                                       for capture in (False, True))
+                    if not torch.equal(eager, captured):
+                        raise RuntimeError(f"{variant} {engine} batch {batch}: captured tokens "
+                                           f"{captured.tolist()} != uncaptured {eager.tolist()}")
         return None
     except Exception as error:  # noqa: BLE001 - the run goes on uncaptured and the report says why
         args.capture = False
@@ -115,7 +128,7 @@ def step_profile(model, tokenizer, args, schedule, batch: int, steps: int = 16) 
     out = {}
     for variant in VARIANTS:
         set_variant(model, variant, schedule)
-        for engine in args.engines:
+        for engine in engines_at(args.engines, batch):
             try:
                 def call(n: int, engine: str = engine) -> object:
                     return run_generate(model, inputs, n, engine, args)

@@ -13,12 +13,14 @@ TARGETS = dict(total_ms_per_clip_v2drop=150.0, clips_per_s_ratio=1.5, decode_ms_
 
 def targets(rows: list[dict], flop_ratio: float, prefill_profile: dict | None = None) -> list[dict]:
     """Each target with the measured figure; `met` False and `off_by` say by how much it is missed.
-    Figures come from the fastest engine measured (compiled, else static, else dynamic) unless a
+    Figures come from the fastest engine measured at every batch (compiled, else static, else
+    dynamic; an engine run at one batch only, ENGINE@BATCH, is a side-by-side comparison) unless a
     target says otherwise. The two targets the issue sets at the "batch chosen by the engine" use
     the auto rows (each variant at its own engine-chosen batch) when the run has them, else the
     fixed batches; the others use the fixed batches. With a prefill profile whose replayed prefills
     were recorded for both variants, the batch-1 prefill ratio is given for those too."""
-    engine = next(e for e in ("compiled", "static", "dynamic") if any(r["engine"] == e for r in rows))
+    groups = lambda engine: {(r["batch"], r["batch_chosen_by"]) for r in rows if engine in (None, r["engine"])}
+    engine = next(e for e in ("compiled", "static", "dynamic") if groups(e) == groups(None))
     fastest = [r for r in rows if r["engine"] == engine]
     by = {(r["variant"], r["batch"], r["new_tokens"]): r for r in fastest if r["batch_chosen_by"] == FIXED}
     auto = {(r["variant"], r["new_tokens"]): r for r in fastest if r["batch_chosen_by"] == ENGINE}
@@ -111,7 +113,7 @@ def markdown(report: dict) -> str:
         f"({v['stock_loop_ms'] / v['batched_ms']:.2f}x the stock tower, {v['batched_unfused_ms'] / v['batched_ms']:.3f}x "
         f"from those); it computes {v['flops_per_clip'] / 1e9:.4g} GFLOP per clip, {v['batched_tflop_per_s']:.3g} TFLOP/s"
         + ("; top kernels (ms, launches): " + "; ".join(f"{k} {ms} x{n}" for k, ms, n in v["top"]) if v.get("top") else "")
-        + ".", *fused_step_lines(report["rows"]), "",
+        + ".", *engine_vs_static_lines(report["rows"]), "",
         "One decode step at batch 1 (aten calls / of them kernels, i.e. not views / host-device syncs): generate() "
         + ", ".join(f"{name} {n['op_calls']} / {n['kernel_calls']} / {n['syncs']}" for name, n in c.items())
         + "; the static engine's step " + ", ".join(
@@ -138,18 +140,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fused_step_lines(rows: list[dict]) -> list[str]:
-    """When the run has both, the static step with v2drop.kernels' fused norms and rotary against
-    the same step with transformers' (`static-unfused`): decode ms/step per variant and batch."""
-    unfused = {(r["variant"], r["batch"], r["new_tokens"]): r for r in rows if r["engine"] == "static-unfused"}
-    pairs = [(r, unfused[key]) for r in rows
-             if r["engine"] == "static" and (key := (r["variant"], r["batch"], r["new_tokens"])) in unfused]
-    if not pairs:
-        return []
-    return ["", "Static step, fused RMSNorms and one-pass rotary (v2drop.kernels) vs transformers' (static-unfused), "
-            "decode ms/step: " + "; ".join(
+# What the static step is compared with, where the run has both (`--engines static X` or X@BATCH)
+STATIC_VERSUS = {
+    "static-unfused": "Static step, fused RMSNorms and one-pass rotary (v2drop.kernels) vs transformers' (static-unfused)",
+    "compiled": "Static step, eager kernels vs the step through torch.compile (compiled)",
+}
+
+
+def engine_vs_static_lines(rows: list[dict]) -> list[str]:
+    """For each engine of STATIC_VERSUS the run has beside `static`: decode ms/step of both per
+    variant, batch and new-token count, and the other's time over the static step's."""
+    lines = []
+    for other, title in STATIC_VERSUS.items():
+        theirs = {(r["variant"], r["batch"], r["new_tokens"]): r for r in rows if r["engine"] == other}
+        pairs = [(r, theirs[key]) for r in rows
+                 if r["engine"] == "static" and (key := (r["variant"], r["batch"], r["new_tokens"])) in theirs]
+        if pairs:
+            lines += ["", f"{title}, decode ms/step: " + "; ".join(
                 f"{r['variant']} batch {r['batch']} ({r['new_tokens']} tokens) {r['decode_ms_per_step']:.2f} vs "
-                f"{u['decode_ms_per_step']:.2f} ({u['decode_ms_per_step'] / r['decode_ms_per_step']:.3f}x)" for r, u in pairs) + "."]
+                f"{o['decode_ms_per_step']:.2f} ({o['decode_ms_per_step'] / r['decode_ms_per_step']:.3f}x)" for r, o in pairs) + "."]
+    return lines
 
 
 def prefill_profile_lines(profile: dict) -> list[str]:

@@ -7,6 +7,8 @@ Needs only torch, transformers and this repository (the GPU box runs it without 
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import v2drop
@@ -16,6 +18,12 @@ from v2drop.compat import output_cache
 from vlm import tiny
 
 VARIANTS = ("stock", "v2drop")
+ENGINES = ("dynamic", "static")  # the default run (under 8 minutes on one H200)
+# compiled: the static step through torch.compile (compiles once per batch size); static-unfused: the
+# static step with transformers' own RMSNorm and rotary (v2drop.kernels), to time them side by side
+ENGINE_CHOICES = (*ENGINES, "compiled", "static-unfused")
+# generate_static's keywords for each engine but `dynamic`
+STEP_KWARGS: dict[str, dict] = {"static": {}, "compiled": {"compile": True}, "static-unfused": {"fused_kernels": False}}
 # Qwen2.5-VL-7B's vision tower (config.json of Qwen/Qwen2.5-VL-7B-Instruct)
 SEVEN_B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                       fullatt_block_indexes=[7, 15, 23, 31])
@@ -36,6 +44,30 @@ def build_model(args):
         sub._attn_implementation = args.attn
     model = tiny.build_model(config, device=args.device).to(getattr(torch, args.dtype))
     return model, tokenizer
+
+
+def engine_arg(text: str) -> str:
+    """argparse type of --engines: an engine of ENGINE_CHOICES, or ENGINE@BATCH for one that runs
+    only at that fixed batch size (a side-by-side comparison at one batch, where running it at every
+    batch would cost minutes more: a compile per batch size, or only a second opinion)."""
+    name, at, batch = text.partition("@")
+    if name not in ENGINE_CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown engine {name!r} in {text!r}; choose from {', '.join(ENGINE_CHOICES)}")
+    if at and not (batch.isdigit() and int(batch) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: the batch after '@' must be a positive integer")
+    return text
+
+
+def engine_batch(spec: str) -> int | None:
+    """The one batch size an --engines entry is limited to (ENGINE@BATCH), else None."""
+    _, at, batch = spec.partition("@")
+    return int(batch) if at else None
+
+
+def engines_at(specs, batch: int | None) -> list[str]:
+    """The engines of --engines that run at a fixed `batch` (None: an engine-chosen batch, where
+    only the engines run at every batch do)."""
+    return [spec.partition("@")[0] for spec in specs if engine_batch(spec) in (None, batch)]
 
 
 def clip_batch(model, tokenizer, grid, batch: int, device) -> dict:
@@ -97,6 +129,5 @@ def run_generate(model, inputs: dict, new_tokens: int, engine: str, args):
                              do_sample=False, return_dict_in_generate=True)
         return kv_cache_bytes(output_cache(out)), out.sequences[:, -new_tokens:]
     tokens = static_decode.generate_static(model, fresh(inputs), new_tokens, capture=args.capture,
-                                           compile=engine == "compiled", stop_check_every=new_tokens,
-                                           fused_kernels=engine != "static-unfused")
+                                           stop_check_every=new_tokens, **STEP_KWARGS[engine])
     return None, tokens

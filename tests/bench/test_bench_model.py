@@ -78,18 +78,28 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert all(set(t) == {"target", "measured", "goal", "met", "off_by"} for t in report["targets"])
 
 
-def test_the_unfused_static_engine_runs_beside_the_static_one_with_the_same_tokens(tmp_path):
-    """`--engines ... static-unfused`: the static step with transformers' own norms and rotary, for
-    timing v2drop.kernels side by side. float32 on CPU: the same tokens; the report compares the two."""
-    toy = [*TOY[:TOY.index("--batch-sizes")], "--batch-sizes", "2", "--new-tokens", "3", "--repeats", "1", "--device", "cpu"]
+def test_engines_limited_to_one_batch_run_there_beside_the_static_one(tmp_path, monkeypatch):
+    """`--engines static static-unfused@2 compiled@2`: the static step with transformers' own norms
+    and rotary, and the step through torch.compile, only at batch 2 (the GPU run's comparisons, one
+    compile per batch size). float32 on CPU: every engine gives the dynamic engine's tokens; the
+    report sets each beside `static`, and the targets read the engine run at every batch."""
+    from v2drop import static_decode
+
+    monkeypatch.setattr(static_decode, "compiled_decode_step",  # traced by dynamo, not compiled by inductor
+                        lambda: torch.compile(static_decode.decode_step, backend="eager", dynamic=True))
+    toy = [*TOY[:TOY.index("--batch-sizes")], "--batch-sizes", "1", "2", "--new-tokens", "3", "--repeats", "1", "--device", "cpu"]
     toy[toy.index("--num-layers") + 1] = "4"
-    report = bench_model.main([*toy, "--engines", "dynamic", "static", "static-unfused", "--out-dir", str(tmp_path)])
-    rows = {(r["variant"], r["engine"]): r for r in report["rows"]}
-    assert set(rows) == {(v, e) for v in ("stock", "v2drop") for e in ("dynamic", "static", "static-unfused")}
+    report = bench_model.main([*toy, "--engines", "dynamic", "static", "static-unfused@2", "compiled@2",
+                               "--out-dir", str(tmp_path)])
+    rows = {(r["variant"], r["engine"], r["batch"]): r for r in report["rows"]}
+    assert set(rows) == ({(v, e, b) for v in ("stock", "v2drop") for e in ("dynamic", "static") for b in (1, 2)}
+                         | {(v, e, 2) for v in ("stock", "v2drop") for e in ("static-unfused", "compiled")})
     assert all(r["tokens_equal_dynamic"] == 1.0 for r in rows.values())
-    assert all(t["target"].endswith("[static]") for t in report["targets"])  # the targets use the fused step
-    lines = [line for line in (tmp_path / "model-cpu.md").read_text().splitlines() if line.startswith("Static step, fused")]
-    assert len(lines) == 1 and "stock batch 2 (3 tokens)" in lines[0] and "v2drop batch 2 (3 tokens)" in lines[0]
+    assert all(t["target"].endswith("[static]") for t in report["targets"])  # compiled ran at batch 2 only
+    table = (tmp_path / "model-cpu.md").read_text().splitlines()
+    for title in ("Static step, fused RMSNorms", "Static step, eager kernels vs the step through torch.compile"):
+        [line] = [line for line in table if line.startswith(title)]
+        assert "stock batch 2 (3 tokens)" in line and "v2drop batch 2 (3 tokens)" in line and "batch 1 (" not in line
 
 
 def test_the_compiled_engine_gives_the_dynamic_engines_tokens_and_the_targets(tmp_path, monkeypatch):
@@ -106,6 +116,33 @@ def test_the_compiled_engine_gives_the_dynamic_engines_tokens_and_the_targets(tm
     assert set(rows) == {(v, e) for v in ("stock", "v2drop") for e in ("dynamic", "compiled")}
     assert all(rows[v, "compiled"]["tokens_equal_dynamic"] == 1.0 for v in ("stock", "v2drop"))
     assert all(t["target"].endswith("[compiled]") for t in report["targets"])  # read from the fastest engine
+
+
+def test_the_capture_check_runs_each_limited_engine_at_its_own_batch(monkeypatch):
+    """On CUDA, check_capture compares captured and uncaptured tokens per engine before the timed
+    rows. An ENGINE@BATCH is checked at its batch, so a compiled step compiles for the batch its
+    rows reuse; the others at batch 2. The GPU-only path, run here with the engine call recorded."""
+    from types import SimpleNamespace
+
+    from bench import model_checks
+
+    calls = []
+
+    def record(model, inputs, new_tokens, *, capture, stop_check_every, **kwargs):
+        calls.append((inputs["input_ids"].shape[0], tuple(sorted(kwargs.items())), capture))
+        return torch.zeros(inputs["input_ids"].shape[0], new_tokens, dtype=torch.long)
+
+    monkeypatch.setattr(model_checks, "static_decode", SimpleNamespace(generate_static=record))  # its calls only
+    toy = [*TOY[:TOY.index("--batch-sizes")], "--batch-sizes", "16", "1", "--device", "cpu"]
+    toy[toy.index("--num-layers") + 1] = "4"
+    args = bench_model.parse_args([*toy, "--engines", "dynamic", "static", "static-unfused@16", "compiled@16"])
+    args.capture = True
+    model, tokenizer = build_model(args)
+    assert model_checks.check_capture(model, tokenizer, args, v2drop.Schedule.for_retention(4, 0.25)) is None
+    checked = {(batch, kwargs) for batch, kwargs, _ in calls}
+    assert checked == {(2, ()), (16, (("fused_kernels", False),)), (16, (("compile", True),))}
+    assert len(calls) == 2 * 2 * len(checked)  # each variant, uncaptured and captured
+    assert {capture for *_, capture in calls} == {False, True}
 
 
 # Budget for --batch-sizes auto at TOY's shapes: 2.5 stock clips (707,584 bytes each in float32, 3
@@ -179,8 +216,14 @@ def test_fixed_rows_alone_keep_the_best_batch_targets():
     (["--batch-sizes", "0"], "positive integer or 'auto'"),
     (["--batch-sizes", "big"], "positive integer or 'auto'"),
     (["--batch-sizes", "auto", "--device", "cpu", "--memory-budget-gib", "0"], "--memory-budget-gib must be > 0"),
+    (["--engines", "static", "fast"], "unknown engine 'fast'"),
+    (["--engines", "static", "compiled@0"], "must be a positive integer"),
+    (["--engines", "static", "compiled@auto"], "must be a positive integer"),
+    (["--batch-sizes", "1", "--engines", "static", "compiled@16"], "compiled@16: its batch is not in --batch-sizes"),
+    (["--batch-sizes", "16", "--engines", "compiled@16"], "needs one engine without '@BATCH'"),
+    (["--batch-sizes", "16", "--engines", "static", "static@16"], "names an engine twice"),
 ])
-def test_bad_batch_arguments_are_named(argv, message, capsys):
+def test_bad_batch_and_engine_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_model.parse_args(argv)
     assert message in capsys.readouterr().err
