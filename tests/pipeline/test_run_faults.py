@@ -164,13 +164,18 @@ def test_s3_objects_that_break_or_hang_become_error_rows_and_no_password_leaves(
 
 
 @pytest.mark.slow
-def test_a_run_whose_videos_all_fail_exits_5_after_writing_every_row(tmp_path: Path) -> None:
+def test_a_run_whose_videos_all_fail_exits_5_after_writing_every_row(ray_cluster: None, tmp_path: Path) -> None:
+    import ray
+
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "zero.mp4").write_bytes(b"")
     (folder / "notes.mp4").write_text("not a video\n")
+    # The CLI joins this process's cluster (run.ray_address): a Ray of its own waits at most Ray's fixed 30 s
+    # for its raylet, which 2 busy cores once exceeded ("The current node timed out during startup")
     result = subprocess.run([sys.executable, "-m", "pipeline", str(JOBS / "caption.yaml"), "preset=offline",
-                             f"input.uri={folder}", f"output.uri={tmp_path / 'out'}"],
+                             f"input.uri={folder}", f"output.uri={tmp_path / 'out'}",
+                             f"run.ray_address={ray.get_runtime_context().gcs_address}"],
                             cwd=tmp_path, env={**cli_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 5, result.stderr[-3000:]
