@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The next GPU session's one device command (the device tool's `run`, carry [".whl"]):
+#   bash bench/gpu_run.sh
+# Installs the wheels carried in .whl/ (git-ignored: the tested transformers series; the GPU image
+# has transformers 5.17, which v2drop refuses) into /tmp/site, prints the versions, then runs
+# bench_model's command for every figure issue 9 still lacks (README, "The next GPU run") into
+# $OUT (the device tool's folder that comes back; else bench/results), with its log beside it.
+# Arguments replace the model and device ones (default: --seven-b --device cuda --dtype bfloat16)
+# and come last, so they may override the rest too: the suite runs this at toy size on CPU.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+wheels="${WHEELS:-.whl}"
+if compgen -G "$wheels/*.whl" > /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+model=(--seven-b --device cuda --dtype bfloat16)
+if [ $# -gt 0 ]; then model=("$@"); fi
+{
+  python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
+  python -m bench.bench_model --new-tokens 256 --batch-sizes 16 1 auto \
+    --engines static static-unfused@16 compiled@16 --out-dir "$out" "${model[@]}"
+} 2>&1 | tee "$out/gpu_run.log"
