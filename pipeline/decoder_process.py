@@ -78,7 +78,8 @@ class DecoderProcess:
         self._kill()
         # A fresh interpreter that imports only this module: unlike multiprocessing's 'spawn' it
         # never re-imports the caller's __main__ (a Ray worker, a notebook, stdin, or a driver
-        # that imports torch), so it starts in ~0.3 s and works wherever the caller runs.
+        # that imports torch), and works wherever the caller runs. It starts in ~2 s on 2 cores,
+        # most of it importing torch (the frames' resize), once per `max_requests` requests.
         parent_sock, child_sock = socket.socketpair()
         for sock in (parent_sock, child_sock):  # a clip is megabytes: move it in few large writes
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
@@ -126,11 +127,14 @@ _CHILD_MAIN = "import sys; from pipeline.decoder_process import _serve_fd; _serv
 def _serve_fd(fd: int) -> None:
     """Child main loop: run (fn, args) requests until the parent closes its end."""
     conn = Connection(fd)
-    for module in ("av", "decord", "PIL.Image"):  # import now so the first request is not slower
+    for module in ("av", "decord"):  # import now so the first request is not slower
         try:
             __import__(module)
         except ImportError:
             pass
+    import torch  # frame_sampling.shrink: a decode task holds one CPU, so one thread
+
+    torch.set_num_threads(1)
     conn.send("ready")
     while True:
         try:

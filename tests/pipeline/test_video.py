@@ -157,6 +157,26 @@ def test_fit_to_max_pixels():
         assert fit_h * fit_w <= limit and fit_h >= 1 and fit_w >= 1
 
 
+def test_shrink_is_pils_antialiased_bilinear_within_one_level(samples):
+    """frame_sampling.shrink (torch's uint8 kernel, what the decoder process resizes with) gives
+    PIL's BILINEAR resize, the pipeline's resize before it, within one level on a real frame; and it
+    filters: a one-pixel checkerboard becomes even grey, where sampling without antialiasing would
+    keep black and white pixels. Channels keep their order."""
+    from PIL import Image
+
+    [frame] = decode_clip(str(samples / "nasa_13013.mp4"), 4.0, 5.0, num_frames=1, max_pixels=10**9).frames
+    height, width = frame_sampling.fit_to_max_pixels(*frame.shape[:2], 100 * 100)
+    ours = frame_sampling.shrink(frame, height, width)
+    pil = np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BILINEAR))
+    assert ours.shape == (height, width, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
+    assert np.abs(ours.astype(int) - pil).max() <= 1 and np.abs(ours.astype(int) - frame.mean((0, 1))).mean() > 5
+
+    board = (np.indices((270, 480)).sum(0) % 2 * 255).astype(np.uint8)
+    colored = np.stack([board, 255 - board, np.full_like(board, 40)], axis=-1)
+    small = frame_sampling.shrink(colored, 126, 224).astype(int)
+    assert np.abs(small[..., :2] - 127.5).max() <= 20 and (small[..., 2] == 40).all()
+
+
 def test_sample_times_and_their_argument_checks():
     assert frame_sampling.sample_times_s(0.0, 10.0, num_frames=4, fps=None) == [1.25, 3.75, 6.25, 8.75]
     assert frame_sampling.sample_times_s(0.0, 2.0, num_frames=None, fps=2.0) == [0.25, 0.75, 1.25, 1.75]

@@ -1,0 +1,178 @@
+"""CPU cost of a clip's frames, per decoder and source resolution, and the decode cores one GPU needs.
+
+    python -m bench.bench_decode                 # about 2 minutes on 2 cores, most of it encoding
+    python -m bench.bench_decode --sizes 480x270 --seconds 10 --repeats 1    # the suite's toy run
+
+A GPU that waits for frames is paid for all the same, so the model's speed per clip only counts
+if the CPU decode tasks keep up. Per source and decoder this times what a decode task runs:
+`pipeline.video.decode_clip` through the decoder process, with the default decode settings
+(`DecodeConfig`: 16 frames, at most 448x448 pixels each) over each `ClipsConfig().clip_len_s`
+clip of the file, the median over clips and repeats. Beside it, the part of that spent shrinking
+the 16 frames to 448x448 (`frame_sampling.shrink`, timed alone on the same full-size frames),
+and the same shrink by PIL's antialiased bilinear resize, the pipeline's before torch's kernel.
+
+Sources: the real sample `nasa_13013.mp4` (480x270) when `--sizes` asks for it, else H.264 files
+made here at each size (a moving texture, x264 `superfast`: CABAC, B-frames, a keyframe every
+250 frames; 30 fps, `--seconds` long). Their decode cost is that of footage at ~5-10 Mbit/s per
+720p; real footage differs with bitrate and codec.
+
+"Cores per GPU" divides a clip's decode time by the GPU time one clip takes in the model, from
+the whole-model benchmark's H200 run (`bench/results/model-cuda-7b.json`, its fastest V²Drop
+row): how many decode tasks of one CPU each keep that GPU busy. Writes
+bench/results/decode-cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import report as report_file
+from bench.bench_v2drop import hardware
+from pipeline.clips import plan_clips
+from pipeline.config import ClipsConfig, DecodeConfig
+from pipeline.decoder_process import DecoderProcess
+from pipeline.frame_sampling import fit_to_max_pixels, shrink
+from pipeline.video import decode_clip, probe
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+REAL_SAMPLE = {"480x270": REPO.parent / "shared" / "videos" / "nasa_13013.mp4"}
+GPU_RUN = RESULTS_DIR / "model-cuda-7b.json"
+DECODERS = ("decord", "pyav")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["480x270", "1280x720", "1920x1080"], help="WIDTHxHEIGHT")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the files made here")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    return p.parse_args(argv)
+
+
+def make_video(path: Path, width: int, height: int, seconds: float, fps: int = 30) -> Path:
+    """An H.264 file of a texture moving a few pixels per frame (motion, detail, no scene cuts)."""
+    import av
+
+    rng = np.random.default_rng(0)
+    cells = rng.integers(0, 256, ((height + 512) // 8, (width + 512) // 8, 3), dtype=np.uint8)
+    texture = np.repeat(np.repeat(cells, 8, 0), 8, 1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "superfast", "crf": "26"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            y, x = (2 * i) % 512, (3 * i) % 512
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[y:y + height, x:x + width]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def pil_shrink(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The reference: PIL's bilinear resize, antialiased when shrinking."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def measure(path: Path, decoder: str, repeats: int, process: DecoderProcess) -> dict:
+    decode, clips = DecodeConfig(), ClipsConfig()
+    info = probe(str(path), process=process)
+    spans = [(c.start_s, c.end_s) for c in plan_clips(str(path), info.duration_s, clip_len_s=clips.clip_len_s,
+                                                        stride_s=clips.stride_s, min_clip_len_s=clips.min_clip_len_s)]
+    clip_ms, shrink_ms, pil_ms = [], [], []
+    for _ in range(repeats):
+        for start_s, end_s in spans:
+            def call(max_pixels: int, start_s: float = start_s, end_s: float = end_s):
+                return decode_clip(str(path), start_s, end_s, num_frames=decode.num_frames, max_pixels=max_pixels,
+                                   decoder=decoder, process=process)
+
+            begin = time.perf_counter()
+            frames = call(decode.max_pixels).frames
+            clip_ms.append((time.perf_counter() - begin) * 1e3)
+            full = call(10**9).frames  # the same frames, not shrunk
+            height, width = fit_to_max_pixels(full.shape[1], full.shape[2], decode.max_pixels)
+            if (height, width) == full.shape[1:3]:  # small enough already: nothing is shrunk
+                shrink_ms.append(0.0), pil_ms.append(0.0)
+                continue
+            for timings, fn in ((shrink_ms, shrink), (pil_ms, pil_shrink)):
+                begin = time.perf_counter()
+                shrunk = np.stack([fn(frame, height, width) for frame in full])
+                timings.append((time.perf_counter() - begin) * 1e3)
+                if fn is shrink:  # what was timed alone is what the decode task ran
+                    assert np.array_equal(shrunk, frames), f"{path.name} {decoder}: shrink differs from the decoded frames"
+    return {"source": f"{info.width}x{info.height}", "file": path.name, "codec": info.codec, "decoder": decoder,
+            "clips": len(spans), "frames": int(frames.shape[0]), "frame_size": f"{frames.shape[2]}x{frames.shape[1]}",
+            "clip_ms": statistics.median(clip_ms), "shrink_ms": statistics.median(shrink_ms),
+            "shrink_pil_ms": statistics.median(pil_ms)}
+
+
+def gpu_ms_per_clip() -> tuple[float, str] | None:
+    """The fastest V²Drop row of the recorded H200 run: (ms per clip, what it is)."""
+    if not GPU_RUN.exists():
+        return None
+    run = json.loads(GPU_RUN.read_text())
+    longest = max(r["new_tokens"] for r in run["rows"])  # the issue's clip: 256 new tokens
+    best = min((r for r in run["rows"] if r["variant"] == "v2drop" and r["new_tokens"] == longest),
+               key=lambda r: r["total_ms_per_clip"])
+    return best["total_ms_per_clip"], (f"{run['hardware']}, Qwen2.5-VL-7B shapes, V²Drop 25 %, {best['engine']} engine, "
+                                       f"batch {best['batch']}, {best['new_tokens']} new tokens, {GPU_RUN.name}")
+
+
+def markdown(report: dict) -> str:
+    gpu = report["gpu"]
+    lines = [f"# Decode cost per clip ({report['hardware']})", "",
+             f"`pipeline.video.decode_clip` through the decoder process, default decode settings ({report['num_frames']} "
+             f"frames of at most {report['max_pixels']} pixels per {report['clip_len_s']:g} s clip); median over "
+             f"every clip of each file x {report['repeats']} repeats. Shrink: the 16 frames from their full size, "
+             "`frame_sampling.shrink` (torch, one thread, as in the decoder process) vs PIL's bilinear (the pipeline's "
+             "resize before; 0 where the frames are small enough already); the clip with PIL's shrink is "
+             "clip - shrink + PIL's, from the same run.", "",
+             "| source | file | decoder | clips | clip ms | of it shrink ms | shrink by PIL ms | clip ms with PIL's shrink |"
+             + (" decode cores per GPU |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    for r in report["rows"]:
+        with_pil = r["clip_ms"] - r["shrink_ms"] + r["shrink_pil_ms"]
+        lines.append(f"| {r['source']} | {r['file']} | {r['decoder']} | {r['clips']} | {r['clip_ms']:.0f} | "
+                     f"{r['shrink_ms']:.1f} | {r['shrink_pil_ms']:.1f} | {with_pil:.0f} ({with_pil / r['clip_ms']:.2f}x) |"
+                     + (f" {r['clip_ms'] / gpu['ms_per_clip']:.1f} |" if gpu else ""))
+    if gpu:
+        lines += ["", f"Decode cores per GPU: clip ms / {gpu['ms_per_clip']:.1f} ms of GPU per clip ({gpu['what']}): "
+                  "decode tasks of one CPU each that keep that GPU busy, on CPUs like this one."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    decode, clips = DecodeConfig(), ClipsConfig()
+    machine = hardware("cpu")  # before the one thread below
+    torch.set_num_threads(1)  # as in the decoder process (`_serve_fd`), for the shrinks timed here
+    shrink(np.zeros((64, 64, 3), np.uint8), 32, 32)  # torch's first call sets up; a decode task pays it once
+    process = DecoderProcess()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for size in args.sizes:
+            width, height = (int(n) for n in size.split("x"))
+            path = REAL_SAMPLE.get(size) or make_video(Path(scratch) / f"synthetic_{size}.mp4", width, height, args.seconds)
+            for decoder in DECODERS:
+                rows.append(measure(path, decoder, args.repeats, process))
+                print(f"{size} {decoder}: {rows[-1]['clip_ms']:.0f} ms per clip", flush=True)
+    process.close()
+    gpu = gpu_ms_per_clip()
+    report = {"hardware": machine, "args": {k: str(v) for k, v in vars(args).items()}, "repeats": args.repeats,
+              "num_frames": decode.num_frames, "max_pixels": decode.max_pixels, "clip_len_s": clips.clip_len_s,
+              "gpu": gpu and {"ms_per_clip": gpu[0], "what": gpu[1]}, "rows": rows}
+    report_file.write(args.out_dir / "decode-cpu", report, markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
