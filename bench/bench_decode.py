@@ -1,7 +1,7 @@
-"""CPU cost of a clip's frames, per decoder and source resolution, and the decode cores one GPU needs.
+"""CPU cost of a clip's frames, per decoder and source resolution, and the decode CPUs one GPU needs.
 
-    python -m bench.bench_decode                 # about 2 minutes on 2 cores, most of it encoding
-    python -m bench.bench_decode --sizes 480x270 --seconds 10 --repeats 1    # the suite's toy run
+    python -m bench.bench_decode                 # about 3 minutes on 2 cores
+    python -m bench.bench_decode --sizes 480x270 640x360 --seconds 4 --repeats 1    # the suite's toy run
 
 A GPU that waits for frames is paid for all the same, so the model's speed per clip only counts
 if the CPU decode tasks keep up. Per source and decoder this times what a decode task runs:
@@ -13,12 +13,14 @@ and the same shrink by PIL's antialiased bilinear resize, the pipeline's before 
 
 Sources: the real sample `nasa_13013.mp4` (480x270) when `--sizes` asks for it, else H.264 files
 made here at each size (a moving texture, x264 `superfast`: CABAC, B-frames, a keyframe every
-250 frames; 30 fps, `--seconds` long). Their decode cost is that of footage at ~5-10 Mbit/s per
-720p; real footage differs with bitrate and codec.
+250 frames; 30 fps, `--seconds` long; 3.7 Mbit/s at 720p and 6.4 at 1080p, the bitrates of web
+video). Real footage differs with bitrate and codec.
 
-"Cores per GPU" divides a clip's decode time by the GPU time one clip takes in the model, from
-the whole-model benchmark's H200 run (`bench/results/model-cuda-7b.json`, its fastest V²Drop
-row): how many decode tasks of one CPU each keep that GPU busy. Writes
+Each clip is timed twice: wall time, and CPU time (user + system of this process, which asks for
+the frames and unpickles them, and of the decoder process, whose decoders may run several
+threads; Linux /proc). "Decode CPUs per GPU" divides a clip's CPU time by the GPU time one clip
+takes in the model, from the whole-model benchmark's H200 run (`bench/results/model-cuda-7b.json`,
+its fastest V²Drop row at the longest new-token count): the CPUs that keep that GPU busy. Writes
 bench/results/decode-cpu.json and .md.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -73,6 +76,7 @@ def make_video(path: Path, width: int, height: int, seconds: float, fps: int = 3
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[y:y + height, x:x + width]), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    print(f"made {path.name}: {path.stat().st_size * 8 / seconds / 1e6:.1f} Mbit/s", flush=True)
     return path
 
 
@@ -88,16 +92,18 @@ def measure(path: Path, decoder: str, repeats: int, process: DecoderProcess) -> 
     info = probe(str(path), process=process)
     spans = [(c.start_s, c.end_s) for c in plan_clips(str(path), info.duration_s, clip_len_s=clips.clip_len_s,
                                                         stride_s=clips.stride_s, min_clip_len_s=clips.min_clip_len_s)]
-    clip_ms, shrink_ms, pil_ms = [], [], []
+    clip_ms, clip_cpu_ms, shrink_ms, pil_ms = [], [], [], []
     for _ in range(repeats):
         for start_s, end_s in spans:
             def call(max_pixels: int, start_s: float = start_s, end_s: float = end_s):
                 return decode_clip(str(path), start_s, end_s, num_frames=decode.num_frames, max_pixels=max_pixels,
                                    decoder=decoder, process=process)
 
-            begin = time.perf_counter()
+            pid, begin, cpu_before = process.pid, time.perf_counter(), task_cpu_ms(process)
             frames = call(decode.max_pixels).frames
             clip_ms.append((time.perf_counter() - begin) * 1e3)
+            if process.pid == pid:  # not restarted in between (every 500 requests)
+                clip_cpu_ms.append(task_cpu_ms(process) - cpu_before)
             full = call(10**9).frames  # the same frames, not shrunk
             height, width = fit_to_max_pixels(full.shape[1], full.shape[2], decode.max_pixels)
             if (height, width) == full.shape[1:3]:  # small enough already: nothing is shrunk
@@ -111,8 +117,19 @@ def measure(path: Path, decoder: str, repeats: int, process: DecoderProcess) -> 
                     assert np.array_equal(shrunk, frames), f"{path.name} {decoder}: shrink differs from the decoded frames"
     return {"source": f"{info.width}x{info.height}", "file": path.name, "codec": info.codec, "decoder": decoder,
             "clips": len(spans), "frames": int(frames.shape[0]), "frame_size": f"{frames.shape[2]}x{frames.shape[1]}",
-            "clip_ms": statistics.median(clip_ms), "shrink_ms": statistics.median(shrink_ms),
+            "clip_ms": statistics.median(clip_ms), "clip_cpu_ms": statistics.median(clip_cpu_ms),
+            "shrink_ms": statistics.median(shrink_ms),
             "shrink_pil_ms": statistics.median(pil_ms)}
+
+
+def task_cpu_ms(process: DecoderProcess) -> float:
+    """CPU time so far (user + system, ms) of what a decode task is: this process, which asks and
+    unpickles the frames, plus its decoder process, which decodes on as many threads as the
+    decoder takes (Linux: /proc). A clip's CPU time, not its wall time, says how many CPUs a
+    stream of clips needs."""
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3, state
+    child_ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return child_ticks * 1e3 / os.sysconf("SC_CLK_TCK") + time.process_time() * 1e3
 
 
 def gpu_ms_per_clip() -> tuple[float, str] | None:
@@ -132,21 +149,23 @@ def markdown(report: dict) -> str:
     lines = [f"# Decode cost per clip ({report['hardware']})", "",
              f"`pipeline.video.decode_clip` through the decoder process, default decode settings ({report['num_frames']} "
              f"frames of at most {report['max_pixels']} pixels per {report['clip_len_s']:g} s clip); median over "
-             f"every clip of each file x {report['repeats']} repeats. Shrink: the 16 frames from their full size, "
+             f"every clip of each file x {report['repeats']} repeats. Clip ms: wall time; clip CPU ms: user + system "
+             "time of the asking process and the decoder process, whose decoders may use several threads. Shrink: the 16 frames from their full size, "
              "`frame_sampling.shrink` (torch, one thread, as in the decoder process) vs PIL's bilinear (the pipeline's "
              "resize before; 0 where the frames are small enough already); the clip with PIL's shrink is "
              "clip - shrink + PIL's, from the same run.", "",
-             "| source | file | decoder | clips | clip ms | of it shrink ms | shrink by PIL ms | clip ms with PIL's shrink |"
-             + (" decode cores per GPU |" if gpu else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+             "| source | file | decoder | clips | clip ms | clip CPU ms | of it shrink ms | shrink by PIL ms | "
+             "clip CPU ms with PIL's shrink |" + (" decode CPUs per GPU |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in report["rows"]:
-        with_pil = r["clip_ms"] - r["shrink_ms"] + r["shrink_pil_ms"]
+        with_pil = r["clip_cpu_ms"] - r["shrink_ms"] + r["shrink_pil_ms"]
         lines.append(f"| {r['source']} | {r['file']} | {r['decoder']} | {r['clips']} | {r['clip_ms']:.0f} | "
-                     f"{r['shrink_ms']:.1f} | {r['shrink_pil_ms']:.1f} | {with_pil:.0f} ({with_pil / r['clip_ms']:.2f}x) |"
-                     + (f" {r['clip_ms'] / gpu['ms_per_clip']:.1f} |" if gpu else ""))
+                     f"{r['clip_cpu_ms']:.0f} | {r['shrink_ms']:.1f} | {r['shrink_pil_ms']:.1f} | "
+                     f"{with_pil:.0f} ({with_pil / r['clip_cpu_ms']:.2f}x) |"
+                     + (f" {r['clip_cpu_ms'] / gpu['ms_per_clip']:.1f} |" if gpu else ""))
     if gpu:
-        lines += ["", f"Decode cores per GPU: clip ms / {gpu['ms_per_clip']:.1f} ms of GPU per clip ({gpu['what']}): "
-                  "decode tasks of one CPU each that keep that GPU busy, on CPUs like this one."]
+        lines += ["", f"Decode CPUs per GPU: clip CPU ms / {gpu['ms_per_clip']:.1f} ms of GPU per clip ({gpu['what']}): "
+                  "the CPUs of CPUs like this one that keep that GPU busy."]
     return "\n".join(lines) + "\n"
 
 
