@@ -7,7 +7,9 @@ A GPU that waits for frames is paid for all the same, so the model's speed per c
 if the CPU decode tasks keep up. Per source and decoder this times what a decode task runs:
 `pipeline.video.decode_clip` through the decoder process, with the default decode settings
 (`DecodeConfig`: 16 frames, at most 448x448 pixels each) over each `ClipsConfig().clip_len_s`
-clip of the file, the median over clips and repeats. Beside it, the part of that spent shrinking
+clip of the file, the median over clips and repeats, for each of SETUPS: PyAV on one thread (the
+default: `decoder='auto'` tries PyAV first, on `decode.num_cpus` threads), decord on one thread,
+and decord on a thread per core (the default before 2026-12-01). Beside it, the part of that spent shrinking
 the 16 frames to 448x448 (`frame_sampling.shrink`, timed alone on the same full-size frames),
 and the same shrink by PIL's antialiased bilinear resize, the pipeline's before torch's kernel.
 
@@ -49,7 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 REAL_SAMPLE = {"480x270": REPO.parent / "shared" / "videos" / "nasa_13013.mp4"}
 GPU_RUN = RESULTS_DIR / "model-cuda-7b.json"
-DECODERS = ("decord", "pyav")
+# (decoder, threads): the default now (`decoder='auto'` tries PyAV first, on decode.num_cpus = 1
+# thread); decord on one thread; and the default before 2026-12-01, decord first on a thread per core
+SETUPS = (("pyav", 1), ("decord", 1), ("decord", os.cpu_count() or 1))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +91,7 @@ def pil_shrink(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BILINEAR))
 
 
-def measure(path: Path, decoder: str, repeats: int, process: DecoderProcess) -> dict:
+def measure(path: Path, decoder: str, threads: int, repeats: int, process: DecoderProcess) -> dict:
     decode, clips = DecodeConfig(), ClipsConfig()
     info = probe(str(path), process=process)
     spans = [(c.start_s, c.end_s) for c in plan_clips(str(path), info.duration_s, clip_len_s=clips.clip_len_s,
@@ -97,7 +101,7 @@ def measure(path: Path, decoder: str, repeats: int, process: DecoderProcess) -> 
         for start_s, end_s in spans:
             def call(max_pixels: int, start_s: float = start_s, end_s: float = end_s):
                 return decode_clip(str(path), start_s, end_s, num_frames=decode.num_frames, max_pixels=max_pixels,
-                                   decoder=decoder, process=process)
+                                   decoder=decoder, threads=threads, process=process)
 
             pid, begin, cpu_before = process.pid, time.perf_counter(), task_cpu_ms(process)
             frames = call(decode.max_pixels).frames
@@ -115,7 +119,7 @@ def measure(path: Path, decoder: str, repeats: int, process: DecoderProcess) -> 
                 timings.append((time.perf_counter() - begin) * 1e3)
                 if fn is shrink:  # what was timed alone is what the decode task ran
                     assert np.array_equal(shrunk, frames), f"{path.name} {decoder}: shrink differs from the decoded frames"
-    return {"source": f"{info.width}x{info.height}", "file": path.name, "codec": info.codec, "decoder": decoder,
+    return {"source": f"{info.width}x{info.height}", "file": path.name, "codec": info.codec, "decoder": decoder, "threads": threads,
             "clips": len(spans), "frames": int(frames.shape[0]), "frame_size": f"{frames.shape[2]}x{frames.shape[1]}",
             "clip_ms": statistics.median(clip_ms), "clip_cpu_ms": statistics.median(clip_cpu_ms),
             "shrink_ms": statistics.median(shrink_ms),
@@ -153,13 +157,14 @@ def markdown(report: dict) -> str:
              "time of the asking process and the decoder process, whose decoders may use several threads. Shrink: the 16 frames from their full size, "
              "`frame_sampling.shrink` (torch, one thread, as in the decoder process) vs PIL's bilinear (the pipeline's "
              "resize before; 0 where the frames are small enough already); the clip with PIL's shrink is "
-             "clip - shrink + PIL's, from the same run.", "",
-             "| source | file | decoder | clips | clip ms | clip CPU ms | of it shrink ms | shrink by PIL ms | "
+             "clip - shrink + PIL's, from the same run. The pipeline's default: PyAV on 1 thread; before 2026-12-01: "
+             f"decord on a thread per core ({SETUPS[-1][1]} here) with PIL's shrink.", "",
+             "| source | file | decoder | threads | clips | clip ms | clip CPU ms | of it shrink ms | shrink by PIL ms | "
              "clip CPU ms with PIL's shrink |" + (" decode CPUs per GPU |" if gpu else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in report["rows"]:
         with_pil = r["clip_cpu_ms"] - r["shrink_ms"] + r["shrink_pil_ms"]
-        lines.append(f"| {r['source']} | {r['file']} | {r['decoder']} | {r['clips']} | {r['clip_ms']:.0f} | "
+        lines.append(f"| {r['source']} | {r['file']} | {r['decoder']} | {r['threads']} | {r['clips']} | {r['clip_ms']:.0f} | "
                      f"{r['clip_cpu_ms']:.0f} | {r['shrink_ms']:.1f} | {r['shrink_pil_ms']:.1f} | "
                      f"{with_pil:.0f} ({with_pil / r['clip_cpu_ms']:.2f}x) |"
                      + (f" {r['clip_cpu_ms'] / gpu['ms_per_clip']:.1f} |" if gpu else ""))
@@ -181,9 +186,9 @@ def main(argv=None) -> dict:
         for size in args.sizes:
             width, height = (int(n) for n in size.split("x"))
             path = REAL_SAMPLE.get(size) or make_video(Path(scratch) / f"synthetic_{size}.mp4", width, height, args.seconds)
-            for decoder in DECODERS:
-                rows.append(measure(path, decoder, args.repeats, process))
-                print(f"{size} {decoder}: {rows[-1]['clip_ms']:.0f} ms per clip", flush=True)
+            for decoder, threads in SETUPS:
+                rows.append(measure(path, decoder, threads, args.repeats, process))
+                print(f"{size} {decoder} x{threads}: {rows[-1]['clip_cpu_ms']:.0f} ms CPU per clip", flush=True)
     process.close()
     gpu = gpu_ms_per_clip()
     report = {"hardware": machine, "args": {k: str(v) for k, v in vars(args).items()}, "repeats": args.repeats,

@@ -122,7 +122,7 @@ class DecodeConfig:
     fps: float | None = None  # sample at this rate instead
     max_pixels: int = 200704  # per-frame pixel bound (448*448) applied before the processor
     timeout_s: float = 120.0  # a decode that takes longer is killed and recorded as an error
-    num_cpus: float = 1.0  # CPUs per decode task
+    num_cpus: float = 1.0  # CPUs per decode task; its decoder runs this many threads (at least 1)
 
     def __post_init__(self) -> None:
         _require(self.num_frames >= 1, "decode.num_frames", f"must be >= 1, got {self.num_frames}")

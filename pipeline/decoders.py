@@ -1,10 +1,14 @@
 """The work done inside the decoder process: probing a file and decoding a clip's frames.
 
-Why two decoders: decord (the `decord2` distribution: maintained, FFmpeg 8, AV1) is fast at random
-access but gives up on the first damaged packet. PyAV decodes sequentially, so it can return the
-frames before a damaged region (`partial=True`), and it takes over whatever decord cannot open or
-turn (decord2 3.4 fails on some tiny rotated frames). decord applies a rotation tag and PyAV does
+Why two decoders: PyAV decodes sequentially, so it can return the frames before a damaged region
+(`partial=True`), and it takes the least CPU time per clip (bench/results/decode-cpu.md); decord
+(the `decord2` distribution: maintained, FFmpeg 8, AV1), tried when PyAV fails, gives up on the
+first damaged packet but may open a file PyAV cannot. decord applies a rotation tag and PyAV does
 not; frames from either come back as displayed (rotated), so the two are interchangeable.
+
+Each decodes on `threads` threads, the CPUs its decode task holds (`decode.num_cpus`, 1 by
+default): more threads shorten a clip's wall time but cost CPU time of their own, and Ray already
+runs one decode task per CPU.
 
 These functions run in `pipeline.decoder_process`'s child (they may hang in native code); call
 them through `pipeline.video`, never directly in a worker.
@@ -20,7 +24,7 @@ import numpy as np
 from pipeline.frame_sampling import display_frame, select_nearest
 from pipeline.video_types import DecodedClip, VideoError, VideoInfo, short_reason
 
-DECODERS = ("decord", "pyav")  # the order `decoder='auto'` tries them in
+DECODERS = ("pyav", "decord")  # the order `decoder='auto'` tries them in
 
 
 def probe_file(path: str) -> VideoInfo:
@@ -80,12 +84,12 @@ def probe_decord(path: str) -> VideoInfo:
 
 
 def _decode_decord(
-    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int
+    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int, threads: int = 1
 ) -> DecodedClip:
     from decord import VideoReader, cpu
 
     try:
-        reader = VideoReader(path, ctx=cpu(0))
+        reader = VideoReader(path, ctx=cpu(0), num_threads=threads)
         starts_s = reader.get_frame_timestamp(range(len(reader)))[:, 0].tolist()  # from the index
         chosen = list(select_nearest(zip(starts_s, range(len(starts_s))), times_s, start_s, end_s))
         if not chosen:
@@ -113,7 +117,7 @@ def _clip(
 
 
 def _decode_pyav(
-    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int
+    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int, threads: int = 1
 ) -> DecodedClip:
     import av
 
@@ -124,7 +128,8 @@ def _decode_pyav(
             stream = container.streams.best("video")
             if stream is None:
                 raise VideoError(path, "no video stream")
-            stream.thread_type = "AUTO"
+            stream.thread_type = "AUTO" if threads > 1 else "NONE"  # frame threads cost CPU time of their own
+            stream.thread_count = threads
             if start_s > 0:  # lands on the keyframe at or before start_s; decoding runs forward
                 container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
             decoded = ((f.time, f) for f in container.decode(stream) if f.time is not None)

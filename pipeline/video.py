@@ -2,7 +2,7 @@
 
 Public API:
     probe(path, timeout_s=30) -> VideoInfo
-    decode_clip(path, start_s, end_s, num_frames=16 | fps=..., max_pixels, timeout_s) -> DecodedClip
+    decode_clip(path, start_s, end_s, num_frames=16 | fps=..., max_pixels, timeout_s, threads) -> DecodedClip
     frames_to_record(clip) -> dict;  frames_from_record(record) -> DecodedClip   (Arrow transport)
 Errors are `VideoError(uri, reason)`.
 
@@ -45,17 +45,20 @@ def decode_clip(
     max_pixels: int = 448 * 448,
     timeout_s: float = 120,
     decoder: str = "auto",
+    threads: int = 1,
     process: DecoderProcess | None = None,
 ) -> DecodedClip:
     """Frames sampled from [start_s, end_s) of `path`, as displayed and at most `max_pixels` each.
 
-    `fps` (when set) wins over `num_frames`. `decoder='auto'` tries decord, then PyAV when decord
-    cannot open the file or raises while decoding; 'decord' or 'pyav' forces one. `timeout_s`
-    bounds the whole call, fallback included.
+    `fps` (when set) wins over `num_frames`. `decoder='auto'` tries PyAV, then decord when PyAV
+    cannot open the file or fails before any frame; 'pyav' or 'decord' forces one. The decoder runs
+    `threads` threads. `timeout_s` bounds the whole call, fallback included.
     """
     _check_file(path)
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
     times_s = sample_times_s(start_s, end_s, num_frames=num_frames, fps=fps)
     worker = process or shared_decoder_process()
     deadline = time.monotonic() + timeout_s
@@ -66,7 +69,7 @@ def decode_clip(
             failures.append(timed_out_reason(timeout_s))
             break
         try:
-            args = (path, start_s, end_s, times_s, max_pixels)
+            args = (path, start_s, end_s, times_s, max_pixels, threads)
             return worker.call(DECODE_FUNCTIONS[name], args, uri=path, timeout_s=remaining_s)
         except DecodeTimeout:  # report the caller's limit, not what was left of it for this attempt
             raise DecodeTimeout(path, timed_out_reason(timeout_s)) from None

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from bench import bench_decode
+from pipeline.config import DecodeConfig
+from pipeline.decoders import DECODERS
 from pipeline.frame_sampling import fit_to_max_pixels
 
 
@@ -14,10 +16,11 @@ def test_every_source_and_decoder_gets_a_row_with_its_shrink_and_the_cores_per_g
     report = bench_decode.main(["--sizes", "480x270", "640x360", "--seconds", "4", "--repeats", "1",
                                 "--out-dir", str(tmp_path)])
     assert report == json.loads((tmp_path / "decode-cpu.json").read_text())
-    rows = {(r["source"], r["decoder"]): r for r in report["rows"]}
-    assert set(rows) == {(s, d) for s in ("480x270", "640x360") for d in ("decord", "pyav")}
+    rows = {(r["source"], r["decoder"], r["threads"]): r for r in report["rows"]}
+    assert set(rows) == {(s, *setup) for s in ("480x270", "640x360") for setup in bench_decode.SETUPS}
+    assert bench_decode.SETUPS[0] == (DECODERS[0], int(DecodeConfig().num_cpus))  # the pipeline's default
     height, width = fit_to_max_pixels(360, 640, report["max_pixels"])
-    for (source, _), r in rows.items():
+    for (source, *_), r in rows.items():
         assert r["frames"] == report["num_frames"] == 16 and r["clip_ms"] > 0 and r["clip_cpu_ms"] > 0
         if source == "480x270":  # the real sample, 13 s: clips [0, 10) and [10, 13); small enough already
             assert (r["file"], r["clips"], r["frame_size"], r["shrink_ms"]) == ("nasa_13013.mp4", 2, "480x270", 0.0)
@@ -29,7 +32,7 @@ def test_every_source_and_decoder_gets_a_row_with_its_shrink_and_the_cores_per_g
     longest = max(r["new_tokens"] for r in recorded)
     assert gpu["ms_per_clip"] == min(r["total_ms_per_clip"] for r in recorded
                                      if r["variant"] == "v2drop" and r["new_tokens"] == longest)
-    one = rows["640x360", "pyav"]
+    one = rows["640x360", "pyav", 1]
     [line] = [line for line in (tmp_path / "decode-cpu.md").read_text().splitlines()
-              if line.startswith("| 640x360 | synthetic_640x360.mp4 | pyav |")]
+              if line.startswith("| 640x360 | synthetic_640x360.mp4 | pyav | 1 |")]
     assert line.endswith(f"| {one['clip_cpu_ms'] / gpu['ms_per_clip']:.1f} |")  # decode CPUs per GPU: CPU time

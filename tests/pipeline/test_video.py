@@ -89,11 +89,22 @@ def test_decord_and_pyav_return_the_same_frames(samples, name, start_s, end_s):
     assert not by_decord.partial and by_decord.error is None
 
 
-def test_auto_prefers_decord_and_samples_evenly(samples):
+def test_auto_prefers_pyav_and_samples_evenly(samples):
     clip = decode_clip(str(samples / "nasa_13013.mp4"), 0.0, 10.0, num_frames=4)
-    assert clip.decoder == "decord"
+    assert clip.decoder == "pyav"  # the least CPU time per clip (pipeline.decoders)
     # bin midpoints 1.25, 3.75, 6.25, 8.75 s; nearest frames of a 29.97 fps video
     assert clip.timestamps_s == pytest.approx([1.25, 3.75, 6.25, 8.75], abs=1 / 29.97 / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_the_thread_count_changes_no_frame(samples, decoder):
+    """A decode task's decoder runs as many threads as the task holds CPUs (decode.num_cpus); the
+    frames are the same on one thread or several."""
+    path = str(samples / "flipping_a_pancake.mkv")
+    one, two = (decode_clip(path, 2.0, 7.0, num_frames=6, decoder=decoder, threads=n) for n in (1, 2))
+    assert one.timestamps_s == two.timestamps_s and np.array_equal(one.frames, two.frames)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        decode_clip(path, 2.0, 7.0, threads=0)
 
 
 def test_fps_sampling_wins_over_num_frames(samples):
@@ -203,7 +214,7 @@ def test_records_round_trip_through_arrow(samples):
 def test_corrupted_sample_returns_the_frames_before_the_damage(samples):
     path = str(samples / "corrupted.mp4")
     clip = decode_clip(path, 0.0, 5.0, num_frames=16)
-    # decord gives up on the first bad packet; PyAV decodes frames 0..27 (0.0..2.7 s), then raises
+    # PyAV decodes frames 0..27 (0.0..2.7 s), then raises; decord would give up on the first bad packet
     assert clip.decoder == "pyav" and clip.partial
     assert "Invalid data" in clip.error
     assert clip.frames.shape == (9, 336, 597, 3)  # 1280x720 shrunk to <= 448*448 pixels
@@ -215,7 +226,7 @@ def test_corrupted_sample_span_after_the_damage_is_an_error_naming_the_file(samp
     with pytest.raises(VideoError, match="corrupted.mp4") as caught:
         decode_clip(path, 3.0, 5.0)
     assert caught.value.uri == path
-    assert "decord:" in caught.value.reason and "pyav:" in caught.value.reason
+    assert "pyav:" in caught.value.reason and "decord:" in caught.value.reason  # auto fell back to decord
     with pytest.raises(VideoError, match="corrupted.mp4"):
         decode_clip(path, 0.0, 5.0, decoder="decord")  # decord alone salvages nothing
 
@@ -264,7 +275,7 @@ def test_av1_decodes_with_decord2_and_pyav_alike(tmp_path, container):
     path = str(write_video(tmp_path / f"tiny_av1.{container}", frames, codec="libsvtav1", fps=10))
     by_decord = decode_clip(path, 0.0, 1.0, num_frames=5, decoder="decord")
     by_pyav = decode_clip(path, 0.0, 1.0, num_frames=5, decoder="pyav")
-    assert decode_clip(path, 0.0, 1.0, num_frames=5).decoder == "decord"  # auto: no fallback needed
+    assert decode_clip(path, 0.0, 1.0, num_frames=5).decoder == "pyav"  # auto: no fallback needed
     assert by_decord.frames.shape == by_pyav.frames.shape == (5, 64, 64, 3) and not by_decord.partial
     assert by_decord.timestamps_s == pytest.approx(by_pyav.timestamps_s, abs=1e-3)
     assert mean_abs_diff(by_decord.frames, by_pyav.frames) < 1.0
