@@ -92,38 +92,44 @@ def pil_shrink(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def measure(path: Path, decoder: str, threads: int, repeats: int, process: DecoderProcess) -> dict:
-    decode, clips = DecodeConfig(), ClipsConfig()
-    info = probe(str(path), process=process)
+    """One table row: the medians of `time_clip` over every clip of `path`, `repeats` times."""
+    info, clips = probe(str(path), process=process), ClipsConfig()
     spans = [(c.start_s, c.end_s) for c in plan_clips(str(path), info.duration_s, clip_len_s=clips.clip_len_s,
                                                         stride_s=clips.stride_s, min_clip_len_s=clips.min_clip_len_s)]
-    clip_ms, clip_cpu_ms, shrink_ms, pil_ms = [], [], [], []
-    for _ in range(repeats):
-        for start_s, end_s in spans:
-            def call(max_pixels: int, start_s: float = start_s, end_s: float = end_s):
-                return decode_clip(str(path), start_s, end_s, num_frames=decode.num_frames, max_pixels=max_pixels,
-                                   decoder=decoder, threads=threads, process=process)
+    timings = [time_clip(path, span, decoder, threads, process) for _ in range(repeats) for span in spans]
+    frames = timings[-1].pop("frames")
+    medians = {key: statistics.median(t[key] for t in timings if t[key] is not None)
+               for key in ("clip_ms", "clip_cpu_ms", "shrink_ms", "shrink_pil_ms")}
+    return {"source": f"{info.width}x{info.height}", "file": path.name, "codec": info.codec, "decoder": decoder,
+            "threads": threads, "clips": len(spans), "frames": int(frames.shape[0]),
+            "frame_size": f"{frames.shape[2]}x{frames.shape[1]}", **medians}
 
-            pid, begin, cpu_before = process.pid, time.perf_counter(), task_cpu_ms(process)
-            frames = call(decode.max_pixels).frames
-            clip_ms.append((time.perf_counter() - begin) * 1e3)
-            if process.pid == pid:  # not restarted in between (every 500 requests)
-                clip_cpu_ms.append(task_cpu_ms(process) - cpu_before)
-            full = call(10**9).frames  # the same frames, not shrunk
-            height, width = fit_to_max_pixels(full.shape[1], full.shape[2], decode.max_pixels)
-            if (height, width) == full.shape[1:3]:  # small enough already: nothing is shrunk
-                shrink_ms.append(0.0), pil_ms.append(0.0)
-                continue
-            for timings, fn in ((shrink_ms, shrink), (pil_ms, pil_shrink)):
-                begin = time.perf_counter()
-                shrunk = np.stack([fn(frame, height, width) for frame in full])
-                timings.append((time.perf_counter() - begin) * 1e3)
-                if fn is shrink:  # what was timed alone is what the decode task ran
-                    assert np.array_equal(shrunk, frames), f"{path.name} {decoder}: shrink differs from the decoded frames"
-    return {"source": f"{info.width}x{info.height}", "file": path.name, "codec": info.codec, "decoder": decoder, "threads": threads,
-            "clips": len(spans), "frames": int(frames.shape[0]), "frame_size": f"{frames.shape[2]}x{frames.shape[1]}",
-            "clip_ms": statistics.median(clip_ms), "clip_cpu_ms": statistics.median(clip_cpu_ms),
-            "shrink_ms": statistics.median(shrink_ms),
-            "shrink_pil_ms": statistics.median(pil_ms)}
+
+def time_clip(path: Path, span: tuple[float, float], decoder: str, threads: int, process: DecoderProcess) -> dict:
+    """One clip: wall and CPU ms of its decode task's call; then, on the same frames decoded at full
+    size, the ms of `shrink` and of PIL's resize (0 where nothing is shrunk)."""
+    decode = DecodeConfig()
+
+    def call(max_pixels: int) -> np.ndarray:
+        return decode_clip(str(path), *span, num_frames=decode.num_frames, max_pixels=max_pixels, decoder=decoder,
+                           threads=threads, process=process).frames
+
+    pid, begin, cpu_before = process.pid, time.perf_counter(), task_cpu_ms(process)
+    frames = call(decode.max_pixels)
+    out = {"frames": frames, "clip_ms": (time.perf_counter() - begin) * 1e3,
+           "clip_cpu_ms": task_cpu_ms(process) - cpu_before if process.pid == pid else None,  # None: restarted
+           "shrink_ms": 0.0, "shrink_pil_ms": 0.0}
+    full = call(10**9)
+    height, width = fit_to_max_pixels(full.shape[1], full.shape[2], decode.max_pixels)
+    if (height, width) == full.shape[1:3]:
+        return out
+    for key, fn in (("shrink_ms", shrink), ("shrink_pil_ms", pil_shrink)):
+        begin = time.perf_counter()
+        shrunk = np.stack([fn(frame, height, width) for frame in full])
+        out[key] = (time.perf_counter() - begin) * 1e3
+        if fn is shrink:  # what was timed alone is what the decode task ran
+            assert np.array_equal(shrunk, frames), f"{path.name} {decoder}: shrink differs from the decoded frames"
+    return out
 
 
 def task_cpu_ms(process: DecoderProcess) -> float:
