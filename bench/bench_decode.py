@@ -9,7 +9,8 @@ if the CPU decode tasks keep up. Per source and decoder this times what a decode
 (`DecodeConfig`: 16 frames, at most 448x448 pixels each) over each `ClipsConfig().clip_len_s`
 clip of the file, the median over clips and repeats, for each of SETUPS: PyAV on one thread (the
 default: `decoder='auto'` tries PyAV first, on `decode.num_cpus` threads), decord on one thread,
-and decord on a thread per core (the default before 2026-12-01). Beside it, the part of that spent shrinking
+and decord on a thread per core (the default before 2026-12-01); and PyAV on one thread with
+`decode.reference_frames_only`. Beside it, the part of that spent shrinking
 the 16 frames to 448x448 (`frame_sampling.shrink`, timed alone on the same full-size frames),
 and the same shrink by PIL's antialiased bilinear resize, the pipeline's before torch's kernel.
 
@@ -51,9 +52,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 REAL_SAMPLE = {"480x270": REPO.parent / "shared" / "videos" / "nasa_13013.mp4"}
 GPU_RUN = RESULTS_DIR / "model-cuda-7b.json"
-# (decoder, threads): the default now (`decoder='auto'` tries PyAV first, on decode.num_cpus = 1
-# thread); decord on one thread; and the default before 2026-12-01, decord first on a thread per core
-SETUPS = (("pyav", 1), ("decord", 1), ("decord", os.cpu_count() or 1))
+# (decoder, threads, reference frames only): the default now (`decoder='auto'` tries PyAV first, on
+# decode.num_cpus = 1 thread); the same with decode.reference_frames_only; decord on one thread; and
+# the default before 2026-12-01, decord first on a thread per core
+SETUPS = (("pyav", 1, False), ("pyav", 1, True), ("decord", 1, False), ("decord", os.cpu_count() or 1, False))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,28 +93,29 @@ def pil_shrink(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BILINEAR))
 
 
-def measure(path: Path, decoder: str, threads: int, repeats: int, process: DecoderProcess) -> dict:
+def measure(path: Path, setup: tuple[str, int, bool], repeats: int, process: DecoderProcess) -> dict:
     """One table row: the medians of `time_clip` over every clip of `path`, `repeats` times."""
     info, clips = probe(str(path), process=process), ClipsConfig()
     spans = [(c.start_s, c.end_s) for c in plan_clips(str(path), info.duration_s, clip_len_s=clips.clip_len_s,
                                                         stride_s=clips.stride_s, min_clip_len_s=clips.min_clip_len_s)]
-    timings = [time_clip(path, span, decoder, threads, process) for _ in range(repeats) for span in spans]
+    timings = [time_clip(path, span, setup, process) for _ in range(repeats) for span in spans]
     frames = timings[-1].pop("frames")
     medians = {key: statistics.median(t[key] for t in timings if t[key] is not None)
                for key in ("clip_ms", "clip_cpu_ms", "shrink_ms", "shrink_pil_ms")}
+    decoder, threads, reference_only = setup
     return {"source": f"{info.width}x{info.height}", "file": path.name, "codec": info.codec, "decoder": decoder,
-            "threads": threads, "clips": len(spans), "frames": int(frames.shape[0]),
+            "threads": threads, "reference_frames_only": reference_only, "clips": len(spans), "frames": int(frames.shape[0]),
             "frame_size": f"{frames.shape[2]}x{frames.shape[1]}", **medians}
 
 
-def time_clip(path: Path, span: tuple[float, float], decoder: str, threads: int, process: DecoderProcess) -> dict:
+def time_clip(path: Path, span: tuple[float, float], setup: tuple[str, int, bool], process: DecoderProcess) -> dict:
     """One clip: wall and CPU ms of its decode task's call; then, on the same frames decoded at full
     size, the ms of `shrink` and of PIL's resize (0 where nothing is shrunk)."""
-    decode = DecodeConfig()
+    decode, (decoder, threads, reference_only) = DecodeConfig(), setup
 
     def call(max_pixels: int) -> np.ndarray:
         return decode_clip(str(path), *span, num_frames=decode.num_frames, max_pixels=max_pixels, decoder=decoder,
-                           threads=threads, process=process).frames
+                           threads=threads, reference_frames_only=reference_only, process=process).frames
 
     pid, begin, cpu_before = process.pid, time.perf_counter(), task_cpu_ms(process)
     frames = call(decode.max_pixels)
@@ -165,12 +168,13 @@ def markdown(report: dict) -> str:
              "resize before; 0 where the frames are small enough already); the clip with PIL's shrink is "
              "clip - shrink + PIL's, from the same run. The pipeline's default: PyAV on 1 thread; before 2026-12-01: "
              f"decord on a thread per core ({SETUPS[-1][1]} here) with PIL's shrink.", "",
-             "| source | file | decoder | threads | clips | clip ms | clip CPU ms | of it shrink ms | shrink by PIL ms | "
-             "clip CPU ms with PIL's shrink |" + (" decode CPUs per GPU |" if gpu else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+             "| source | file | decoder | threads | reference frames only | clips | clip ms | clip CPU ms | of it shrink ms | "
+             "shrink by PIL ms | clip CPU ms with PIL's shrink |" + (" decode CPUs per GPU |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in report["rows"]:
         with_pil = r["clip_cpu_ms"] - r["shrink_ms"] + r["shrink_pil_ms"]
-        lines.append(f"| {r['source']} | {r['file']} | {r['decoder']} | {r['threads']} | {r['clips']} | {r['clip_ms']:.0f} | "
+        lines.append(f"| {r['source']} | {r['file']} | {r['decoder']} | {r['threads']} | "
+                     f"{'yes' if r['reference_frames_only'] else 'no'} | {r['clips']} | {r['clip_ms']:.0f} | "
                      f"{r['clip_cpu_ms']:.0f} | {r['shrink_ms']:.1f} | {r['shrink_pil_ms']:.1f} | "
                      f"{with_pil:.0f} ({with_pil / r['clip_cpu_ms']:.2f}x) |"
                      + (f" {r['clip_cpu_ms'] / gpu['ms_per_clip']:.1f} |" if gpu else ""))
@@ -192,9 +196,9 @@ def main(argv=None) -> dict:
         for size in args.sizes:
             width, height = (int(n) for n in size.split("x"))
             path = REAL_SAMPLE.get(size) or make_video(Path(scratch) / f"synthetic_{size}.mp4", width, height, args.seconds)
-            for decoder, threads in SETUPS:
-                rows.append(measure(path, decoder, threads, args.repeats, process))
-                print(f"{size} {decoder} x{threads}: {rows[-1]['clip_cpu_ms']:.0f} ms CPU per clip", flush=True)
+            for setup in SETUPS:
+                rows.append(measure(path, setup, args.repeats, process))
+                print(f"{size} {setup}: {rows[-1]['clip_cpu_ms']:.0f} ms CPU per clip", flush=True)
     process.close()
     gpu = gpu_ms_per_clip()
     report = {"hardware": machine, "args": {k: str(v) for k, v in vars(args).items()}, "repeats": args.repeats,

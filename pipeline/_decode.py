@@ -48,7 +48,8 @@ def decode_row(row: dict[str, Any], decode: DecodeConfig, storage: Storage, cach
     try:
         clip = decode_clip(storage.local_copy(uri, cache_dir), row["start_s"], row["end_s"], num_frames=decode.num_frames,
                            fps=decode.fps, max_pixels=decode.max_pixels, timeout_s=decode.timeout_s,
-                           threads=max(1, int(decode.num_cpus)))  # the CPUs the task holds
+                           threads=max(1, int(decode.num_cpus)),  # the CPUs the task holds
+                           reference_frames_only=decode.reference_frames_only)
     except VideoError as e:
         return {**row, **error_fields(uri, f"clip [{row['start_s']:g}, {row['end_s']:g}) s: {e.reason}", "decode")}
     except StorageError as e:

@@ -33,9 +33,11 @@ def settings_key(cfg: JobConfig) -> str:
     """Settings that change what the model sees of a clip; part of every clip_id. Example:
     'frames=16|fps=None|px=200704'. What changes the output for the same frames (model, retention,
     sampling, system prompt) is in the rows' engine fingerprint instead (workers.provenance): a
-    re-run with other settings replaces the clip's rows rather than adding rows under new ids."""
+    re-run with other settings replaces the clip's rows rather than adding rows under new ids.
+    `decode.reference_frames_only` moves samples to reference frames: '|reference-frames' when on,
+    so the keys of runs without it stay what they were."""
     d = cfg.decode
-    return f"frames={d.num_frames}|fps={d.fps}|px={d.max_pixels}"
+    return f"frames={d.num_frames}|fps={d.fps}|px={d.max_pixels}" + ("|reference-frames" if d.reference_frames_only else "")
 
 
 def key(clip: str, prompt: str | None) -> tuple[str, str]:

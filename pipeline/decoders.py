@@ -84,7 +84,8 @@ def probe_decord(path: str) -> VideoInfo:
 
 
 def _decode_decord(
-    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int, threads: int = 1
+    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int, threads: int = 1,
+    reference_frames_only: bool = False,  # decord has no way to skip frames: every one is decoded
 ) -> DecodedClip:
     from decord import VideoReader, cpu
 
@@ -117,7 +118,8 @@ def _clip(
 
 
 def _decode_pyav(
-    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int, threads: int = 1
+    path: str, start_s: float, end_s: float, times_s: list[float], max_pixels: int, threads: int = 1,
+    reference_frames_only: bool = False,
 ) -> DecodedClip:
     import av
 
@@ -130,6 +132,8 @@ def _decode_pyav(
                 raise VideoError(path, "no video stream")
             stream.thread_type = "AUTO" if threads > 1 else "NONE"  # frame threads cost CPU time of their own
             stream.thread_count = threads
+            if reference_frames_only:  # FFmpeg's AVDISCARD_NONREF: frames no other frame refers to
+                stream.codec_context.skip_frame = "NONREF"
             if start_s > 0:  # lands on the keyframe at or before start_s; decoding runs forward
                 container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
             decoded = ((f.time, f) for f in container.decode(stream) if f.time is not None)

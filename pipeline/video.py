@@ -46,13 +46,16 @@ def decode_clip(
     timeout_s: float = 120,
     decoder: str = "auto",
     threads: int = 1,
+    reference_frames_only: bool = False,
     process: DecoderProcess | None = None,
 ) -> DecodedClip:
     """Frames sampled from [start_s, end_s) of `path`, as displayed and at most `max_pixels` each.
 
     `fps` (when set) wins over `num_frames`. `decoder='auto'` tries PyAV, then decord when PyAV
     cannot open the file or fails before any frame; 'pyav' or 'decord' forces one. The decoder runs
-    `threads` threads. `timeout_s` bounds the whole call, fallback included.
+    `threads` threads. `reference_frames_only`: PyAV skips the frames no other frame refers to, and
+    each sample takes the nearest decoded one (decord cannot skip). `timeout_s` bounds the whole
+    call, fallback included.
     """
     _check_file(path)
     if max_pixels < 1:
@@ -69,7 +72,7 @@ def decode_clip(
             failures.append(timed_out_reason(timeout_s))
             break
         try:
-            args = (path, start_s, end_s, times_s, max_pixels, threads)
+            args = (path, start_s, end_s, times_s, max_pixels, threads, reference_frames_only)
             return worker.call(DECODE_FUNCTIONS[name], args, uri=path, timeout_s=remaining_s)
         except DecodeTimeout:  # report the caller's limit, not what was left of it for this attempt
             raise DecodeTimeout(path, timed_out_reason(timeout_s)) from None

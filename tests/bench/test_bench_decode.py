@@ -16,9 +16,10 @@ def test_every_source_and_decoder_gets_a_row_with_its_shrink_and_the_cores_per_g
     report = bench_decode.main(["--sizes", "480x270", "640x360", "--seconds", "4", "--repeats", "1",
                                 "--out-dir", str(tmp_path)])
     assert report == json.loads((tmp_path / "decode-cpu.json").read_text())
-    rows = {(r["source"], r["decoder"], r["threads"]): r for r in report["rows"]}
+    rows = {(r["source"], r["decoder"], r["threads"], r["reference_frames_only"]): r for r in report["rows"]}
     assert set(rows) == {(s, *setup) for s in ("480x270", "640x360") for setup in bench_decode.SETUPS}
-    assert bench_decode.SETUPS[0] == (DECODERS[0], int(DecodeConfig().num_cpus))  # the pipeline's default
+    default = DecodeConfig()
+    assert bench_decode.SETUPS[0] == (DECODERS[0], int(default.num_cpus), default.reference_frames_only)
     height, width = fit_to_max_pixels(360, 640, report["max_pixels"])
     for (source, *_), r in rows.items():
         assert r["frames"] == report["num_frames"] == 16 and r["clip_ms"] > 0 and r["clip_cpu_ms"] > 0
@@ -32,7 +33,7 @@ def test_every_source_and_decoder_gets_a_row_with_its_shrink_and_the_cores_per_g
     longest = max(r["new_tokens"] for r in recorded)
     assert gpu["ms_per_clip"] == min(r["total_ms_per_clip"] for r in recorded
                                      if r["variant"] == "v2drop" and r["new_tokens"] == longest)
-    one = rows["640x360", "pyav", 1]
+    one = rows["640x360", "pyav", 1, False]
     [line] = [line for line in (tmp_path / "decode-cpu.md").read_text().splitlines()
-              if line.startswith("| 640x360 | synthetic_640x360.mp4 | pyav | 1 |")]
+              if line.startswith("| 640x360 | synthetic_640x360.mp4 | pyav | 1 | no |")]
     assert line.endswith(f"| {one['clip_cpu_ms'] / gpu['ms_per_clip']:.1f} |")  # decode CPUs per GPU: CPU time

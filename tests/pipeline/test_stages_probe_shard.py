@@ -32,6 +32,15 @@ def videos_with(*rows: dict) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=PROBED_SCHEMA)
 
 
+def test_the_settings_key_names_what_changes_the_frames() -> None:
+    """Part of every clip_id: the default keeps the key earlier runs wrote; reference frames only
+    (other frames for the samples) gives other clip ids."""
+    assert SETTINGS == "frames=16|fps=None|px=200704"
+    reference = JobConfig()
+    reference.decode.reference_frames_only = True
+    assert settings_key(reference) == SETTINGS + "|reference-frames"
+
+
 def test_probe_gives_each_readable_video_its_duration_and_each_bad_one_an_error_row(
         shared_videos: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.mp4"

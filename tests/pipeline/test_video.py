@@ -26,15 +26,17 @@ def samples() -> Path:
     return SAMPLES
 
 
-def write_video(path: Path, frames: list[np.ndarray], *, codec: str, fps: int, rotation_ccw_deg: int = 0) -> Path:
-    """Encode RGB frames with PyAV; `rotation_ccw_deg` writes a display-matrix rotation tag."""
+def write_video(path: Path, frames: list[np.ndarray], *, codec: str, fps: int, rotation_ccw_deg: int = 0,
+                lossless: bool = True) -> Path:
+    """Encode RGB frames with PyAV; `rotation_ccw_deg` writes a display-matrix rotation tag.
+    x264 encodes losslessly unless told not to (lossless x264 makes no B-frames)."""
     import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
+        if codec == "libx264" and lossless:
             stream.options = {"qp": "0"}  # lossless in YUV: pixel values stay readable
         if rotation_ccw_deg:
             stream.set_display_rotation(rotation_ccw_deg)
@@ -105,6 +107,25 @@ def test_the_thread_count_changes_no_frame(samples, decoder):
     assert one.timestamps_s == two.timestamps_s and np.array_equal(one.frames, two.frames)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         decode_clip(path, 2.0, 7.0, threads=0)
+
+
+def test_reference_frames_only_samples_the_nearest_reference_frame(tmp_path):
+    """decode.reference_frames_only: PyAV skips the frames no other frame refers to (x264's
+    non-reference B-frames here); each sample takes the nearest decoded frame, at most two frame
+    periods from the one a full decode gives, with the same pixels where it is the same frame.
+    decord cannot skip and decodes every frame, as before."""
+    texture = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    frames = [np.roll(texture, 2 * i, axis=1) for i in range(90)]  # 3 s at 30 fps, moving
+    path = str(write_video(tmp_path / "b_frames.mp4", frames, codec="libx264", fps=30, lossless=False))
+    full = decode_clip(path, 0.0, 3.0, num_frames=16, decoder="pyav")
+    ref = decode_clip(path, 0.0, 3.0, num_frames=16, decoder="pyav", reference_frames_only=True)
+    assert ref.frames.shape == full.frames.shape and not ref.partial
+    moved = np.abs(np.array(ref.timestamps_s) - full.timestamps_s)
+    assert 0 < moved.max() <= 2 / 30 + 1e-6  # some samples moved: frames were skipped
+    kept = moved == 0
+    assert kept.any() and np.array_equal(ref.frames[kept], full.frames[kept])
+    by_decord = decode_clip(path, 0.0, 3.0, num_frames=16, decoder="decord", reference_frames_only=True)
+    assert by_decord.timestamps_s == pytest.approx(full.timestamps_s, abs=1e-3)
 
 
 def test_fps_sampling_wins_over_num_frames(samples):
