@@ -123,9 +123,8 @@ class DecodeConfig:
     max_pixels: int = 200704  # per-frame pixel bound (448*448) applied before the processor
     timeout_s: float = 120.0  # a decode that takes longer is killed and recorded as an error
     num_cpus: float = 1.0  # CPUs per decode task; its decoder runs this many threads (at least 1)
-    # PyAV decodes only the frames other frames refer to (about 40 % less CPU on H.264 with
-    # B-frames): each sample then takes the nearest of those, a frame or two from its time, and a
-    # high fps repeats frames. decord, the fallback, decodes every frame either way.
+    # Why off: it changes which frames the model sees (README, "Decode"). decord, the fallback, decodes every frame.
+    # PyAV decodes only frames others refer to (33-48 % less CPU with B-frames); a sample takes the nearest, a frame or 2 off
     reference_frames_only: bool = False
 
     def __post_init__(self) -> None:
