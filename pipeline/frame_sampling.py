@@ -98,9 +98,9 @@ def display_frame(frame: np.ndarray, rotation_deg: int, max_pixels: int) -> np.n
 def shrink(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     """An RGB uint8 frame [H, W, 3] resized to [height, width, 3] by antialiased bilinear
     interpolation: the filter of PIL's BILINEAR resize when shrinking (the same pixels within one
-    level), by torch's uint8 kernel, which reads the frame in place and is about 5x faster than
-    PIL's on a 720p frame (bench/bench_decode.py). It runs in the decoder process on one thread
-    (`_serve_fd`): a decode task holds one CPU."""
+    level), by torch's uint8 kernel, which reads the frame in place: 2.7-4.2x faster than PIL's
+    (image copy and resize) for 720p-1080p frames (bench/results/decode-cpu.md). It runs in the
+    decoder process on one thread (`_serve_fd`)."""
     import torch
     import torch.nn.functional as F
 

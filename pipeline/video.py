@@ -2,7 +2,8 @@
 
 Public API:
     probe(path, timeout_s=30) -> VideoInfo
-    decode_clip(path, start_s, end_s, num_frames=16 | fps=..., max_pixels, timeout_s, threads) -> DecodedClip
+    decode_clip(path, start_s, end_s, num_frames=16 | fps=..., max_pixels, timeout_s, threads,
+                reference_frames_only) -> DecodedClip
     frames_to_record(clip) -> dict;  frames_from_record(record) -> DecodedClip   (Arrow transport)
 Errors are `VideoError(uri, reason)`.
 
