@@ -72,9 +72,9 @@ from bench.model_setup import (
     clip_batch,
     encode,
     engine_arg,
-    engine_batch,
     engines_at,
     fresh,
+    parse_engine,
     run_generate,
     set_variant,
     text_inputs,
@@ -124,13 +124,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--memory-budget-gib must be > 0, got {args.memory_budget_gib}")
     if args.max_auto_batch < 1:
         p.error(f"--max-auto-batch must be >= 1, got {args.max_auto_batch}")
-    names = [spec.partition("@")[0] for spec in args.engines]
-    if len(set(names)) < len(names):
+    engines = [parse_engine(spec) for spec in args.engines]
+    if len({name for name, _ in engines}) < len(engines):
         p.error(f"--engines names an engine twice: {' '.join(args.engines)}")
-    if all(engine_batch(spec) is not None for spec in args.engines):
+    if all(only is not None for _, only in engines):
         p.error("--engines needs one engine without '@BATCH' (the targets read an engine run at every batch)")
-    for spec in args.engines:
-        if engine_batch(spec) not in (None, *args.batch_sizes):
+    for spec, (_, only) in zip(args.engines, engines):
+        if only not in (None, *args.batch_sizes):
             p.error(f"--engines {spec}: its batch is not in --batch-sizes")
     if AUTO in args.batch_sizes and args.memory_budget_gib is None and not args.device.startswith("cuda"):
         p.error(f"--batch-sizes {AUTO} on {args.device} needs --memory-budget-gib (only CUDA has a free-memory figure)")

@@ -15,9 +15,9 @@ from bench.model_setup import (
     VARIANTS,
     clip_batch,
     encode,
-    engine_batch,
     engines_at,
     fresh,
+    parse_engine,
     run_generate,
     set_variant,
     text_inputs,
@@ -33,8 +33,7 @@ def check_capture(model, tokenizer, args, schedule) -> str | None:
     must give the same step's uncaptured tokens; otherwise the run goes on uncaptured and the report
     says why. Checked at batch 2, or at the one batch an ENGINE@BATCH runs at (a compiled step
     compiles once per batch size, so that is the compile its timed rows reuse)."""
-    checked = [(spec.partition("@")[0], engine_batch(spec) or 2) for spec in args.engines
-               if spec.partition("@")[0] in STEP_KWARGS]
+    checked = [(name, only or 2) for name, only in map(parse_engine, args.engines) if name in STEP_KWARGS]
     if not args.capture or not checked:
         return None
     try:

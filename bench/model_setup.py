@@ -58,16 +58,17 @@ def engine_arg(text: str) -> str:
     return text
 
 
-def engine_batch(spec: str) -> int | None:
-    """The one batch size an --engines entry is limited to (ENGINE@BATCH), else None."""
-    _, at, batch = spec.partition("@")
-    return int(batch) if at else None
+def parse_engine(spec: str) -> tuple[str, int | None]:
+    """An --engines entry (checked by engine_arg) -> (engine, the one batch size it is limited to,
+    else None)."""
+    name, at, batch = spec.partition("@")
+    return name, int(batch) if at else None
 
 
 def engines_at(specs, batch: int | None) -> list[str]:
     """The engines of --engines that run at a fixed `batch` (None: an engine-chosen batch, where
     only the engines run at every batch do)."""
-    return [spec.partition("@")[0] for spec in specs if engine_batch(spec) in (None, batch)]
+    return [name for name, only in map(parse_engine, specs) if only in (None, batch)]
 
 
 def clip_batch(model, tokenizer, grid, batch: int, device) -> dict:
