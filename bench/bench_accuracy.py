@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import report as report_file
+from bench.report import RESULTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 LETTERS = "ABCDEFGHIJ"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 WHOLE_VIDEO_S = 86_400.0  # clip length and stride: one clip per video, covering all of it

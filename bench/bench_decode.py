@@ -30,7 +30,6 @@ bench/results/decode-cpu.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ import torch
 
 from bench import report as report_file
 from bench.bench_v2drop import hardware
+from bench.report import RESULTS_DIR, gpu_ms_per_clip
 from pipeline.clips import plan_clips
 from pipeline.config import ClipsConfig, DecodeConfig
 from pipeline.decoder_process import DecoderProcess
@@ -49,9 +49,7 @@ from pipeline.frame_sampling import fit_to_max_pixels, shrink
 from pipeline.video import decode_clip, probe
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 REAL_SAMPLE = {"480x270": REPO.parent / "shared" / "videos" / "nasa_13013.mp4"}
-GPU_RUN = RESULTS_DIR / "model-cuda-7b.json"
 # (decoder, threads, reference frames only): the default now (`decoder='auto'` tries PyAV first, on
 # decode.num_cpus = 1 thread); the same with decode.reference_frames_only; decord on one thread; and
 # the default before 2026-12-01, decord first on a thread per core
@@ -143,18 +141,6 @@ def task_cpu_ms(process: DecoderProcess) -> float:
     fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3, state
     child_ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
     return child_ticks * 1e3 / os.sysconf("SC_CLK_TCK") + time.process_time() * 1e3
-
-
-def gpu_ms_per_clip() -> tuple[float, str] | None:
-    """The fastest V²Drop row of the recorded H200 run: (ms per clip, what it is)."""
-    if not GPU_RUN.exists():
-        return None
-    run = json.loads(GPU_RUN.read_text())
-    longest = max(r["new_tokens"] for r in run["rows"])  # the issue's clip: 256 new tokens
-    best = min((r for r in run["rows"] if r["variant"] == "v2drop" and r["new_tokens"] == longest),
-               key=lambda r: r["total_ms_per_clip"])
-    return best["total_ms_per_clip"], (f"{run['hardware']}, Qwen2.5-VL-7B shapes, V²Drop 25 %, {best['engine']} engine, "
-                                       f"batch {best['batch']}, {best['new_tokens']} new tokens, {GPU_RUN.name}")
 
 
 def markdown(report: dict) -> str:

@@ -79,9 +79,7 @@ from bench.model_setup import (
     set_variant,
     text_inputs,
 )
-from bench.report import timed
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from bench.report import RESULTS_DIR, timed
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -49,9 +49,9 @@ from typing import Any
 
 from bench import report as report_file
 from bench.pipeline_report import markdown, median_row
+from bench.report import RESULTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 # job -> {variant: config overrides}; the first variant is the numerator of every ratio
 JOBS = {
     "caption": {"v2drop": ["model.retention=0.25"], "off": ["model.retention=1.0"]},

@@ -30,12 +30,11 @@ import torch
 
 import v2drop
 from bench import report as report_file
-from bench.report import timed
+from bench.report import RESULTS_DIR, timed
 from v2drop.compat import output_cache
 from vlm import tiny
 
 VARIANTS = ("full", "v2drop", "random")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEVEN_B = dict(hidden_size=3584, num_heads=28, num_kv_heads=4, intermediate_size=18944, vocab_size=152064)
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from bench import bench_decode
+from bench.report import GPU_RUN
 from pipeline.config import DecodeConfig
 from pipeline.decoders import DECODERS
 from pipeline.frame_sampling import fit_to_max_pixels
@@ -29,7 +30,7 @@ def test_every_source_and_decoder_gets_a_row_with_its_shrink_and_the_cores_per_g
             assert (r["clips"], r["frame_size"], r["codec"]) == (1, f"{width}x{height}", "h264")
             assert r["shrink_ms"] > 0 and r["shrink_pil_ms"] > 0
     gpu = report["gpu"]  # the recorded H200 run: V²Drop's fastest clip at the longest new-token count
-    recorded = json.loads(bench_decode.GPU_RUN.read_text())["rows"]
+    recorded = json.loads(GPU_RUN.read_text())["rows"]
     longest = max(r["new_tokens"] for r in recorded)
     assert gpu["ms_per_clip"] == min(r["total_ms_per_clip"] for r in recorded
                                      if r["variant"] == "v2drop" and r["new_tokens"] == longest)
