@@ -28,7 +28,7 @@ from workers.provenance import software_versions
 
 CPU_RUN = "n/a (CPU run)"
 # What the model actors ran with, as the rows say (workers.provenance); summarised per run.
-ENGINE_COLUMNS = ("engine_fingerprint", "model_dtype", "attn_implementation", "drop_layers", "drop_keep")
+ENGINE_COLUMNS = ("engine_fingerprint", "model_dtype", "attn_implementation", "inputs_device", "drop_layers", "drop_keep")
 
 
 @dataclass
@@ -142,7 +142,7 @@ def build_summary(
         "fallback_calls": sum(stats.fallbacks_by_reason.values()),
         "fallbacks_by_reason": stats.fallbacks_by_reason,
         "self_check": "; ".join(sorted(stats.self_checks)) or None,
-        **{name: stats.engine.get(name) for name in ("model_dtype", "attn_implementation")},
+        **{name: stats.engine.get(name) for name in ("model_dtype", "attn_implementation", "inputs_device")},
         "engine_fingerprint": engine_fingerprint,
         "drop_layers": stats.engine.get("drop_layers"),
         "drop_keep": stats.engine.get("drop_keep"),

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pipeline.storage import Storage
 
 REPORT_NAME = "report.html"
-COLUMNS = ("clip_id", "status", "error", "error_stage", "skip_reason", "finished_at", "decode_ms", "prefill_ms",
+COLUMNS = ("clip_id", "status", "error", "error_stage", "skip_reason", "finished_at", "decode_ms", "inputs_ms", "prefill_ms",
            "generate_ms", "batch_id", "retention_asked", "retention_achieved", "visual_tokens_per_stage", "drop_layers")
 PERCENTILES = (50, 90, 99)
 SECTIONS = ("throughput", "latency", "tokens", "retention", "errors", "cost")
@@ -107,10 +107,11 @@ def latency(records: list[dict]) -> tuple[str, bytes | None, list]:
 
 
 def latency_samples(records: list[dict]) -> dict[str, list[float]]:
-    """decode_ms once per clip; prefill_ms and generate_ms once per model call (batch_id)."""
+    """decode_ms once per clip; inputs_ms, prefill_ms and generate_ms once per model call (batch_id)."""
     calls = {r["batch_id"]: r for r in records if r["batch_id"] is not None}
     return {
         "decode": [r["decode_ms"] for r in _per_clip(records) if r["decode_ms"] is not None],
+        "inputs": [r["inputs_ms"] for r in calls.values() if r["inputs_ms"] is not None],
         "prefill": [r["prefill_ms"] for r in calls.values() if r["prefill_ms"] is not None],
         "generate": [r["generate_ms"] for r in calls.values() if r["generate_ms"] is not None],
     }

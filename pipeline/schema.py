@@ -23,7 +23,7 @@ import pyarrow as pa
 
 STATUSES = ("ok", "error", "skipped")
 PARTITION_COLUMNS = ("job", "run_date")
-SCHEMA_VERSION = 3  # 1: before 2026-11-30 (run_date a string, peak_memory_bytes, no skip_reason); 2: no video_prefill_*
+SCHEMA_VERSION = 4  # 1: before 2026-11-30 (run_date a string, peak_memory_bytes, no skip_reason); 2: no video_prefill_*; 3: no inputs_*
 SCHEMA_VERSION_KEY = b"v2drop_batch.schema_version"
 
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -52,6 +52,7 @@ ROW_SCHEMA = pa.schema(
         pa.field("prompt_tokens", pa.int64()),  # input tokens (text + visual, before dropping)
         pa.field("output_tokens", pa.int64()),  # generated tokens
         pa.field("decode_ms", pa.float64()),  # video decode time of the clip (per clip, repeated on its prompts' rows)
+        pa.field("inputs_ms", pa.float64()),  # PER CALL (batch_id): building its inputs (processor, copy to the device), before prefill_ms
         pa.field("prefill_ms", pa.float64()),  # PER CALL (batch_id): start of the call to the first token's logits
         pa.field("generate_ms", pa.float64()),  # PER CALL (batch_id): the whole call, prefill and every decode step
         pa.field("prefill_ms_share", pa.float64()),  # this row's part of prefill_ms, by its share of the call's flops_dropped
@@ -74,6 +75,7 @@ ROW_SCHEMA = pa.schema(
         pa.field("model_dtype", pa.string()),  # dtype the model ran in (e.g. bfloat16; float32 on CPU)
         pa.field("attn_implementation", pa.string()),  # attention the model ran with (flash_attention_2 falls back to sdpa without CUDA)
         pa.field("self_check", pa.string()),  # v2drop.self_check outcome in the actor, e.g. 'passed (qwen2_5_vl, transformers 5.24.0, 1.2 s)'
+        pa.field("inputs_device", pa.string()),  # where the video processor ran (resize, normalize, patchify): cpu or e.g. cuda:0
         pa.field("project_version", pa.string()),  # v2drop-batch version
         pa.field("git_commit", pa.string()),  # commit of the running code ('-dirty' if changed), null when unknown
         pa.field("torch_version", pa.string()),
@@ -144,6 +146,7 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("fallbacks_by_reason", pa.map_(pa.string(), pa.int64())),
         pa.field("self_check", pa.string()),
         pa.field("model_dtype", pa.string()), pa.field("attn_implementation", pa.string()),
+        pa.field("inputs_device", pa.string()),
         pa.field("engine_fingerprint", pa.string()),
         pa.field("drop_layers", pa.list_(pa.int32())), pa.field("drop_keep", pa.list_(pa.float64())),
         pa.field("driver_project_version", pa.string()), pa.field("driver_git_commit", pa.string()),

@@ -1,6 +1,8 @@
 """One timed `generate` call over a padded batch, and what it costs per sample.
 
-Timing (both per call, so every sample of one call reports the same two numbers):
+Timing (per call, so every sample of one call reports the same numbers):
+    inputs_ms    building the call's inputs before it: the processor (on the GPU or the actor's
+                 CPU, workers.device_inputs) and the copy to the device; not in the two below.
     prefill_ms   from just before the call's first model work (`generate`, or a shared video prefill
                  before it: workers.shared_prefix) to the moment the first token's logits exist,
                  taken by a LogitsProcessor on its first call (after torch.cuda.synchronize on GPU).
@@ -28,6 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import v2drop
 from v2drop import static_decode
+from workers.device_inputs import move_inputs
 from workers.rows import GenResult
 from workers.settings import GenerationConfig
 
@@ -126,18 +129,6 @@ def count_output_tokens(new_tokens: torch.Tensor, stop_ids: set[int]) -> list[in
     return torch.where(any_stop, first_stop, torch.full_like(first_stop, new_tokens.shape[1])).tolist()
 
 
-def move_inputs(inputs: Any, model: Any) -> dict[str, Any]:
-    """Tensors to the model's device; pixel values also to its dtype (ids and grids stay integer)."""
-    moved = {}
-    for name, value in dict(inputs).items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(model.device)
-            if name.startswith("pixel_values"):
-                value = value.to(model.dtype)
-        moved[name] = value
-    return moved
-
-
 def pad_token_id(model: Any, processor: Any) -> int | None:
     pad = model.generation_config.pad_token_id
     if pad is None:
@@ -199,15 +190,17 @@ def cache_arg_given(inputs: Mapping[str, Any]) -> bool:
 
 
 def generate_batch(
-    model: Any, processor: Any, inputs: Mapping[str, Any], generation_cfg: GenerationConfig
+    model: Any, processor: Any, inputs: Mapping[str, Any], generation_cfg: GenerationConfig,
+    inputs_ms: float | None = None,
 ) -> list[GenResult]:
-    """Generate for one padded batch; one GenResult per sample, in batch order."""
+    """Generate for one padded batch; one GenResult per sample, in batch order. `inputs_ms`: how
+    long building `inputs` took (workers.model_inputs.timed_inputs), stamped on the results."""
     inputs = move_inputs(inputs, model)
     marker = v2drop.stats_marker(model)
     _, sequences, prefill_ms, generate_ms, peak_bytes, fallback = timed_generate(
         model, processor, lambda: inputs, generation_cfg)
     stats = v2drop.prefill_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
-    return results_for(processor, model, inputs, sequences, stats, prefill_ms=prefill_ms,
+    return results_for(processor, model, inputs, sequences, stats, inputs_ms=inputs_ms, prefill_ms=prefill_ms,
                        generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)
 
 
@@ -216,7 +209,7 @@ def results_for(
     **timing: Any,
 ) -> list[GenResult]:
     """One GenResult per row of `sequences`: the text after the prompt, token counts, the visual
-    columns of `stats` and the call's `timing` (prefill_ms, generate_ms, peak_memory_bytes)."""
+    columns of `stats` and the call's `timing` (inputs_ms, prefill_ms, generate_ms, peak_memory_bytes)."""
     new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
     output_tokens = count_output_tokens(new_tokens, stop_token_ids(model, processor))
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()

@@ -19,6 +19,7 @@ import torch
 
 from vlm.families import needs_equal_frame_count, visual_token_ids
 from workers import shared_prefix
+from workers.device_inputs import timed_inputs
 from workers.generation import generate_batch
 from workers.model_inputs import Item, build_inputs, decode_frames
 from workers.rows import GenResult
@@ -57,12 +58,13 @@ def generate_items(
 ) -> list[GenResult]:
     """One generate call, shared or not as `plan_call` decides; every result gets the call's id."""
     plan = plan_call(loaded, items, system, generation_cfg.share_video_prefix)
+    model, processor, device = loaded.model, loaded.processor, loaded.inputs_device
     if plan.shared is not None:
-        results = shared_prefix.generate_shared(loaded.model, loaded.processor, items, plan.shared, generation_cfg)
+        results = shared_prefix.generate_shared(model, processor, items, plan.shared, generation_cfg, device)
     else:
-        results = generate_batch(loaded.model, loaded.processor, build_inputs(loaded.processor, items, system),
-                                 generation_cfg)
-    batch_id = new_batch_id()  # prefill_ms, generate_ms and peak_memory_bytes are this call's
+        inputs, inputs_ms = timed_inputs(model, lambda: build_inputs(processor, items, system, device))
+        results = generate_batch(model, processor, inputs, generation_cfg, inputs_ms)
+    batch_id = new_batch_id()  # inputs_ms, prefill_ms, generate_ms and peak_memory_bytes are this call's
     for result in results:
         result.batch_id = batch_id
         result.video_prefill_shared = plan.shared is not None

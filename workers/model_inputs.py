@@ -11,18 +11,23 @@ Worked example (task=qa, prompt.questions = ["What happens?"], one row with
 questions=["Who speaks?"]): `expand_prompts` yields two items, (row, "What happens?") and
 (row, "Who speaks?"); `build_inputs` turns them into one left-padded batch of two sequences,
 each holding its own copy of the clip's video tokens.
+
+The processor may work on the model's GPU (`device`): workers.device_inputs says why and when.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vlm.processing import sampled_video_metadata
 from workers.rows import Row
 from workers.settings import PromptConfig
+
+if TYPE_CHECKING:  # the driver imports this module: no torch at run time
+    import torch
 
 FRAME_COLUMNS = ("frames", "frames_shape", "frames_dtype", "timestamps_s")
 _FALLBACK_FPS = 1.0  # only when a row carries neither >= 2 timestamps nor a clip duration
@@ -110,19 +115,22 @@ def video_metadata(row: Mapping[str, Any], frames: np.ndarray) -> dict[str, Any]
     return sampled_video_metadata(num_frames, clip_fps(row), height=height, width=width)
 
 
-def build_inputs(processor: Any, items: Sequence[Item], system: str | None = None) -> Any:
-    """One left-padded BatchFeature for `items`, with everything the processor returns
-    (input_ids, attention_mask, pixel_values_videos, video_grid_thw, second_per_grid_ts,
-    mm_token_type_ids for Qwen2.5-VL): the model needs all of them for correct 3-D positions."""
+def build_inputs(processor: Any, items: Sequence[Item], system: str | None = None,
+                 device: torch.device | None = None) -> Any:
+    """One left-padded BatchFeature for `items` (see `process`)."""
+    return process(processor, [chat_text(processor, prompt, system) for _, prompt in items],
+                   [row for row, _ in items], device)
+
+
+def process(processor: Any, texts: Sequence[str], rows: Sequence[Row], device: torch.device | None = None) -> Any:
+    """One left-padded BatchFeature of `texts`, each with its row's video, holding everything the
+    processor returns (input_ids, attention_mask, pixel_values_videos, video_grid_thw,
+    second_per_grid_ts, mm_token_type_ids for Qwen2.5-VL): the model needs all of them for correct
+    3-D positions. `device`: where the video processor works and leaves the pixel values
+    (workers.device_inputs); None: the CPU."""
     processor.tokenizer.padding_side = "left"
-    texts = [chat_text(processor, prompt, system) for _, prompt in items]
-    videos = [np.array(decode_frames(row)) for row, _ in items]  # writable copy for torch
-    metadata = [video_metadata(row, video) for (row, _), video in zip(items, videos)]
-    return processor(
-        text=texts,
-        videos=videos,
-        video_metadata=metadata,
-        do_sample_frames=False,
-        padding=True,
-        return_tensors="pt",
-    )
+    videos = [np.array(decode_frames(row)) for row in rows]  # writable copy for torch
+    metadata = [video_metadata(row, video) for row, video in zip(rows, videos)]
+    on_device = {} if device is None else {"device": str(device)}
+    return processor(text=list(texts), videos=videos, video_metadata=metadata, do_sample_frames=False,
+                     padding=True, return_tensors="pt", **on_device)

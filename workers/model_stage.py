@@ -38,10 +38,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import torch
 
 import v2drop
 from workers import shadow
 from workers.call_size import CallSizer, call_sizer, memory_budget_bytes
+from workers.device_inputs import inputs_device
 from workers.loading import ResolvedModel, choose_device, load_resolved, resolve_model_source
 from workers.model_calls import run_items
 from workers.model_inputs import Item, decode_frames, expand_prompts, prompts_for_row
@@ -64,6 +66,7 @@ class LoadedModel:
     provenance: dict[str, Any]  # workers.provenance.engine_columns: stamped on every row
     scorer: str = "variation"  # model.scorer: how V²Drop ranks visual tokens (v2drop.SCORERS)
     sizer: CallSizer | None = None  # rows per model call from a memory budget; None: actors.batch_size alone
+    inputs_device: torch.device | None = None  # where the video processor works (workers.device_inputs); None: the CPU
 
 
 class VideoModelWorker:
@@ -116,7 +119,9 @@ def load_for_stage(
     # Also at retention 1.0: the row says which engine produced it, and a broken stack fails here.
     check = v2drop.self_check(model)
     log.info("v2drop self-check %s", check.describe())
-    return LoadedModel(model, processor, resolved, retention, engine_columns(model, fingerprint, check.describe()), scorer)
+    device = inputs_device(model, processor)
+    provenance = engine_columns(model, fingerprint, check.describe(), device)
+    return LoadedModel(model, processor, resolved, retention, provenance, scorer, inputs_device=device)
 
 
 def enable_v2drop(model: Any, retention: float, scorer: str = "variation") -> None:
@@ -170,6 +175,7 @@ def run_shadow(
     return shadow.shadow_columns(
         loaded.model, loaded.processor, items, results, system, generation_cfg, fraction=fraction, chunk=chunk,
         reenable=lambda model: enable_v2drop(model, loaded.retention_asked, loaded.scorer),
+        device=loaded.inputs_device,
     )
 
 

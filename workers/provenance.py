@@ -93,8 +93,9 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def engine_columns(model: Any, fingerprint: str, self_check: str) -> dict[str, Any]:
-    """The provenance columns of every row a loaded model writes (see pipeline.schema)."""
+def engine_columns(model: Any, fingerprint: str, self_check: str, inputs_device: Any = None) -> dict[str, Any]:
+    """The provenance columns of every row a loaded model writes (see pipeline.schema);
+    `inputs_device`: where the video processor works (workers.device_inputs), None for the CPU."""
     schedule = v2drop.schedule_of(model)
     return {
         **software_versions(),
@@ -104,4 +105,5 @@ def engine_columns(model: Any, fingerprint: str, self_check: str) -> dict[str, A
         "drop_layers": list(schedule.layers) if schedule else [],
         "drop_keep": list(schedule.keep) if schedule else [],
         "self_check": self_check,
+        "inputs_device": str(inputs_device or "cpu"),
     }

@@ -23,7 +23,8 @@ class GenResult:
     output_text: str | None = None
     prompt_tokens: int | None = None  # non-pad prompt tokens (attention_mask sum)
     output_tokens: int | None = None  # generated tokens before EOS/pad, EOS excluded
-    prefill_ms: float | None = None  # see workers.generation; shared by the call's samples
+    inputs_ms: float | None = None  # see workers.generation; shared by the call's samples
+    prefill_ms: float | None = None
     generate_ms: float | None = None
     peak_memory_bytes: int | None = None
     retention_achieved: float | None = None  # V²Drop layer-averaged visual retention; 1.0 when off

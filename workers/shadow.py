@@ -38,7 +38,8 @@ import torch
 
 import v2drop
 from workers import agreement
-from workers.generation import generate_batch, move_inputs
+from workers.device_inputs import timed_inputs
+from workers.generation import generate_batch
 from workers.model_inputs import Item, build_inputs, decode_frames
 from workers.rows import GenResult
 from workers.settings import GenerationConfig
@@ -105,12 +106,13 @@ def dropped_first_logits(model: Any, inputs: Mapping[str, Any]) -> tuple[torch.T
 
 def compare(
     model: Any, processor: Any, items: Sequence[Item], dropped_texts: Sequence[str | None], system: str | None,
-    generation_cfg: GenerationConfig, reenable: Reenable,
+    generation_cfg: GenerationConfig, reenable: Reenable, device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Shadow columns for `items` (one model call: equal frame counts where the family needs it),
-    whose dropped outputs were `dropped_texts`; see the module docstring."""
+    whose dropped outputs were `dropped_texts`; see the module docstring. `device`: where the video
+    processor works (workers.device_inputs)."""
     started = time.perf_counter()
-    inputs = move_inputs(build_inputs(processor, items, system), model)
+    inputs, _ = timed_inputs(model, lambda: build_inputs(processor, items, system, device))
     dropped_logits, dropped_flops = dropped_first_logits(model, inputs)
     with v2drop_off(model, reenable), FirstLogits(model) as first:
         full = generate_batch(model, processor, inputs, generation_cfg)
@@ -142,6 +144,7 @@ def row_columns(
 def shadow_columns(
     model: Any, processor: Any, items: Sequence[Item], results: Sequence[GenResult], system: str | None,
     generation_cfg: GenerationConfig, *, fraction: float, reenable: Reenable, chunk: int,
+    device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Per item, its shadow columns ({} when not in the sample, or when its own generate failed).
 
@@ -156,7 +159,7 @@ def shadow_columns(
     for call in calls_by_frame_count(items, chosen, chunk):
         try:
             measured = compare(model, processor, [items[i] for i in call], [results[i].output_text for i in call],
-                               system, generation_cfg, reenable)
+                               system, generation_cfg, reenable, device)
         except Exception as error:  # noqa: BLE001 - the shadow must not fail the rows it shadows
             log.warning("shadow call of %d items failed: %s: %s", len(call), type(error).__name__, error)
             continue

@@ -27,13 +27,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 import v2drop
 from v2drop.compat import cache_kwarg, output_cache
-from workers.generation import move_inputs, pad_token_id, results_for, timed_generate
-from workers.model_inputs import Item, chat_text, decode_frames, video_metadata
+from workers.device_inputs import timed_inputs
+from workers.generation import pad_token_id, results_for, timed_generate
+from workers.model_inputs import Item, chat_text, process
 from workers.rows import GenResult
 from workers.settings import GenerationConfig
 
@@ -96,19 +96,10 @@ def plan(processor: Any, items: Sequence[Item], system: str | None, visual_ids: 
     return SharedCall(prefix, clip_items, owner, suffix_ids)
 
 
-def prefix_inputs(processor: Any, items: Sequence[Item], call: SharedCall) -> Any:
-    """One left-padded row per clip: its prefix text and its video."""
-    processor.tokenizer.padding_side = "left"
+def prefix_inputs(processor: Any, items: Sequence[Item], call: SharedCall, device: torch.device | None = None) -> Any:
+    """One left-padded row per clip: its prefix text and its video (`device`: model_inputs.process)."""
     rows = [items[indices[0]][0] for indices in call.clip_items]
-    videos = [np.array(decode_frames(row)) for row in rows]  # writable copy for torch
-    return processor(
-        text=[call.prefix] * len(rows),
-        videos=videos,
-        video_metadata=[video_metadata(row, video) for row, video in zip(rows, videos)],
-        do_sample_frames=False,
-        padding=True,
-        return_tensors="pt",
-    )
+    return process(processor, [call.prefix] * len(rows), rows, device)
 
 
 def continuation_batch(
@@ -158,10 +149,12 @@ def continuation_rope_deltas(model: Any, prefix: Mapping[str, Any]) -> torch.Ten
 
 
 def generate_shared(
-    model: Any, processor: Any, items: Sequence[Item], call: SharedCall, generation_cfg: GenerationConfig
+    model: Any, processor: Any, items: Sequence[Item], call: SharedCall, generation_cfg: GenerationConfig,
+    device: torch.device | None = None,
 ) -> list[GenResult]:
-    """Results for `items`, in order, with one video prefill per clip (`call`: how they split)."""
-    prefix = move_inputs(prefix_inputs(processor, items, call), model)
+    """Results for `items`, in order, with one video prefill per clip (`call`: how they split;
+    `device`: where the video processor works, workers.device_inputs)."""
+    prefix, inputs_ms = timed_inputs(model, lambda: prefix_inputs(processor, items, call, device))
     clip_stats: list[v2drop.VisualStats] = []
 
     def make_inputs() -> dict[str, Any]:
@@ -173,7 +166,7 @@ def generate_shared(
         model, processor, make_inputs, generation_cfg)
     item_stats = [v2drop.continued(model, clip_stats[clip], len(suffix), len(call.clip_items[clip]))
                   for clip, suffix in zip(call.owner, call.suffix_ids)]
-    return results_for(processor, model, inputs, sequences, item_stats, prefill_ms=prefill_ms,
+    return results_for(processor, model, inputs, sequences, item_stats, inputs_ms=inputs_ms, prefill_ms=prefill_ms,
                        generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)
 
 

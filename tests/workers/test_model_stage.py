@@ -159,12 +159,13 @@ class _FakeLoaded:
     model = type("M", (), {"config": type("C", (), {"model_type": "qwen2_5_vl"})()})()
     processor = None
     sizer = None  # no memory budget
+    inputs_device = None
 
 
 def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> None:
     calls: list[list[str]] = []
 
-    def fake_generate(model, processor, items, generation_cfg):
+    def fake_generate(model, processor, items, generation_cfg, inputs_ms):
         prompts = [prompt for _, prompt in items]
         calls.append(prompts)
         if len(items) > 2:
@@ -173,7 +174,8 @@ def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> Non
             raise RuntimeError("shape mismatch")
         return [GenResult(output_text=prompt) for prompt in prompts]
 
-    monkeypatch.setattr(model_calls, "build_inputs", lambda processor, items, system: items)
+    monkeypatch.setattr(model_calls, "build_inputs", lambda processor, items, system, device: items)
+    monkeypatch.setattr(model_calls, "timed_inputs", lambda model, make: (make(), 0.0))
     monkeypatch.setattr(model_calls, "generate_batch", fake_generate)
     items = [({}, p) for p in ("p0", "p1", "bad", "p3")]
     results = model_calls.run_items(_FakeLoaded(), items, None, GREEDY, chunk=4)
@@ -210,6 +212,7 @@ def test_caption_batch_of_three_clips(qwen: VideoModelWorker) -> None:
     assert out["retention_achieved"] == [1.0] * 3 and out["flops_dropped"] == out["flops_full"]
     assert out["model_id"] == ["tiny:qwen2_5_vl"] * 3 and out["model_random_weights"] == [True] * 3
     assert all(p > 0 for p in out["prefill_ms"]) and all(g >= p for g, p in zip(out["generate_ms"], out["prefill_ms"]))
+    assert out["inputs_ms"][0] > 0 and len(set(out["inputs_ms"])) == 1  # one call, its processor time
     assert all(m > 0 for m in out["peak_memory_bytes"])
 
 
@@ -255,7 +258,7 @@ def test_rows_say_what_produced_them(cache_dir: str, qwen: VideoModelWorker) -> 
         assert row["engine_fingerprint"] == [engine_fingerprint(cfg, GREEDY, None)]
         assert row["drop_layers"] == [layers] and len(row["drop_keep"][0]) == len(layers)
         assert row["self_check"][0].startswith("passed (qwen2_5_vl, transformers ")
-        assert (row["model_dtype"], row["attn_implementation"]) == (["float32"], ["sdpa"])
+        assert (row["model_dtype"], row["attn_implementation"], row["inputs_device"]) == (["float32"], ["sdpa"], ["cpu"])
         assert row["transformers_version"][0] and row["torch_version"][0] and row["project_version"] == ["0.1.0"]
     assert engine_fingerprint(model_cfg(), GREEDY, None) != engine_fingerprint(model_cfg(retention=0.25), GREEDY, None)
     assert engine_fingerprint(model_cfg(), GREEDY, None) != engine_fingerprint(model_cfg(), GREEDY, "Be brief.")

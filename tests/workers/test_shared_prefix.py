@@ -16,7 +16,7 @@ from v2drop.flops import TextShape, prefill_flops
 from vlm.families import visual_token_ids
 from workers import model_calls, shared_prefix
 from workers import model_stage as model_stage_module
-from workers.generation import move_inputs
+from workers.device_inputs import move_inputs
 from workers.model_inputs import build_inputs
 from workers.model_stage import load_for_stage
 from workers.rows import GenResult
@@ -151,7 +151,7 @@ def test_a_template_that_puts_the_question_first_is_not_shared(caplog, monkeypat
     assert shared_prefix.plan(processor, items, None, [video_pad]) == "the chat template puts no video before the prompt"
     config = SimpleNamespace(model_type="qwen2_5_vl", image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
                              video_token_id=video_pad)
-    loaded = SimpleNamespace(model=SimpleNamespace(config=config), processor=processor)
+    loaded = SimpleNamespace(model=SimpleNamespace(config=config), processor=processor, inputs_device=None)
     with caplog.at_level(logging.WARNING, logger="workers.model_calls"):
         plan = model_calls.plan_call(loaded, items, None, share=True)
     assert plan == model_calls.CallPlan(None, fallback="the chat template puts no video before the prompt")
@@ -159,8 +159,9 @@ def test_a_template_that_puts_the_question_first_is_not_shared(caplog, monkeypat
     assert model_calls.plan_call(loaded, items, None, share=False) == model_calls.CallPlan(None)  # not asked: no log
     assert model_calls.plan_call(loaded, items[:1], None, share=True) == model_calls.CallPlan(None)  # nothing to share
     # the unshared call's rows carry the reason (the model call itself is stubbed: only the rows' bookkeeping is checked)
-    monkeypatch.setattr(model_calls, "build_inputs", lambda processor, items, system: items)
-    monkeypatch.setattr(model_calls, "generate_batch", lambda model, processor, inputs, cfg: [GenResult() for _ in inputs])
+    monkeypatch.setattr(model_calls, "build_inputs", lambda processor, items, system, device: items)
+    monkeypatch.setattr(model_calls, "timed_inputs", lambda model, make: (make(), 0.0))
+    monkeypatch.setattr(model_calls, "generate_batch", lambda model, processor, inputs, cfg, inputs_ms: [GenResult() for _ in inputs])
     results = model_calls.generate_items(loaded, items, None, GREEDY)
     assert [(r.video_prefill_shared, r.video_prefill_unshared_reason) for r in results] == \
         [(False, "the chat template puts no video before the prompt")] * 2
