@@ -2,11 +2,13 @@
 # The next GPU session's one device command (the device tool's `run`, carry [".whl"]):
 #   bash bench/gpu_run.sh
 # Installs the wheels carried in .whl/ (git-ignored: the tested transformers series; the GPU image
-# has transformers 5.17, which v2drop refuses) into /tmp/site, prints the versions, then runs
-# bench_model's command for every figure issue 9 still lacks (README, "The next GPU run") into
-# $OUT (the device tool's folder that comes back; else bench/results), with its log beside it.
-# Arguments replace the model and device ones (default: --seven-b --device cuda --dtype bfloat16)
-# and come last, so they may override the rest too: the suite runs this at toy size on CPU.
+# has transformers 5.17, which v2drop refuses) into /tmp/site, prints the versions, then runs into
+# $OUT (the device tool's folder that comes back; else bench/results), with its log beside them:
+#   1. bench_inputs: a call's inputs built on the CPU vs on the GPU (about a minute);
+#   2. bench_model's command for every figure issue 9 still lacks (README, "The next GPU run").
+# Arguments replace bench_model's model and device ones (default: --seven-b --device cuda --dtype
+# bfloat16) and come last, so they may override the rest too; INPUTS_DEVICE and INPUTS_ARGS do the
+# same for bench_inputs. The suite runs this at toy size on CPU.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 wheels="${WHEELS:-.whl}"
@@ -21,6 +23,8 @@ model=(--seven-b --device cuda --dtype bfloat16)
 if [ $# -gt 0 ]; then model=("$@"); fi
 {
   python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
+  python -m bench.bench_inputs --device "${INPUTS_DEVICE:-cuda}" --families qwen2_5_vl --clips 1 16 64 --repeats 1 \
+    --out-dir "$out" ${INPUTS_ARGS:-} || echo "bench_inputs failed: bench_model runs all the same"
   python -m bench.bench_model --new-tokens 256 --batch-sizes 16 1 auto \
     --engines static static-unfused@16 compiled@16 --out-dir "$out" "${model[@]}"
 } 2>&1 | tee "$out/gpu_run.log"

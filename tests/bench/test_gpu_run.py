@@ -19,7 +19,7 @@ def test_the_gpu_run_script_measures_every_engine_where_the_readme_says(tmp_path
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OUT": str(out),
            "WHEELS": str(tmp_path / "no-wheels"),  # none carried: the installed transformers
            "TORCHDYNAMO_DISABLE": "1",  # the compiled engine's plumbing without an inductor compile (tests/v2drop does one)
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "INPUTS_DEVICE": "cpu", "INPUTS_ARGS": "--sizes 56x56 --clips 2 --frames 4"}
     toy = [*TOY[:TOY.index("--batch-sizes")], "--device", "cpu", "--new-tokens", "3",
            "--memory-budget-gib", str(AUTO_BUDGET_GIB)]
     toy[toy.index("--num-layers") + 1] = "4"
@@ -38,3 +38,6 @@ def test_the_gpu_run_script_measures_every_engine_where_the_readme_says(tmp_path
     assert all(t["target"].endswith("[static]") for t in report["targets"])
     log = (out / "gpu_run.log").read_text()
     assert log.startswith("torch ") and f"wrote {out / 'model-cpu.json'}" in log
+    inputs = json.loads((out / "inputs-cpu.json").read_text())  # the device run writes inputs-cuda.json
+    assert [(r["family"], r["size"], r["clips"]) for r in inputs["rows"]] == [("qwen2_5_vl", "56x56", 2)]
+    assert inputs["rows"][0]["device_ms"] > 0 and inputs["rows"][0]["levels"] == 0
