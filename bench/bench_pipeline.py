@@ -65,7 +65,7 @@ MODEL_DESCRIPTIONS = {
     "tiny": "tiny:qwen2_5_vl, 8 layers x hidden 64, random weights (the offline preset's model)",
 }
 RATIO_KEYS = ("wall_s", "clips_per_s", "video_s_per_s", "output_tokens_per_s", "prefill_ms_per_batch",
-              "generate_ms_per_batch", "prefill_ms_per_clip", "model_ms_per_clip", "prefill_flops")
+              "generate_ms_per_batch", "inputs_ms_per_clip", "prefill_ms_per_clip", "model_ms_per_clip", "prefill_flops")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,8 +160,9 @@ def read_rows(output_dir: Path, job: str):
 def from_rows(ok) -> dict[str, Any]:
     """Per-batch model times (rows of one generate call share started_at/finished_at and times), and
     the model time per clip: the generate calls' times summed (a call's rows share its generate_ms
-    and their Ray batch's finished_at), over the clips."""
-    rows = ok.select(["clip_id", "started_at", "finished_at", "worker_host", "prefill_ms", "generate_ms",
+    and their Ray batch's finished_at), over the clips; the same for the calls' input building
+    (inputs_ms, before and outside generate_ms)."""
+    rows = ok.select(["clip_id", "started_at", "finished_at", "worker_host", "inputs_ms", "prefill_ms", "generate_ms",
                       "visual_tokens_per_stage", "flops_full", "flops_dropped", "decode_ms"]).to_pylist()
     batches = {(r["worker_host"], r["started_at"], r["finished_at"]): r for r in rows}.values()
     calls = {(r["worker_host"], r["finished_at"], r["generate_ms"]): r for r in rows}.values()
@@ -174,6 +175,7 @@ def from_rows(ok) -> dict[str, Any]:
         "generate_ms_per_batch": statistics.mean(b["generate_ms"] for b in batches),
         "decode_ms_per_clip": statistics.mean(r["decode_ms"] for r in rows),
         "model_calls": len(calls),
+        "inputs_ms_per_clip": sum(c["inputs_ms"] for c in calls) / clips,
         "prefill_ms_per_clip": sum(c["prefill_ms"] for c in calls) / clips,
         "model_ms_per_clip": sum(c["generate_ms"] for c in calls) / clips,
         "visual_tokens_per_stage": [statistics.mean(s[i] for s in stages) for i in range(min(map(len, stages)))],

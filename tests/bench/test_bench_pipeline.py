@@ -12,7 +12,7 @@ from bench.pipeline_report import markdown, median_row
 
 def _run(wall_s: float, tokens: list[float], **extra: float) -> dict:
     numbers = dict(clips_per_s=6 / wall_s, video_s_per_s=25.7 / wall_s, output_tokens=96.0, output_tokens_per_s=96 / wall_s,
-                   prefill_ms_per_batch=200.0, generate_ms_per_batch=300.0, prefill_ms_per_clip=100.0,
+                   prefill_ms_per_batch=200.0, generate_ms_per_batch=300.0, inputs_ms_per_clip=20.0, prefill_ms_per_clip=100.0,
                    model_ms_per_clip=150.0, prefill_flops=1e9, retention_achieved=0.25, flops_saved_rows=0.75,
                    clips_ok=6, rows_ok=6, rows_error=0, rows_skipped=0, video_seconds=25.7, model_calls=3,
                    decode_ms_per_clip=50.0, load_avg_1m_before=1.0, load_avg_1m_after=2.0)
@@ -49,3 +49,4 @@ def test_markdown_prints_every_variant_and_the_ratio_of_first_to_second() -> Non
     assert "| 0.750 |" in table[-1]  # wall s: 9 / 12
     assert "FLOP ratio 0.200 |" in table[-1]  # 2e8 / 1e9
     assert "1250 / 312" in table[1] and "75.0 %" in table[1]
+    assert "| inputs ms/clip | prefill ms/clip | model ms/clip |" in table[0] and "| 20 | 100 | 150 |" in table[1]
