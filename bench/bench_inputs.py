@@ -38,7 +38,7 @@ from bench import report as report_file
 from bench.bench_v2drop import hardware
 from bench.report import RESULTS_DIR, gpu_ms_per_clip
 from vlm import processing, tiny
-from workers.device_inputs import _one_level, timed_inputs
+from workers.device_inputs import one_level, timed_inputs
 from workers.model_inputs import build_inputs
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
@@ -109,7 +109,7 @@ def measure(processor: Any, rows: list[dict], args: argparse.Namespace) -> dict:
         ms, _ = median_ms(lambda: timed_inputs(target, lambda: build_inputs(processor, items, None, target.device)),
                           args.repeats)
         on_device = build_inputs(processor, items, None, target.device)[name].cpu()
-        levels = float((on_device.double() - on_cpu[name].double()).abs().max()) / _one_level(processor)
+        levels = float((on_device.double() - on_cpu[name].double()).abs().max()) / one_level(processor)
         result.update(device_ms=ms / len(rows), levels=levels)
     return result
 

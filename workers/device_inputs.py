@@ -74,7 +74,7 @@ def device_disagreement(processor: Any, device: torch.device) -> str | None:
     try:
         on_cpu, on_device = process(processor, texts, rows), process(processor, texts, rows, device)
         for name, expected in on_cpu.items():
-            problem = _tensor_disagreement(name, expected, on_device.get(name), _one_level(processor))
+            problem = _tensor_disagreement(name, expected, on_device.get(name), one_level(processor))
             if problem is not None:
                 return f"{problem} when built on {device}"
     except Exception as error:  # noqa: BLE001 - any failure there means: build on the CPU
@@ -100,7 +100,7 @@ def _tensor_disagreement(name: str, expected: Any, got: Any, level: float) -> st
     return None if levels <= 1.001 else f"{name} differs by {levels:.2f} levels of the 8-bit frames"
 
 
-def _one_level(processor: Any) -> float:
+def one_level(processor: Any) -> float:
     """One step of the 8-bit input in the processor's normalized units: rescale / std."""
     video = processor.video_processor
     std = np.min(np.atleast_1d(video.image_std)) if video.do_normalize else 1.0

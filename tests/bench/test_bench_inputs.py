@@ -4,6 +4,8 @@ finding (building a clip's inputs on one CPU thread takes about as long as the c
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from bench import bench_inputs, report
@@ -33,3 +35,14 @@ def test_the_recorded_cpu_run_says_a_clips_inputs_cost_about_its_gpu_time() -> N
     gpu_ms = recorded["gpu"]["ms_per_clip"]
     qwen = [r for r in recorded["rows"] if r["family"] == "qwen2_5_vl" and r["size"] == "448x448"]
     assert qwen and all(r["cpu_1t_ms"] > 0.5 * gpu_ms for r in qwen)
+
+
+def test_the_gpu_runs_benchmarks_import_nothing_the_gpu_image_lacks() -> None:
+    """bench/gpu_run.sh runs bench_inputs and bench_model on an image with torch, torchvision,
+    transformers (carried), numpy and pyarrow, but no omegaconf, Ray, PyAV, decord or boto3: a
+    stray import (bench_decode's pipeline.config, say) would fail there, on device time."""
+    code = ("import sys, bench.bench_inputs, bench.bench_model; "
+            "print(sorted(m for m in ('omegaconf', 'ray', 'av', 'decord', 'boto3', 'duckdb', 'polars') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ import torch
 
 from tests.workers.test_model_stage import GREEDY, THREE_CLIPS, clip_row, model_cfg
 from vlm import processing, tiny
-from workers.device_inputs import _one_level, device_disagreement, inputs_device
+from workers.device_inputs import device_disagreement, inputs_device, one_level
 from workers.model_inputs import chat_text, process
 from workers.model_stage import VideoModelWorker, answer_rows
 from workers.settings import PromptConfig, QualityConfig
@@ -46,7 +46,7 @@ class DeviceSpy:
         out = self.processor(*args, **kwargs, **({} if device is None else {"device": device}))
         if device is not None:
             name = next(k for k in out if k.startswith("pixel_values"))
-            out[name] = out[name] + self.shift * _one_level(self.processor)
+            out[name] = out[name] + self.shift * one_level(self.processor)
             out["input_ids"] = out["input_ids"] + self.ids_shift
         return out
 
