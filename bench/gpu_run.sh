@@ -23,7 +23,7 @@ model=(--seven-b --device cuda --dtype bfloat16)
 if [ $# -gt 0 ]; then model=("$@"); fi
 {
   python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
-  python -m bench.bench_inputs --device "${INPUTS_DEVICE:-cuda}" --families qwen2_5_vl --clips 1 16 64 --repeats 1 \
+  python -m bench.bench_inputs --device "${INPUTS_DEVICE:-cuda}" --families qwen2_5_vl --clips 1 16 64 --threads 1 --repeats 1 \
     --out-dir "$out" ${INPUTS_ARGS:-} || echo "bench_inputs failed: bench_model runs all the same"
   python -m bench.bench_model --new-tokens 256 --batch-sizes 16 1 auto \
     --engines static static-unfused@16 compiled@16 --out-dir "$out" "${model[@]}"
