@@ -13,7 +13,7 @@ from bench import bench_guard
 def test_shadow_costs_divide_the_shadow_by_the_items_own_time_and_flops() -> None:
     at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     ok = pa.Table.from_pylist([
-        {"clip_id": clip, "started_at": at, "finished_at": at, "worker_host": "h", "prefill_ms": 100.0,
+        {"clip_id": clip, "started_at": at, "finished_at": at, "worker_host": "h", "inputs_ms": 20.0, "prefill_ms": 100.0,
          "generate_ms": 300.0, "visual_tokens_per_stage": [8, 2], "flops_full": 40.0, "flops_dropped": 10.0,
          "decode_ms": 5.0, "shadow_ms": shadow_ms, "shadow_flops": shadow_flops, "shadow_lcs_ratio": lcs}
         for clip, shadow_ms, shadow_flops, lcs in (("a", 300.0, 50.0, 1.0), ("b", None, None, None), ("c", 300.0, 50.0, 0.5))
