@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -38,7 +37,7 @@ from bench import report as report_file
 from bench.bench_v2drop import hardware
 from bench.report import RESULTS_DIR, gpu_ms_per_clip
 from vlm import processing, tiny
-from workers.device_inputs import one_level, timed_inputs
+from workers.device_inputs import noise_clip_row, one_level, timed_inputs
 from workers.model_inputs import build_inputs
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
@@ -66,13 +65,6 @@ def real_size_processor(family: str, cache_dir: Path) -> Any:
     if family == "llava_onevision":
         video.size = type(video.size)(height=SIGLIP_PX, width=SIGLIP_PX)
     return processor
-
-
-def clip_rows(count: int, frames: int, width: int, height: int) -> list[dict]:
-    rng = np.random.default_rng(0)
-    return [{"frames": rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8).tobytes(),
-             "frames_shape": [frames, height, width, 3], "frames_dtype": "uint8",
-             "timestamps_s": list(np.linspace(0.3, 9.7, frames))} for _ in range(count)]
 
 
 class Target:
@@ -147,7 +139,7 @@ def main(argv=None) -> dict:
                 width, height = (int(n) for n in size.split("x"))
                 for clips in args.clips:
                     row = {"family": family, "size": f"{width}x{height}", "clips": clips,
-                           **measure(processor, clip_rows(clips, args.frames, width, height), args)}
+                           **measure(processor, [noise_clip_row(args.frames, height, width, seed) for seed in range(clips)], args)}
                     print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
                     rows.append(row)
     gpu = gpu_ms_per_clip()

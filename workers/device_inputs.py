@@ -69,7 +69,7 @@ def device_disagreement(processor: Any, device: torch.device) -> str | None:
     """Why the processor's inputs built on `device` are not the CPU's, or None when they agree:
     every non-pixel tensor equal, pixel values within one level of the 8-bit frames (module
     docstring). Checked on two seeded clips of 4 frames, one at a size the processor resizes."""
-    rows = [_check_row(height, width, seed) for seed, (height, width) in enumerate(((100, 150), (112, 112)))]
+    rows = [noise_clip_row(4, height, width, seed) for seed, (height, width) in enumerate(((100, 150), (112, 112)))]
     texts = [chat_text(processor, "Describe this video.", None)] * len(rows)
     try:
         on_cpu, on_device = process(processor, texts, rows), process(processor, texts, rows, device)
@@ -82,10 +82,11 @@ def device_disagreement(processor: Any, device: torch.device) -> str | None:
     return None
 
 
-def _check_row(height: int, width: int, seed: int) -> Row:
-    frames = np.random.default_rng(seed).integers(0, 256, (4, height, width, 3), dtype=np.uint8)
+def noise_clip_row(num_frames: int, height: int, width: int, seed: int) -> Row:
+    """A decoded clip row of seeded noise frames, 0.5 s apart (the check above; bench_inputs)."""
+    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
     return {"frames": frames.tobytes(), "frames_shape": list(frames.shape), "frames_dtype": "uint8",
-            "timestamps_s": [0.5, 1.0, 1.5, 2.0]}
+            "timestamps_s": [0.5 * (i + 1) for i in range(num_frames)]}
 
 
 def _tensor_disagreement(name: str, expected: Any, got: Any, level: float) -> str | None:
