@@ -32,8 +32,8 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
   and the report says why). `--engines ... compiled` adds the static engine with its step through
   torch.compile (v2drop.static_decode, compile=True; one compile per batch size, about a minute
   each on a GPU, so it is not in the default run). `--engines ... static-unfused` adds the static
-  engine with transformers' own RMSNorms and rotary in its step, and the vision tower is timed
-  batched with transformers' norms too: what v2drop.kernels' fused ones buy, side by side.
+  engine with transformers' own RMSNorms, rotary and projections in its step, and the vision tower
+  is timed batched with transformers' norms too: what v2drop.kernels' fused ones buy, side by side.
   `ENGINE@BATCH` runs an engine at that one fixed batch only, beside the others: a comparison
   (the report sets each beside `static`), while the targets read an engine run at every batch.
 
@@ -108,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--engines", type=engine_arg, nargs="+", default=ENGINES,
                    help="dynamic: generate() on a DynamicCache; static: v2drop.static_decode; compiled: static "
-                        "with its step through torch.compile; static-unfused: static with transformers' norms and "
-                        "rotary; ENGINE@BATCH: that engine at that one fixed batch size only")
+                        "with its step through torch.compile; static-unfused: static with transformers' norms, "
+                        "rotary and projections; ENGINE@BATCH: that engine at that one fixed batch size only")
     p.add_argument("--capture", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the static decode step as a CUDA graph; default: on CUDA")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)

@@ -142,7 +142,7 @@ def markdown(report: dict) -> str:
 
 # What the static step is compared with, where the run has both (`--engines static X` or X@BATCH)
 STATIC_VERSUS = {
-    "static-unfused": "Static step, fused RMSNorms and one-pass rotary (v2drop.kernels) vs transformers' (static-unfused)",
+    "static-unfused": "Static step, fused RMSNorms, one-pass rotary and projections (v2drop.kernels) vs transformers' (static-unfused)",
     "compiled": "Static step, eager kernels vs the step through torch.compile (compiled)",
 }
 

@@ -20,7 +20,7 @@ from vlm import tiny
 VARIANTS = ("stock", "v2drop")
 ENGINES = ("dynamic", "static")  # the default run (under 8 minutes on one H200)
 # compiled: the static step through torch.compile (compiles once per batch size); static-unfused: the
-# static step with transformers' own RMSNorm and rotary (v2drop.kernels), to time them side by side
+# static step with transformers' own RMSNorm, rotary and projections (v2drop.kernels), side by side
 ENGINE_CHOICES = (*ENGINES, "compiled", "static-unfused")
 # generate_static's keywords for each engine but `dynamic`
 STEP_KWARGS: dict[str, dict] = {"static": {}, "compiled": {"compile": True}, "static-unfused": {"fused_kernels": False}}
@@ -43,6 +43,7 @@ def build_model(args):
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = args.attn
     model = tiny.build_model(config, device=args.device).to(getattr(torch, args.dtype))
+    v2drop.fused_projections.install(model)  # as the model stage does at load, before any budget is read
     return model, tokenizer
 
 

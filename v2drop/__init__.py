@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 # 3: the vision tower's batched window attention, fused RMSNorms and patch embedding as a matrix
 # product (v2drop.vision), which came after 2 and round differently (about 1e-5 in float32, one
 # unit in the last place in bf16).
-ENGINE_VERSION = "3"
+# 4: the static decode step computes q/k/v and gate/up as one matrix product each
+# (v2drop.fused_projections), which a GPU's BLAS may round differently from three (two).
+ENGINE_VERSION = "4"
 
 _HOME = {  # public name -> the submodule that defines it
     "disable": "api", "enable": "api", "is_enabled": "api", "last_stats": "api", "schedule_of": "api",
@@ -37,9 +39,10 @@ _HOME = {  # public name -> the submodule that defines it
     "Schedule": "schedule",
     "VisualStats": "stats", "continued": "stats", "prefill_stats": "stats", "stats_marker": "stats",
 }
-__all__ = ["ENGINE_VERSION", "vision", *_HOME]
+__all__ = ["ENGINE_VERSION", "fused_projections", "vision", *_HOME]
 
 if TYPE_CHECKING:  # what the type checker sees (`x as x`: re-exported); at run time __getattr__ imports them
+    from v2drop import fused_projections as fused_projections
     from v2drop import vision as vision
     from v2drop.api import disable as disable
     from v2drop.api import enable as enable

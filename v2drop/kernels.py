@@ -26,7 +26,9 @@ transformers computes, with fewer kernels; the step's hold only while `step_kern
   plus 2 per step, the same bits. It replaces the function in the
   modeling module of the text model's attention (a module global: another thread running that
   family at the same time would use it too, with the same results), and only where a probe at
-  the first swap gives exactly the function's results.
+  the first swap gives exactly the function's results. Where q and k are adjacent blocks of one
+  product (`adjacent_heads`) it reads them as one tensor instead of concatenating them.
+* Projections: `v2drop.fused_projections`, each layer's q/k/v and gate/up as one matrix product.
 """
 
 from __future__ import annotations
@@ -42,19 +44,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from v2drop.fused_projections import fused_projections
+
 ONE_TOKEN_SDPA = "v2drop_one_token_sdpa"
 
 
 @contextmanager
 def step_kernels(text_model, fused: bool = True) -> Iterator[None]:
     """The static step's attention, norms and rotary while the block runs; transformers' afterwards.
-    fused=False keeps transformers' norms and rotary (the attention is the step's either way), for
-    timing the two side by side (bench_model's `static-unfused` engine)."""
+    fused=False keeps transformers' norms, rotary and projections (the attention is the step's
+    either way), for timing the two side by side (bench_model's `static-unfused` engine)."""
     with ExitStack() as stack:
         stack.enter_context(one_token_attention(text_model))
         if fused:
             stack.enter_context(fused_rms_norms(text_model))
             stack.enter_context(rotary_in_one_pass_for(text_model))
+            stack.enter_context(fused_projections(text_model))
         yield
 
 
@@ -210,12 +215,29 @@ def rotary_in_one_pass(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     every layer. Under torch.compile, which fuses the negation into its kernel anyway, it is made
     on each call (dynamo would guard on the cache's entries). The heads sit where cos and sin
     broadcast (`unsqueeze_dim`: q [B, H, S, D] with 1, the default; [B, S, H, D] with 2)."""
-    signed = negate_first_half(sin) if torch.compiler.is_compiling() else _SIGNED_SINS.get(sin)
+    compiling = torch.compiler.is_compiling()
+    signed = negate_first_half(sin) if compiling else _SIGNED_SINS.get(sin)
     cos, signed = cos.unsqueeze(unsqueeze_dim), signed.unsqueeze(unsqueeze_dim)
-    both = torch.cat((q, k), dim=unsqueeze_dim)
+    both = None if compiling else adjacent_heads(q, k, unsqueeze_dim)
+    if both is None:
+        both = torch.cat((q, k), dim=unsqueeze_dim)
     out = rotate_signed(both, cos, signed)
     heads = q.shape[unsqueeze_dim]
     return out.narrow(unsqueeze_dim, 0, heads), out.narrow(unsqueeze_dim, heads, k.shape[unsqueeze_dim])
+
+
+def adjacent_heads(q: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """q and k as one tensor of their heads along `dim` (a view, no copy) where k's heads follow q's
+    in memory with q's strides, as in one q/k/v product (v2drop.fused_projections); else None."""
+    same_layout = all((a == b or i == dim) and (q.stride(i) == k.stride(i) or min(a, b) == 1)
+                      for i, (a, b) in enumerate(zip(q.shape, k.shape)))  # a size-1 dim's stride is free
+    if (not same_layout or q.dim() != k.dim() or q.dtype != k.dtype or q.shape[dim] < 2
+            or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+            or k.storage_offset() != q.storage_offset() + q.shape[dim] * q.stride(dim)):
+        return None
+    shape = list(q.shape)
+    shape[dim] += k.shape[dim]
+    return q.as_strided(shape, q.stride(), q.storage_offset())
 
 
 ROTARY_NAME = "apply_rotary_pos_emb"

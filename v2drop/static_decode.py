@@ -17,7 +17,7 @@ each step and builds masks of growing length, so no step can be captured as a CU
    steps 1.. replay it after copying the token and the step number into its input buffers. No
    compiler is involved, so capturing costs about one step per call. On CPU the step runs
    uncaptured. `compile=True` runs the step through `torch.compile` (inductor, no cudagraphs of
-   its own: the capture above records the compiled kernels), which fuses the ~640 kernels of
+   its own: the capture above records the compiled kernels), which fuses the ~500 kernels of
    an eager 28-layer step; a replayed graph still launches each kernel it has. It compiles with
    dynamic cache lengths: calls of the same batch size reuse one compiled graph whatever their
    prompt lengths; each new batch size compiles once more (transformers' layers specialise the
@@ -54,8 +54,8 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
                     stop_check_every: int = 1, fused_kernels: bool = True, **prefill_kwargs) -> torch.Tensor:
     """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new
     tokens. `prefill_kwargs` go to the prefill's generate call (a logits processor that times the
-    first token, pad_token_id). fused_kernels=False: the step with transformers' own norms and
-    rotary (v2drop.kernels.step_kernels), for benchmarks."""
+    first token, pad_token_id). fused_kernels=False: the step with transformers' own norms, rotary
+    and projections (v2drop.kernels.step_kernels), for benchmarks."""
     text_model = adapter_for(model).text_model(model)
     first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
     if max_new_tokens == 1:

@@ -114,6 +114,7 @@ def load_for_stage(
         device=choose_device(num_gpus),
     )
     v2drop.vision.install(model)  # batched window attention on sdpa towers, stock and V²Drop alike
+    v2drop.fused_projections.install(model)  # q/k/v and gate/up weights in one tensor each, for the decode step
     retention, scorer = model_cfg.retention, model_cfg.scorer
     enable_v2drop(model, retention, scorer)
     # Also at retention 1.0: the row says which engine produced it, and a broken stack fails here.

@@ -119,6 +119,7 @@ def test_engine_equivalence_on_the_oldest_declared_transformers():
     tests = ["tests/v2drop/test_engine.py", "tests/v2drop/test_api.py", "tests/workers/test_shared_prefix.py",
              "tests/workers/test_device_inputs.py",
              "tests/v2drop/test_static_decode.py", "tests/v2drop/test_kernels.py", "tests/v2drop/test_decode_step.py",
+             "tests/v2drop/test_fused_projections.py",
              "tests/v2drop/test_vision.py", "tests/v2drop/test_prefill_graphs.py",
              "tests/v2drop/test_compat.py::test_the_self_check_catches_layers_called_with_the_wrong_cache"]
     # Not the slow ones: torch.compile of the static step is a benchmark option, not the service's path.

@@ -190,3 +190,26 @@ def test_a_float64_model_keeps_transformers_norms_and_does_not_decide_for_float3
         assert torch.equal(kernels.fused_rms_norm(norm, x), norm(x))  # transformers' own
     norm.to(torch.float32)
     assert kernels.same_norm(norm) and norm in kernels.rms_norms(text_model)
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+def test_the_one_pass_rotary_reads_adjacent_q_and_k_as_one_tensor(seq):
+    """q and k as blocks of one q/k/v product (v2drop.fused_projections): one view, no
+    concatenation, transformers' bits; a k elsewhere in memory is concatenated as before."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(3, seq, (8 + 2 + 2) * 16, generator=gen)
+    q = qkv[..., :128].view(3, seq, 8, 16).transpose(1, 2)
+    k = qkv[..., 128:160].view(3, seq, 2, 16).transpose(1, 2)
+    cos, sin = (torch.randn(3, seq, 16, generator=gen) for _ in range(2))
+    both = kernels.adjacent_heads(q, k, 1)
+    assert both is not None and torch.equal(both, torch.cat((q, k), dim=1))
+    assert kernels.adjacent_heads(q, k.clone(), 1) is None
+    assert kernels.adjacent_heads(q, qkv[..., 160:].view(3, seq, 2, 16).transpose(1, 2), 1) is None  # v: not next to q
+    with op_counts.OpCounter() as apart:
+        kernels.rotary_in_one_pass(q, k.clone(), cos, sin)  # also makes sin's signed copy (a cat)
+    with op_counts.OpCounter() as adjacent:
+        ours = kernels.rotary_in_one_pass(q, k, cos, sin)
+    assert apart.calls["aten.cat"] == 2 and "aten.cat" not in adjacent.calls
+    assert all(torch.equal(a, b) for a, b in zip(ours, apply_rotary_pos_emb(q, k, cos, sin)))
