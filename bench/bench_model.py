@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
         auto = engine_batches(model, tokenizer, args, schedule, budget)
         print(f"{AUTO} batches: {auto['batch']}", file=sys.stderr, flush=True)
     vision_ms = vision_loop_vs_batched(model, tokenizer, args)  # leaves the batched tower installed
-    decode_counts, static_counts, prefill_counts = step_counts(model, tokenizer, args, schedule)
+    decode_counts, static_counts, prefill_counts, static_prefill_counts = step_counts(model, tokenizer, args, schedule)
     flop_ratio = prefill_flop_ratio(model, tokenizer, args, schedule)
     capture_error = check_capture(model, tokenizer, args, schedule)
     t, h, w = args.grid
@@ -246,6 +246,7 @@ def main(argv=None) -> dict:
         "decode_step_counts": decode_counts,
         "static_step_counts": static_counts,
         "prefill_counts": prefill_counts,
+        "static_prefill_counts": static_prefill_counts,
         "prefill_profile": profile,
         "rows": rows,
         "targets": targets(rows, flop_ratio, profile),

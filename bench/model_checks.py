@@ -22,7 +22,7 @@ from bench.model_setup import (
     set_variant,
     text_inputs,
 )
-from bench.op_counts import decode_step_counts, prefill_counts, static_step_counts
+from bench.op_counts import decode_step_counts, prefill_counts, static_prefill_counts, static_step_counts
 from bench.report import timed
 from v2drop import static_decode, vision
 from v2drop.prefill_graphs import PrefillGraphs
@@ -90,18 +90,20 @@ def prefill_flop_ratio(model, tokenizer, args, schedule) -> float:
     return stats["prefill_flops"] / stats["prefill_flops_full"]
 
 
-def step_counts(model, tokenizer, args, schedule) -> tuple[dict, dict, dict]:
+def step_counts(model, tokenizer, args, schedule) -> tuple[dict, dict, dict, dict]:
     """Aten calls, kernel calls and host-device syncs per variant at batch 1: (one decode step of
-    generate(), one step of the static engine, one prefill)."""
+    generate(), one step of the static engine, one prefill of transformers' model, the static
+    engine's prefill)."""
     clips = clip_batch(model, tokenizer, args.grid, 1, args.device)
     inputs = text_inputs(clips, encode(model, clips))
-    decode, static, prefill = {}, {}, {}
+    decode, static, prefill, static_prefill = {}, {}, {}, {}
     for variant in VARIANTS:
         set_variant(model, variant, schedule)
         decode[variant] = decode_step_counts(model, inputs).as_dict()
         static[variant] = static_step_counts(model, inputs).as_dict()
         prefill[variant] = prefill_counts(model, inputs).as_dict()
-    return decode, static, prefill
+        static_prefill[variant] = static_prefill_counts(model, inputs).as_dict()
+    return decode, static, prefill, static_prefill
 
 
 def kernel_ms(fn) -> dict[str, tuple[float, int]]:

@@ -120,6 +120,9 @@ def markdown(report: dict) -> str:
             f"{name} {n['op_calls']} / {n['kernel_calls']} / {n['syncs']}" for name, n in report["static_step_counts"].items())
         + "; one prefill " + ", ".join(
             f"{name} {n['op_calls']} / {n['kernel_calls']} / {n['syncs']}" for name, n in report["prefill_counts"].items())
+        + "; the static engine's prefill " + ", ".join(
+            f"{name} {n['op_calls']} / {n['kernel_calls']} / {n['syncs']}"
+            for name, n in report["static_prefill_counts"].items())
         + ".", "",
         "| target | measured | goal | met | measured / goal |", "|---|---|---|---|---|",
     ]

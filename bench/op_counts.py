@@ -146,6 +146,17 @@ def prefill_counts(model, inputs: dict) -> StepCounts:
     return StepCounts(op_calls=sum(by_op.values()), syncs=counter.syncs, by_op=by_op)
 
 
+def static_prefill_counts(model, inputs: dict) -> StepCounts:
+    """The aten calls and syncs of the static decode engine's prefill (generate_static with one new
+    token: the text model's norms, rotary and projections in fewer kernels, v2drop.kernels)."""
+    from v2drop import static_decode
+
+    with torch.no_grad(), OpCounter() as counter:
+        static_decode.generate_static(model, _fresh(inputs), 1)
+    by_op = {name: n for name, n in counter.calls.items() if n}
+    return StepCounts(op_calls=sum(by_op.values()), syncs=counter.syncs, by_op=by_op)
+
+
 # Aten ops that only make a view (no kernel on CUDA); every other call launches at least one.
 VIEW_OPS = frozenset({"aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.permute", "aten.slice",
                       "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.split_with_sizes",

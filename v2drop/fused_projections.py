@@ -1,25 +1,32 @@
-"""Sibling projections as one matrix product in the static decode step: each attention layer's q, k
-and v projections, and each MLP's gate and up projections, read the same input, so the step
-computes each group with one GEMM over the group's weights stacked, where transformers launches
-3 (and 2): 84 kernels fewer in a 28-layer step of ~610 (bench.op_counts; 28 more where the rotary
-then reads q and k as one tensor, v2drop.kernels.adjacent_heads). At batch 16 on a GPU a
-step is bound by its kernel count (v2drop.kernels), and k and v are the layer's smallest GEMMs
-(512 of 3,584 rows each in Qwen2.5-VL-7B), the ones that use a GPU worst.
+"""Sibling projections as one matrix product in the static decode engine: each attention layer's
+q, k and v projections, and each MLP's gate and up projections, read the same input, so the
+engine computes each group with one GEMM over the group's weights stacked, where transformers
+launches 3 (and 2): 84 kernels fewer in a 28-layer step of ~610 (bench.op_counts; 28 more where
+the rotary then reads q and k as one tensor, v2drop.kernels.adjacent_heads), and as many in each
+prefill. At batch 16 on a GPU a step is bound by its kernel count (v2drop.kernels), and k and v
+are the layer's smallest GEMMs (512 of 3,584 rows each in Qwen2.5-VL-7B), the ones that use a GPU
+worst.
 
-Weights (`share_storage`, once: `install` at load, else the first step): a group's weights, and
-its biases, are moved into one tensor, the Linear modules keeping row blocks of it (views). No
-memory is added, and transformers' own forward reads the same values, each block contiguous as
-before, so outside the step nothing changes (the same bits: tests/v2drop/test_fused_projections.py).
-A model moved or cast afterwards holds separate tensors again: the next step shares them anew,
-and reads a group as one only after checking that its blocks are adjacent (`stacked`).
+Weights (`share_storage`; `install` at load, else the first use): a group's weights, and its
+biases, are moved into one tensor, the Linear modules keeping row blocks of it (views). No memory
+is added, and transformers' own forward reads the same values, each block contiguous as before
+(the same bits: tests/v2drop/test_fused_projections.py). A model moved or cast afterwards holds
+separate tensors again: the next use shares them anew, and reads a group as one only after
+checking that its blocks are adjacent (`stacked`).
 
-In the step (`fused_projections`, entered by v2drop.kernels.step_kernels): whichever projection of
-a group is called first on an input computes the whole product and returns its block; the others
-return theirs when called on the same tensor (by identity), else compute the whole product again.
-transformers' attention and MLP call q, k, v (gate, up) in turn on one tensor. A block of the
-stacked product is a different GEMM shape from the projection alone: the BLAS may round it
-differently (cuBLAS picks kernels by shape). The runtime self-check (v2drop.runtime_check) compares
-the step's logits with generate()'s before a model serves.
+Forwards (`install`, once): each projection's forward becomes its group's `FusedGroup.block`,
+which outside the context is transformers' Linear forward. Inside `fused_projections` (entered by
+v2drop.kernels.fewer_kernels, once per static-engine call, over its prefill and its steps),
+whichever projection of a group is called first on an input computes the whole product and
+returns its block; the others return theirs when called on the same tensor (by identity), else
+compute the whole product again. transformers' attention and MLP call q, k, v (gate, up) in turn
+on one tensor. Entering compares where each group's weights lie with where they were last
+stacked, and checks them fully only where they moved: ~0.45 ms of host time for 28 layers on this
+2-core CPU (~4 ms with the full check each time).
+
+A block of the stacked product is a different GEMM shape from the projection alone: the BLAS may
+round it differently (cuBLAS picks kernels by shape). The runtime self-check
+(v2drop.runtime_check) compares the static engine's logits with generate()'s before a model serves.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from torch import nn
 
 # (the decoder layer's submodule, its projections that read the same input, in the order called)
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-_GROUP_ATTR = "_v2drop_projection_group"  # the FusedGroup a projection belongs to, kept across steps
+_GROUPS_ATTR = "_v2drop_projection_groups"  # on the text model: its FusedGroups, made by `install`
 
 
 def projection_groups(text_model: nn.Module) -> list[list[nn.Linear]]:
@@ -72,44 +79,35 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 @torch.no_grad()
 def share_storage(linears: Sequence[nn.Linear]) -> None:
     """Move the group's weights (and biases) into one tensor each, every Linear keeping its row
-    block as a view; nothing to do where they already are (`stacked`). Adds one group's size to
-    the peak while the old tensors are replaced."""
+    block as a view, where they are not already (`stacked`). Adds one group's size to the peak
+    while the old tensors are replaced."""
     for name in ("weight", "bias"):
         tensors = [getattr(m, name) for m in linears]
         if tensors[0] is None or stacked(tensors) is not None:
             continue
         with torch.inference_mode(False):  # ordinary tensors, also when called under inference_mode
-            whole = torch.cat([t.detach() for t in tensors])
+            joined = torch.cat([t.detach() for t in tensors])
         start = 0
         for m, t in zip(linears, tensors):
-            block = whole[start:start + t.shape[0]]
-            setattr(m, name, nn.Parameter(block, requires_grad=t.requires_grad))
+            setattr(m, name, nn.Parameter(joined[start:start + t.shape[0]], requires_grad=t.requires_grad))
             start += t.shape[0]
 
 
-def install(model: nn.Module) -> int:
-    """Share the weights of every group of the model's text decoder now, at load: before the
-    memory budget is measured, where the first step would otherwise do it. On CUDA the replaced
-    tensors go back to the device (the caching allocator would keep them reserved). Returns how
-    many groups share their weights."""
-    from v2drop.adapters import adapter_for  # the adapters import transformers' model classes
-
-    groups = projection_groups(adapter_for(model).text_model(model))
-    for linears in groups:
-        share_storage(linears)
-    if any(m.weight.is_cuda for linears in groups for m in linears):
-        torch.cuda.empty_cache()
-    return sum(stacked([m.weight for m in linears]) is not None for linears in groups)
-
-
 class FusedGroup:
-    """One group's stacked product, computed once per input and handed out block by block."""
+    """One group's projections: transformers' own forward each, or, while active, blocks of one
+    product computed once per input."""
 
     def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        self.linears = list(linears)
         sizes = [m.out_features for m in linears]
         self.bounds = [(sum(sizes[:i]), size) for i, size in enumerate(sizes)]  # (start, length)
-        self.weight: torch.Tensor | None = None
+        self.layout: tuple[int, ...] = ()  # `_layout` when the weights were last stacked
+        self.weight: torch.Tensor | None = None  # the stacked weight and bias while active
         self.bias: torch.Tensor | None = None
+        self.active = False
+        self.fusable = False  # whether the weights at `layout` stack
+        self.rows = 0
+        self.depth = 0  # how many fused_projections contexts hold it active
         self._clear()
 
     def _clear(self) -> None:
@@ -117,8 +115,41 @@ class FusedGroup:
         self.output: torch.Tensor | None = None
         self.served = 0
 
+    def activate(self) -> bool:
+        """Stack the weights (sharing their storage first where they moved since the last time);
+        False, and transformers' forwards, where they cannot be stacked."""
+        self.depth += 1
+        if self.depth > 1:  # a context inside another: as the outer one left it
+            return self.active
+        layout = _layout(self.linears)
+        if layout != self.layout:  # first use, or the weights moved: check them again
+            if _alike(self.linears):
+                share_storage(self.linears)
+            self.layout = _layout(self.linears)
+            weight = stacked([m.weight for m in self.linears])
+            bias = stacked([m.bias for m in self.linears]) if self.linears[0].bias is not None else None
+            self.fusable = weight is not None and (bias is not None or self.linears[0].bias is None)
+            self.rows = self.bounds[-1][0] + self.bounds[-1][1]
+        if self.fusable:  # the layout checked: the stacked views again, with no check
+            params = self.linears[0]._parameters
+            weight = params["weight"]
+            self.weight = weight.detach().as_strided((self.rows, weight.shape[1]), weight.stride())
+            bias = params.get("bias")
+            self.bias = None if bias is None else bias.detach().as_strided((self.rows,), (1,))
+        self.active = self.fusable
+        return self.active
+
+    def deactivate(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.active, self.weight, self.bias = False, None, None  # hold no weights between calls
+            self._clear()
+
     def block(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Projection `index`'s output on `x`: its columns of the stacked product (a view)."""
+        if not self.active:
+            own = self.linears[index]
+            return F.linear(x, own.weight, own.bias)  # nn.Linear.forward
         if self.input is not x:
             self.input, self.output, self.served = x, F.linear(x, self.weight, self.bias), 0
         assert self.output is not None
@@ -126,53 +157,54 @@ class FusedGroup:
         out = self.output.narrow(-1, start, length)
         self.served += 1
         if self.served == len(self.bounds):
-            self._clear()  # every block handed out: hold neither tensor until the next step
+            self._clear()  # every block handed out: hold neither tensor until the next input
         return out
 
 
-def _group_of(linears: Sequence[nn.Linear]) -> FusedGroup | None:
-    """The group's FusedGroup, made once and kept on its first projection (the same objects and
-    forwards at every step: torch.compile guards on them), with its stacked weights now; None
-    where they cannot be stacked."""
-    share_storage(linears)
-    weight = stacked([m.weight for m in linears])
-    bias = stacked([m.bias for m in linears]) if linears[0].bias is not None else None
-    if weight is None or (linears[0].bias is not None and bias is None):
-        return None
-    group = linears[0].__dict__.get(_GROUP_ATTR)
-    if group is None:
-        group = FusedGroup(linears)
-        for i, m in enumerate(linears):
-            setattr(m, _GROUP_ATTR, (group, partial(group.block, i)))
-    else:
-        group = group[0]
-    group.weight, group.bias = weight, bias
-    group._clear()
-    return group
+def _layout(linears: Sequence[nn.Linear]) -> tuple[int, ...]:
+    """Where each weight and bias lies (its storage, its first element) and its rows."""
+    return tuple(n for m in linears for t in m._parameters.values() if t is not None
+                 for n in (t.untyped_storage().data_ptr(), t.data_ptr(), t.shape[0]))
+
+
+def install(model: nn.Module) -> int:
+    """Share the weights of every group of the model's text decoder and give each projection its
+    group's forward, now, at load: before the memory budget is measured, where the first use
+    would otherwise do it. On CUDA the replaced tensors go back to the device (the caching
+    allocator would keep them reserved). Idempotent. Returns how many groups can be fused."""
+    from v2drop.adapters import adapter_for  # the adapters import transformers' model classes
+
+    groups = fused_groups(adapter_for(model).text_model(model))
+    fusable = sum(group.activate() for group in groups)
+    for group in groups:
+        group.deactivate()
+    if any(m.weight.is_cuda for group in groups for m in group.linears):
+        torch.cuda.empty_cache()
+    return fusable
+
+
+def fused_groups(text_model: nn.Module) -> list[FusedGroup]:
+    """The text model's FusedGroups, made on first use and kept on it (the same objects and
+    forwards at every call: torch.compile guards on them). A projection replaced since keeps its
+    own forward, and its group's others still return their own rows."""
+    groups = text_model.__dict__.get(_GROUPS_ATTR)
+    if groups is None:
+        groups = [FusedGroup(linears) for linears in projection_groups(text_model)]
+        for group in groups:
+            for i, m in enumerate(group.linears):
+                m.forward = partial(group.block, i)
+        text_model.__dict__[_GROUPS_ATTR] = groups
+    return groups
 
 
 @contextmanager
 def fused_projections(text_model: nn.Module) -> Iterator[int]:
-    """Every group of `projection_groups(text_model)` computes as one product while the block runs
-    (each projection's forward an instance attribute; what it had before is put back afterwards).
-    Yields how many groups are fused."""
-    groups: list[FusedGroup] = []
-    swapped: list[tuple[nn.Linear, object]] = []
-    for linears in projection_groups(text_model):
-        if (group := _group_of(linears)) is None:
-            continue
-        groups.append(group)
-        for m in linears:
-            swapped.append((m, m.__dict__.get("forward")))
-            m.forward = m.__dict__[_GROUP_ATTR][1]
+    """Every group of the text model computes as one product while the block runs. Yields how
+    many groups are fused."""
+    groups = fused_groups(text_model)
+    active = sum(group.activate() for group in groups)
     try:
-        yield len(groups)
+        yield active
     finally:
-        for m, forward in swapped:
-            if forward is None:
-                del m.forward
-            else:
-                m.forward = forward
-        for group in groups:  # hold no weights: a model moved afterwards frees its old ones
-            group.weight = group.bias = None
-            group._clear()
+        for group in groups:
+            group.deactivate()

@@ -5,6 +5,7 @@ each step and builds masks of growing length, so no step can be captured as a CU
 
 1. `generate(max_new_tokens=1)` runs the prefill (stock or V²Drop) and gives the first token, the
    filled DynamicCache, and (through a hook on the text model) the prompt's rotary positions.
+   The text model's norms, rotary and projections run in fewer kernels (v2drop.kernels.fewer_kernels).
 2. The cache is copied into a preallocated one per stage (v2drop.stage_cache): each layer sized
    to its own prefill length plus the new tokens, each stage with a key-valid buffer and a slot
    buffer that the step sets once and the stage's layers write at.
@@ -44,7 +45,7 @@ from v2drop import key_masks
 from v2drop.adapters import adapter_for
 from v2drop.compat import cache_kwarg, output_cache
 from v2drop.cuda_graphs import CudaGraph, on_side_stream
-from v2drop.kernels import step_kernels
+from v2drop.kernels import fewer_kernels, one_token_attention, step_kernels
 from v2drop.loop import rotary
 from v2drop.stage_cache import StaticState, select_rows, static_state
 
@@ -57,14 +58,15 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
     first token, pad_token_id). fused_kernels=False: the step with transformers' own norms, rotary
     and projections (v2drop.kernels.step_kernels), for benchmarks."""
     text_model = adapter_for(model).text_model(model)
-    first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
-    if max_new_tokens == 1:
-        return first
-    state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
-    del dynamic
-    with step_kernels(text_model, fused_kernels):
-        return _decode(model, text_model, state, first, max_new_tokens, capture=capture, compile=compile,
-                       stop_check_every=stop_check_every)
+    with fewer_kernels(text_model, fused_kernels):  # the prefill and the steps: entered once per call
+        first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
+        if max_new_tokens == 1:
+            return first
+        state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
+        del dynamic
+        with one_token_attention(text_model):  # with fewer_kernels: step_kernels
+            return _decode(model, text_model, state, first, max_new_tokens, capture=capture, compile=compile,
+                           stop_check_every=stop_check_every)
 
 
 def _decode(model, text_model, state: StaticState, first: torch.Tensor, max_new_tokens: int, *, capture: bool,
@@ -132,7 +134,8 @@ def forced_logits(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
     entry i is the logits after tokens[:, i], i.e. generate()'s logits for new token i + 1. For
     checking the engine against generate() (v2drop.runtime_check), uncaptured."""
     text_model = adapter_for(model).text_model(model)
-    _, dynamic, positions = _prefill(model, text_model, inputs)
+    with fewer_kernels(text_model):
+        _, dynamic, positions = _prefill(model, text_model, inputs)
     state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), tokens.shape[1])
     with step_kernels(text_model):
         steps = [decode_logits(model, text_model, state, tokens[:, t:t + 1], torch.tensor(t, device=tokens.device))

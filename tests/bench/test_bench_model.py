@@ -57,6 +57,8 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert 0 < static["v2drop"]["kernel_calls"] - static["stock"]["kernel_calls"] <= 5 * (stages - 1)
     prefill = report["prefill_counts"]
     assert prefill["v2drop"]["syncs"] <= prefill["stock"]["syncs"] + 1 and prefill["stock"]["op_calls"] > 0
+    for variant, fewer in report["static_prefill_counts"].items():  # norms, rotary, projections: v2drop.kernels
+        assert fewer["kernel_calls"] < 0.8 * prefill[variant]["kernel_calls"], variant
     profile = report["prefill_profile"]  # CPU: wall times only, and nothing recorded (no CUDA graphs)
     assert set(profile) == {"stock/eager", "stock/replayed", "v2drop/eager", "v2drop/replayed"}
     assert all(p["wall_ms"] > 0 and "kernel_ms" not in p for p in profile.values())

@@ -115,9 +115,22 @@ def test_each_projection_returns_its_own_output_on_any_input():
             got = [attention.q_proj(x), attention.k_proj(y), attention.v_proj(x), attention.k_proj(x)]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert "forward" not in attention.q_proj.__dict__
-    group = attention.q_proj.__dict__["_v2drop_projection_group"][0]
-    assert group.weight is None and group.input is None and group.output is None
+    group = next(g for g in fused_projections.fused_groups(text_model) if attention.q_proj in g.linears)
+    assert not group.active and group.weight is None and group.input is None and group.output is None
+    with torch.no_grad():  # outside the context: transformers' Linear forward, the same bits
+        assert torch.equal(attention.k_proj(y), torch.nn.functional.linear(y, attention.k_proj.weight, attention.k_proj.bias))
+
+
+def test_a_context_inside_another_leaves_the_outer_one_fused():
+    """generate_static holds fewer_kernels over the prefill and the steps; step_kernels inside it
+    (forced_logits, op counts) must not switch the groups off when it closes."""
+    _, text_model, _ = _setup("qwen2_5_vl")
+    group = fused_projections.fused_groups(text_model)[0]
+    with fused_projections.fused_projections(text_model) as outer:
+        with fused_projections.fused_projections(text_model) as inner:
+            assert inner == outer == 2 * NUM_LAYERS
+        assert group.active and group.weight is not None
+    assert not group.active and group.weight is None
 
 
 def test_a_model_cast_after_sharing_is_shared_again_and_decodes_right():
@@ -155,3 +168,20 @@ def test_sharing_under_inference_mode_leaves_ordinary_parameters():
     model.load_state_dict(state)  # copies into the shared blocks in place
     mlp = text_model.layers[2].mlp
     assert fused_projections.stacked([mlp.gate_proj.weight, mlp.up_proj.weight]) is not None
+
+
+def test_entering_checks_the_weights_again_only_where_they_moved(monkeypatch):
+    """Each call enters the context (host time per call): a group whose weights lie where they
+    were stacked last time is stacked again without the full check; a cast model is checked."""
+    model, text_model, _ = _setup("llava_onevision")
+    fused_projections.install(model)
+    checks: list[int] = []
+    real = fused_projections.stacked
+    monkeypatch.setattr(fused_projections, "stacked", lambda tensors: checks.append(1) or real(tensors))
+    with fused_projections.fused_projections(text_model) as fused:
+        assert fused == 2 * NUM_LAYERS
+    assert checks == []
+    model.to(torch.float64)
+    with fused_projections.fused_projections(text_model) as fused:
+        assert fused == 2 * NUM_LAYERS
+    assert len(checks) >= 2 * NUM_LAYERS
