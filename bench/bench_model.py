@@ -32,7 +32,7 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
   and the report says why). `--engines ... compiled` adds the static engine with its step through
   torch.compile (v2drop.static_decode, compile=True; one compile per batch size, about a minute
   each on a GPU, so it is not in the default run). `--engines ... static-unfused` adds the static
-  engine with transformers' own RMSNorms, rotary and projections in its step, and the vision tower
+  engine with transformers' own RMSNorms, rotary and projections (prefill and step), and the tower
   is timed batched with transformers' norms too: what v2drop.kernels' fused ones buy, side by side.
   `ENGINE@BATCH` runs an engine at that one fixed batch only, beside the others: a comparison
   (the report sets each beside `static`), while the targets read an engine run at every batch.

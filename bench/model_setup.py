@@ -20,7 +20,7 @@ from vlm import tiny
 VARIANTS = ("stock", "v2drop")
 ENGINES = ("dynamic", "static")  # the default run (under 8 minutes on one H200)
 # compiled: the static step through torch.compile (compiles once per batch size); static-unfused: the
-# static step with transformers' own RMSNorm, rotary and projections (v2drop.kernels), side by side
+# static engine with transformers' RMSNorm, rotary and projections (v2drop.kernels), side by side
 ENGINE_CHOICES = (*ENGINES, "compiled", "static-unfused")
 # generate_static's keywords for each engine but `dynamic`
 STEP_KWARGS: dict[str, dict] = {"static": {}, "compiled": {"compile": True}, "static-unfused": {"fused_kernels": False}}

@@ -55,8 +55,8 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
                     stop_check_every: int = 1, fused_kernels: bool = True, **prefill_kwargs) -> torch.Tensor:
     """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new
     tokens. `prefill_kwargs` go to the prefill's generate call (a logits processor that times the
-    first token, pad_token_id). fused_kernels=False: the step with transformers' own norms, rotary
-    and projections (v2drop.kernels.step_kernels), for benchmarks."""
+    first token, pad_token_id). fused_kernels=False: the prefill and the step with transformers' own
+    norms, rotary and projections (v2drop.kernels.fewer_kernels), for benchmarks."""
     text_model = adapter_for(model).text_model(model)
     with fewer_kernels(text_model, fused_kernels):  # the prefill and the steps: entered once per call
         first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
