@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 # 3: the vision tower's batched window attention, fused RMSNorms and patch embedding as a matrix
 # product (v2drop.vision), which came after 2 and round differently (about 1e-5 in float32, one
 # unit in the last place in bf16).
-# 4: the static decode step computes q/k/v and gate/up as one matrix product each
-# (v2drop.fused_projections), which a GPU's BLAS may round differently from three (two).
+# 4: the static engine (its prefill and step, and the shared video prefill it continues from)
+# computes q/k/v and gate/up as one matrix product each (v2drop.fused_projections), which a GPU's
+# BLAS may round differently from three (two).
 ENGINE_VERSION = "4"
 
 _HOME = {  # public name -> the submodule that defines it

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 
 import v2drop
+from v2drop.adapters import adapter_for
 from v2drop.compat import cache_kwarg, output_cache
+from v2drop.kernels import fewer_kernels
 from workers.device_inputs import timed_inputs
 from workers.generation import pad_token_id, results_for, timed_generate
 from workers.model_inputs import Item, chat_text, process
@@ -158,7 +160,7 @@ def generate_shared(
     clip_stats: list[v2drop.VisualStats] = []
 
     def make_inputs() -> dict[str, Any]:
-        inputs, stats = prefill_and_fork(model, processor, call, prefix)
+        inputs, stats = prefill_and_fork(model, processor, call, prefix, fused=generation_cfg.engine() == "static")
         clip_stats.extend(stats)
         return inputs
 
@@ -170,12 +172,15 @@ def generate_shared(
                        generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)
 
 
-def prefill_and_fork(model: Any, processor: Any, call: SharedCall,
-                     prefix: Mapping[str, Any]) -> tuple[dict, list[v2drop.VisualStats]]:
+def prefill_and_fork(model: Any, processor: Any, call: SharedCall, prefix: Mapping[str, Any],
+                     fused: bool = False) -> tuple[dict, list[v2drop.VisualStats]]:
     """Prefill the clips' prefixes, fork the cache per item; returns the `generate` inputs that
-    continue from it, and per-clip stats of the prefill."""
+    continue from it, and per-clip stats of the prefill. fused: the text model's norms, rotary and
+    projections in fewer kernels (v2drop.kernels.fewer_kernels), as the static engine, which
+    continues from this cache, runs its own prefill: the same kernels as for an unshared prompt."""
     marker = v2drop.stats_marker(model)
-    out = model(**prefix, use_cache=True, logits_to_keep=1)
+    with fewer_kernels(adapter_for(model).text_model(model), fused):
+        out = model(**prefix, use_cache=True, logits_to_keep=1)
     stats = v2drop.prefill_stats(model, prefix["input_ids"], prefix["attention_mask"], marker)
     cache = output_cache(out)
     fork_prefix_cache(model, cache, call.owner, continuation_rope_deltas(model, prefix))

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from bench.op_counts import OpCounter
 from tests.v2drop import flash_reference
 from tests.v2drop.test_attention_backends import use_kernel
 from tests.workers.test_model_stage import GREEDY, as_batch, clip_row, model_cfg
@@ -99,6 +100,27 @@ def check_shared_against_unshared(family: str, model_and_processor) -> None:
     torch.testing.assert_close(torch.stack(shared.logits, 1), torch.stack(unshared.logits, 1), rtol=0, atol=1e-5)
     if model_and_processor.retention_asked < 1:
         assert all(s.retention_achieved < 0.5 for s in clip_stats)
+
+
+@pytest.mark.parametrize("loaded", [("qwen2_5_vl", 0.25)], indirect=True, ids=["qwen2_5_vl"])
+def test_the_fused_video_prefill_makes_3_fewer_matrix_products_per_layer_for_the_same_logits(loaded) -> None:
+    """fused=True (what the static engine's calls use): q/k/v and gate/up as one product each in
+    every text layer; the vision tower and lm_head as before."""
+    family, model_and_processor = loaded
+    model, processor = model_and_processor.model, model_and_processor.processor
+    items = items_for(family)
+    call = shared_prefix.plan(processor, items, "Be brief.", visual_token_ids(model.config))
+    prefix = move_inputs(shared_prefix.prefix_inputs(processor, items, call), model)
+    products, logits = {}, {}
+    for fused in (False, True):
+        with torch.no_grad(), OpCounter() as counter:
+            inputs, _ = shared_prefix.prefill_and_fork(model, processor, call, prefix, fused=fused)
+        products[fused] = counter.calls["aten.mm"] + counter.calls["aten.addmm"]
+        with torch.no_grad():
+            out = model.generate(**inputs, **GENERATE, pad_token_id=processor.tokenizer.pad_token_id)
+        logits[fused] = torch.stack(out.logits, 1)
+    assert products[False] - products[True] == 3 * model.config.get_text_config().num_hidden_layers
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("loaded", [("qwen2_5_vl", 1.0)], indirect=True, ids=["qwen2_5_vl"])
