@@ -147,14 +147,17 @@ def batch_groups(model: Any, items: Sequence[Item]) -> list[list[int]]:
 def generate_with_fallback(
     loaded: LoadedModel, items: Sequence[Item], system: str | None, generation_cfg: GenerationConfig
 ) -> list[GenResult]:
-    """Batched generate; on OOM split in halves, on any other error retry items one by one."""
+    """Batched generate; on OOM split in halves, on any other error retry each clip alone (each
+    item alone within one clip). A call that shares its video prefill is split between clips, so
+    one bad clip does not cost the others their shared prefill."""
     try:
         return generate_items(loaded, items, system, generation_cfg)
     except torch.OutOfMemoryError as error:
         _release_cuda_memory()
         if len(items) == 1:
             return [GenResult.failed(error)]
-        half = len(items) // 2
+        parts, _ = retry_parts(items, generation_cfg.share_video_prefix)
+        half = sum(len(part) for part in parts[:len(parts) // 2])  # between clips when sharing
         log.warning("CUDA out of memory with %d items; retrying as %d + %d", len(items), half, len(items) - half)
         return retried("OutOfMemoryError: batch halved",
                        [*generate_with_fallback(loaded, items[:half], system, generation_cfg),
@@ -163,9 +166,25 @@ def generate_with_fallback(
         if len(items) == 1:
             log.warning("item failed: %s: %s", type(error).__name__, error)
             return [GenResult.failed(error)]
-        log.warning("batch of %d failed (%s: %s); retrying each item alone", len(items), type(error).__name__, error)
-        return retried(f"{type(error).__name__}: retried item by item",
-                       [r for item in items for r in generate_with_fallback(loaded, [item], system, generation_cfg)])
+        parts, unit = retry_parts(items, generation_cfg.share_video_prefix)
+        log.warning("batch of %d failed (%s: %s); retrying each %s alone", len(items), type(error).__name__, error, unit)
+        return retried(f"{type(error).__name__}: retried {unit} by {unit}",
+                       [r for part in parts for r in generate_with_fallback(loaded, part, system, generation_cfg)])
+
+
+def retry_parts(items: Sequence[Item], share: bool) -> tuple[list[list[Item]], str]:
+    """What a failed call is retried as, and the name of one part: each clip's consecutive prompts
+    together when sharing the video prefill and the call holds several clips, some with several
+    prompts ('clip'); else each item alone ('item')."""
+    runs: list[list[Item]] = []
+    for item in items:
+        if runs and runs[-1][0][0] is item[0]:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    if share and 1 < len(runs) < len(items):
+        return runs, "clip"
+    return [[item] for item in items], "item"
 
 
 def retried(reason: str, results: list[GenResult]) -> list[GenResult]:

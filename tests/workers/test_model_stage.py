@@ -192,6 +192,32 @@ def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> Non
     assert len({r.batch_id for r in results if r.status == "ok"}) == 2  # calls [p0, p1] and [p3]
 
 
+def test_a_failed_shared_call_is_retried_clip_by_clip_so_the_good_clips_still_share(monkeypatch) -> None:
+    """Clips a, bad and c, 2 prompts each: a call with the bad clip fails; each clip is then
+    retried alone with all its prompts (so c keeps one video prefill), the bad one item by item.
+    An out-of-memory call is halved between clips, not through one (a's prompts stay together)."""
+    a, bad, c = {"clip": "a"}, {"clip": "bad"}, {"clip": "c"}
+    calls: list[list[str]] = []
+
+    def fake_generate(loaded, items, system, generation_cfg):
+        calls.append([f"{row['clip']}.{prompt}" for row, prompt in items])
+        if len(items) == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if any(row is bad for row, _ in items):
+            raise RuntimeError("too small")
+        return [GenResult(output_text=prompt) for _, prompt in items]
+
+    monkeypatch.setattr(model_calls, "generate_items", fake_generate)
+    items = [(a, "q1"), (a, "q2"), (bad, "q1"), (bad, "q2"), (c, "q1"), (c, "q2")]
+    results = model_calls.generate_with_fallback(_FakeLoaded(), items, None, GREEDY)
+    assert calls == [["a.q1", "a.q2", "bad.q1", "bad.q2", "c.q1", "c.q2"], ["a.q1", "a.q2"],  # halved: 1 clip + 2
+                     ["bad.q1", "bad.q2", "c.q1", "c.q2"], ["bad.q1", "bad.q2"], ["bad.q1"], ["bad.q2"], ["c.q1", "c.q2"]]
+    assert [r.status for r in results] == ["ok", "ok", "error", "error", "ok", "ok"]
+    assert [r.fallback_reason for r in results] == ["OutOfMemoryError: batch halved"] * 2 + [
+        "RuntimeError: retried item by item"] * 2 + ["RuntimeError: retried clip by clip"] * 2
+    assert model_calls.retry_parts(items, share=False) == ([[item] for item in items], "item")
+
+
 # -- the real tiny models ------------------------------------------------------------------------
 
 
