@@ -23,7 +23,8 @@ SECRET_KEY = re.compile(r"(secret|password|passwd|credential|key_id|access_key|(
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN")
 _MIN_SECRET_LEN = 8  # shorter env values ("testing") would mask ordinary words
-_URI_USERINFO = re.compile(r"(?<=://)[^/@\s'\"]+@")
+# up to the last '@' before the path, as URL parsers read it: a password may hold '@' itself
+_URI_USERINFO = re.compile(r"(?<=://)[^/\s'\"]*@")
 _SECRET_ASSIGNMENT = re.compile(
     r"(?P<name>[\w.-]*(?:secret|password|passwd|credential|access_key|token(?!s)|api_key|signature)[\w.-]*)"
     r"(?P<sep>\s*=\s*['\"]?|['\"]\s*:\s*['\"])(?P<value>[^\s&'\",;}]+)",

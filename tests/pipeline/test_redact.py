@@ -16,6 +16,9 @@ from pipeline.redact import redact, scrub_secrets
      "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&X-Amz-Credential=***&part=1"),
     ('{"aws_secret_access_key": "wJalr", "region": "us-east-1"}', '{"aws_secret_access_key": "***", "region": "us-east-1"}'),
     ("aws_session_token=IQoJb3JpZ2luX2VjE", "aws_session_token=***"),
+    # a password holding '@' (unencoded, as typed): all of it, up to the last '@' before the host
+    ('URL: "http://ana:p@ssw0rd-Secret@127.0.0.1:9/b/a.mp4" user@example.org',
+     'URL: "http://***@127.0.0.1:9/b/a.mp4" user@example.org'),
     # what must survive: token counts, config errors naming a secret-looking key, plain URIs
     ("output_tokens=4 prompt_tokens: 12 max_new_tokens=16", "output_tokens=4 prompt_tokens: 12 max_new_tokens=16"),
     ("storage.secret_key: unknown key; valid keys here are: endpoint_url", "storage.secret_key: unknown key; valid keys here are: endpoint_url"),
