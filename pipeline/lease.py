@@ -16,7 +16,10 @@ The lease is a small JSON object at ``<output>/runs/job=<job>/lease.json``::
 
 A holder renews every ``ttl_s / 3`` from a daemon thread. A lease whose ``renewed_at + ttl_s``
 has passed belongs to a dead driver: the next run takes it over and logs whose it was. A holder
-that finds its lease gone or taken (it stalled longer than ``ttl_s``) stops writing (`LeaseLost`).
+that finds its lease gone or taken (it stalled longer than ``ttl_s``) stops writing (`LeaseLost`),
+and so does one whose renewals failed (a storage outage, a stalled connection) until less than a
+quarter of ``ttl_s`` is left, unless the renewal `check()` then makes itself succeeds: another
+run may take an expired lease over without the holder hearing of it.
 Expiry compares wall clocks of different machines: keep them NTP-synchronised, and keep
 ``ttl_s`` well above any skew.
 """
@@ -90,6 +93,8 @@ class Lease:
         self.storage, self.uri, self.holder, self.ttl_s, self.log = storage, uri, holder, ttl_s, log
         self._etag: str | None = None
         self._lost: str | None = None
+        self._valid_until = 0.0  # time.monotonic() when the last successful write of the lease expires
+        self._renewing = threading.Lock()  # the renew thread and check() renew the same version
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,6 +105,7 @@ class Lease:
         """Take the lease, waiting up to `wait_s` for a live holder; LeaseHeld names it after that."""
         deadline = time.monotonic() + wait_s
         while True:
+            started = time.monotonic()  # the record's renewed_at is taken after this
             current = read_lease(self.storage, self.uri)
             if current is None:
                 self._etag = create_if_absent(self.storage, self.uri, self._record().to_bytes())
@@ -117,19 +123,31 @@ class Lease:
                                     f"writing to this output. If that run is dead, its lease expires in "
                                     f"{max(expires_s, 0):.0f} s; wait for it with run.lease_wait_s")
             if self._etag:
+                self._valid_until = started + self.ttl_s
                 self._start_renewing()
                 return
             time.sleep(_POLL_S)
 
     def renew(self) -> None:
         """Extend the lease; a lease taken or removed by someone else marks this run lost."""
-        etag = replace_if_match(self.storage, self.uri, self._record().to_bytes(), self._etag or "")
-        if etag is None:
-            self._lost = f"the lease {self.uri} was taken over or removed (this run stalled past run.lease_ttl_s)"
-        else:
-            self._etag = etag
+        with self._renewing:
+            started = time.monotonic()
+            etag = replace_if_match(self.storage, self.uri, self._record().to_bytes(), self._etag or "")
+            if etag is None:
+                self._lost = f"the lease {self.uri} was taken over or removed (this run stalled past run.lease_ttl_s)"
+            else:
+                self._etag, self._valid_until = etag, started + self.ttl_s
 
     def check(self) -> None:
+        """LeaseLost unless this run still holds the lease, with at least a quarter of ttl_s left
+        (a write started now ends before another run could take it); renews first when less is left."""
+        left_s = self._valid_until - time.monotonic()
+        if not self._lost and left_s < self.ttl_s / 4:
+            try:
+                self.renew()
+            except Exception as e:  # noqa: BLE001 - cannot prove it still holds the lease: stop writing
+                self._lost = (f"the lease {self.uri} could not be renewed for {self.ttl_s - left_s:.0f} s "
+                              f"(run.lease_ttl_s {self.ttl_s:g}; last: {e}): another run may take it over")
         if self._lost:
             raise LeaseLost(self._lost)
 

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
+from pipeline import lease as lease_module
 from pipeline.config import StorageConfig
-from pipeline.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_uri, read_lease
-from pipeline.storage import Storage
+from pipeline.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_uri, read_lease, replace_if_match
+from pipeline.storage import Storage, StorageError
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 
@@ -84,6 +85,31 @@ def test_a_holder_whose_lease_was_taken_stops(place):
         holder.check()
     holder.release()  # never deletes someone else's lease
     assert LeaseRecord.from_bytes(read_lease(storage, uri)[0]).holder == "run-other"
+
+
+def test_a_holder_whose_renewals_fail_stops_before_another_run_could_take_its_lease(place, monkeypatch):
+    """Renewals that raise (an outage, a stalled connection) leave the lease to expire, and
+    another run takes over an expired lease without the holder hearing of it."""
+    storage, uri = place
+    holder = Lease(storage, uri, "run-1", ttl_s=1.2)
+    holder.acquire()
+    outage = [True]
+
+    def replace_unless_down(*args):
+        if outage[0]:
+            raise StorageError(uri, "network error: read timed out", "transient")
+        return replace_if_match(*args)
+
+    monkeypatch.setattr(lease_module, "replace_if_match", replace_unless_down)
+    time.sleep(1.0)  # the renew thread failed twice: less than a quarter of the ttl is left
+    outage[0] = False
+    holder.check()  # the store is back: renewed (by check if not by the thread), the run goes on
+    assert time.time() - LeaseRecord.from_bytes(read_lease(storage, uri)[0]).renewed_at < 0.9
+    outage[0] = True
+    time.sleep(1.0)
+    with pytest.raises(LeaseLost, match="could not be renewed"):
+        holder.check()
+    holder.release()
 
 
 def test_racing_runs_get_exactly_one_lease(tmp_path):
