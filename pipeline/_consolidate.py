@@ -3,7 +3,8 @@
 Step 3 of the life of a run's rows (steps 1-2 are in `pipeline._write`). After every row of the
 run is written: this run's small files are compacted into files of up to ROWS_PER_FILE rows, then
 every older row whose key this run wrote again (an earlier error, `resume=false`, a row the
-`DoneRule` refuses) is removed, keys that older versions left duplicated keep one row, and older
+`DoneRule` refuses) is removed, and so is an earlier error of a whole clip or video that has
+since been decoded or probed (`rows_to_drop`), keys that older versions left duplicated keep one row, and older
 small files of one folder (a killed run's flushes) are merged, and files of an older schema
 version are rewritten with the current one (`FILE_SCHEMA`: one output never mixes schemas, which
 Polars refuses). A file is rewritten by writing its replacement first and deleting it second, so a
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,19 +29,23 @@ ROWS_PER_FILE = 20_000  # compacted files hold up to this many rows: large enoug
 SMALL_FILE_ROWS = ROWS_PER_FILE // 4  # older files below this are merged with their neighbours
 
 
-def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool) -> dict[str, list[int]]:
+def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool,
+                 probed: AbstractSet[Key] = frozenset()) -> dict[str, list[int]]:
     """Row indices to remove per older file: every row when `replace_all` (resume=false), else
-    rows whose key this run wrote again, and all but one row of a key duplicated among them (the
-    kept one: a done row before an error, then the newest file name, i.e. the latest run_id).
+    rows whose key this run wrote again, the errors that `settled_errors` finds stale, and all
+    but one row of a key duplicated among them (the kept one: a done row before an error, then
+    the newest file name, i.e. the latest run_id). `probed`: the video-level keys of the videos
+    this run probed without error.
 
     Example: a.parquet holds k1 (error), k2 (ok); b.parquet holds k2 (ok); this run wrote k1 ->
     {'a.parquet': [0, 1]} (k1 rewritten; k2 kept in b, the newer name).
     """
     drops: dict[str, list[int]] = {}
     best: dict[Key, tuple[tuple[bool, str, int], str, int]] = {}
+    settled = settled_errors(files, written, probed)
     for f in files:
         for row, (k, done) in enumerate(zip(f.keys, f.done)):
-            if replace_all or k in written:
+            if replace_all or k in written or (not done and k in settled):
                 drops.setdefault(f.uri, []).append(row)
                 continue
             rank = (done, posixpath.basename(f.uri), row)
@@ -52,16 +58,32 @@ def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool) ->
     return {uri: sorted(rows) for uri, rows in drops.items()}
 
 
+def settled_errors(files: list[FileKeys], written: set[Key], probed: AbstractSet[Key]) -> set[Key]:
+    """The clip- and video-level keys (prompt '') whose error rows are stale though no row of
+    theirs was written again: a video this run probed (`probed`), and a clip that has a prompt's
+    row written by this run or done in the output (its frames were decoded since, or under the
+    configuration the output is now judged by). A clip-level error is a probe or decode error,
+    the only rows without a prompt besides `skipped` ones, which are done and never dropped so.
+
+    Example: an earlier run's decode of clip c timed out, (c, '') error; this run wrote (c, 'p')
+    -> {(c, '')}.
+    """
+    decoded = {clip for clip, prompt in written if prompt}
+    decoded |= {clip for f in files for (clip, prompt), done in zip(f.keys, f.done) if prompt and done}
+    return {(clip, "") for clip in decoded} | set(probed)
+
+
 def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replace_all: bool,
-                log: Callable[[str], None] = print) -> list[str]:
+                log: Callable[[str], None] = print, probed: AbstractSet[Key] = frozenset()) -> list[str]:
     """Compact this run's files, drop the older rows it replaces, merge older small files (those a
-    killed run left, one per flush); returns this run's files. Every change writes first."""
+    killed run left, one per flush); returns this run's files. Every change writes first.
+    `probed`: the video-level keys of the videos this run probed without error (rows_to_drop)."""
     stem = f"{writer.partition_uri}/part-{writer.run_id}"
     files = []
     for suffix, group in _by_kind(writer.files).items():
         with writing(writer.partition_uri):
             files += rewrite(storage, group, {}, f"{stem}-c", suffix) if len(group) > 1 else group
-    drops = rows_to_drop(state.files, writer.written, replace_all)
+    drops = rows_to_drop(state.files, writer.written, replace_all, probed)
     rewrites = older_rewrites(state.files, drops)
     for n, (group, suffix) in enumerate(rewrites):
         folder = posixpath.dirname(group[0])

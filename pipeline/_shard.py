@@ -45,6 +45,11 @@ def key(clip: str, prompt: str | None) -> tuple[str, str]:
     return (clip, prompt or "")
 
 
+def video_clip_id(uri: str, settings: str) -> str:
+    """The clip_id of a video-level row (a probe error): the span [0, 0)."""
+    return clip_id(uri, 0.0, 0.0, settings)
+
+
 def shard_batch(
     table: pa.Table, *, clips: ClipsConfig, settings: str, prompt_cfg: PromptConfig, done: Collection[tuple[str, str]]
 ) -> pa.Table:
@@ -57,7 +62,7 @@ def shard_row(
 ) -> list[dict[str, Any]]:
     uri = row["video_uri"]
     if row["status"] != "ok":
-        return [{**row, "clip_id": clip_id(uri, 0.0, 0.0, settings)}]
+        return [{**row, "clip_id": video_clip_id(uri, settings)}]
     planned = plan_clips(uri, row["duration_s"], clip_len_s=clips.clip_len_s, stride_s=clips.stride_s,
                          min_clip_len_s=clips.min_clip_len_s, max_clips=clips.max_clips_per_video, settings_key=settings)
     if not planned:

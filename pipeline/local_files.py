@@ -84,11 +84,12 @@ def atomic_path(path: str) -> Iterator[str]:
         raise
 
 
-def list_local(uri: str, missing_ok: bool) -> list[str]:
-    """Every file under a local folder (recursive, hidden folders skipped), a glob's matches, or the one
-    path `uri` names; a path that does not exist lists nothing with `missing_ok`, else raises."""
+def list_local(uri: str, missing_ok: bool, expand_globs: bool = True) -> list[str]:
+    """Every file under a local folder (recursive, hidden folders skipped), a glob's matches (with
+    `expand_globs`: input listings), or the one path `uri` names; a path that does not exist lists nothing
+    with `missing_ok`, else raises. expand_globs=False reads '[', '*' and '?' as the folder's own name."""
     path = local_path(uri)
-    if GLOB_CHARS.search(path):
+    if expand_globs and GLOB_CHARS.search(path):
         import glob
 
         # every non-folder match: a FIFO named *.mp4 becomes an error row, never silently dropped

@@ -33,7 +33,7 @@ from pipeline._decode import decode_batch
 from pipeline._model import ModelStage, model_stage_kwargs, run_fingerprint
 from pipeline._output import to_output_table
 from pipeline._probe import probe_batch
-from pipeline._shard import settings_key, shard_batch
+from pipeline._shard import settings_key, shard_batch, video_clip_id
 from pipeline._summary import RunStats, build_summary, format_summary, write_summary
 from pipeline.config import JobConfig, to_yaml
 from pipeline.lease import LeaseLost
@@ -190,7 +190,9 @@ def write_rows(
     timer.check()
     progress.tick(force=True)
     plan.lease.check()
-    return stats, consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log)
+    # every video was probed: an older probe error of one is stale, or its new error row replaces it
+    probed = {(video_clip_id(uri, settings_key(cfg)), "") for uri in plan.videos.column("video_uri").to_pylist()}
+    return stats, consolidate(storage, writer, plan.state, replace_all=not cfg.run.resume, log=log, probed=probed)
 
 
 def _model_load_error(error: BaseException) -> ModelLoadError | None:

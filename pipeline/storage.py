@@ -128,14 +128,14 @@ class Storage:
         """Sorted file URIs under a folder/prefix (recursive, paginated) ending in `suffix`.
 
         A folder or prefix that does not exist lists nothing (S3 has no folders to be missing);
-        dotfiles (our temp files) are skipped.
+        dotfiles (our temp files) are skipped. No glob: an output folder may be named 'out[1]'.
         """
         if self.is_s3(uri_prefix):
             bucket, key = split_s3_uri(uri_prefix)
             objects = self.iter_s3_objects(uri_prefix, bucket, as_prefix(key))
             found = [f"s3://{bucket}/{o['Key']}" for o in objects if not o["Key"].endswith("/")]
         else:
-            found = list_local(uri_prefix, missing_ok=True)
+            found = list_local(uri_prefix, missing_ok=True, expand_globs=False)
         return sorted(u for u in found if u.endswith(suffix) and not is_hidden(u))
 
     # ------------------------------------------------------------ objects

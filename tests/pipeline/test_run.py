@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline._shard import settings_key, video_clip_id
 from pipeline.run import run
 from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, ROW_SCHEMA
 from tests.pipeline.runs import assert_unique_keys, by_file, data_files, offline, read_rows
@@ -138,12 +139,24 @@ def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run
     injected = lost.filter(pc.equal(lost["status"], "ok")).slice(0, 1)
     pq.write_table(injected.set_column(injected.schema.get_field_index("status"), "status", pa.array(["error"])),
                            part.with_name("part-injected-00000-errors.parquet"))
+    # Errors of a whole video and of a whole clip that succeeded since (a probe or a read that
+    # failed once): the next run removes them, though it writes neither key again.
+    pq.write_table(stale_errors(before, "nasa_13013.mp4", settings_key(cfg)), part.with_name("part-r0-00000-errors.parquet"))
     third = run(cfg, model_stage=FrameStatsStage)
     assert third["rows_ok"] + third["rows_skipped"] == lost.num_rows
     rows = read_rows(out)
     assert rows.num_rows == before.num_rows
     assert_unique_keys(rows)
     assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
+
+
+def stale_errors(rows: pa.Table, name: str, settings: str) -> pa.Table:
+    """A probe error of the video `name` and a decode error of its first clip, as FILE_SCHEMA rows."""
+    ok = next(r for r in rows.to_pylist() if r["video_uri"].endswith(name) and r["status"] == "ok")
+    failed = {**{k: None for k in ok}, "video_uri": ok["video_uri"], "run_id": "r0", "prompt": "", "status": "error"}
+    probe = {**failed, "clip_id": video_clip_id(ok["video_uri"], settings), "error_stage": "probe", "error": "timed out"}
+    decode = {**failed, "clip_id": ok["clip_id"], "error_stage": "decode", "error": "read timed out"}
+    return pa.Table.from_pylist([probe, decode], schema=FILE_SCHEMA)
 
 
 @pytest.mark.parametrize("change", ["model.retention=0.5", "model.dtype=bfloat16"])

@@ -70,6 +70,24 @@ def test_rows_to_drop_replaces_rewritten_keys_and_keeps_one_row_of_a_duplicate()
     assert rows_to_drop([b], written={("k9", "p")}, replace_all=False) == {}
 
 
+def test_an_error_of_a_whole_clip_or_video_goes_once_the_clip_is_decoded_or_the_video_probed() -> None:
+    older = FileKeys("d/part-r1-00000-errors.parquet",
+                     [("c1", ""), ("c2", ""), ("c3", ""), ("v1", ""), ("v2", ""), ("v3", "")],
+                     [False, False, False, False, False, True])  # v3: a skipped video (done)
+    done = FileKeys("d/part-r0-00000.parquet", [("c2", "p")], [True])  # c2's rows were done already
+    drops = rows_to_drop([older, done], written={("c1", "p")}, replace_all=False, probed={("v1", ""), ("v3", "")})
+    # c1: decoded by this run; c2: done in the output; v1: probed by this run. c3 and v2: still
+    # failing as far as anyone knows; v3: a done row is never dropped by a probe
+    assert drops == {older.uri: [0, 1, 3]}
+
+
+def test_an_output_folder_named_with_glob_characters_is_listed_as_it_is(tmp_path: Path) -> None:
+    out = tmp_path / "runs[2026]?"  # a glob would match 'runs2?' or nothing: resume would see no rows
+    put(out, "part-r1-00000.parquet", rows(("k1", "ok")))
+    state = read_state(Storage(), str(out), JOB)
+    assert _write.finished_keys(state) == {("k1", "p")}
+
+
 def test_older_rewrites_merge_small_files_per_folder_and_kind_and_rewrite_each_file_losing_rows() -> None:
     def keys(n: int) -> list[tuple[str, str]]:
         return [(f"k{i}", "p") for i in range(n)]
