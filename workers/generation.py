@@ -19,6 +19,7 @@ Memory (per call):
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import time
@@ -158,7 +159,8 @@ def timed_generate(
     [B, P+N], prefill_ms, generate_ms, peak bytes, fallback reason or None). `make_inputs` runs
     inside the timed region, so model work done there (a shared video prefill) counts as prefill.
     If the static engine fails (not for lack of memory), the call is decoded again on the dynamic
-    engine and the reason is returned: a caption is not lost to a faster path's failure."""
+    engine and the reason is returned: a caption is not lost to a faster path's failure. That
+    happens after the except clause, whose error would keep the static cache on the device."""
     engine = generation_cfg.engine()
     timer = FirstTokenTimer(model.device)
     fallback = None
@@ -175,7 +177,9 @@ def timed_generate(
             if engine != "static" or cache_arg_given(inputs):
                 raise  # a shared-prefix cache has been consumed: the caller's retry path takes over
             fallback = f"static decode failed ({type(error).__name__}: {str(error)[:200]}); dynamic engine used"
+        if fallback is not None:
             log.warning("%s", fallback)
+            gc.collect()  # the failed attempt's frames, should a reference cycle hold them
             timer.first_logits_at = None
             sequences = run_decode(model, inputs, generation_cfg, "dynamic", **kwargs)
         _synchronize(model.device)

@@ -9,6 +9,7 @@ configured share that cannot be used is logged with its reason (the call then ru
 
 from __future__ import annotations
 
+import gc
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -149,27 +150,27 @@ def generate_with_fallback(
 ) -> list[GenResult]:
     """Batched generate; on OOM split in halves, on any other error retry each clip alone (each
     item alone within one clip). A call that shares its video prefill is split between clips, so
-    one bad clip does not cost the others their shared prefill."""
+    one bad clip does not cost the others their shared prefill. The retries run after the except
+    clause: inside it the error's traceback keeps the failed call's frames, and with them its
+    inputs and KV cache, on the device."""
     try:
         return generate_items(loaded, items, system, generation_cfg)
-    except torch.OutOfMemoryError as error:
-        _release_cuda_memory()
-        if len(items) == 1:
-            return [GenResult.failed(error)]
-        parts, _ = retry_parts(items, generation_cfg.share_video_prefix)
+    except Exception as error:  # noqa: BLE001 - one bad clip must not fail the batch
+        failed, kind, out_of_memory = GenResult.failed(error), type(error).__name__, isinstance(error, torch.OutOfMemoryError)
+    release_failed_call()
+    if len(items) == 1:
+        log.warning("item failed: %s", failed.error)
+        return [failed]
+    parts, unit = retry_parts(items, generation_cfg.share_video_prefix)
+    if out_of_memory:
         half = sum(len(part) for part in parts[:len(parts) // 2])  # between clips when sharing
         log.warning("CUDA out of memory with %d items; retrying as %d + %d", len(items), half, len(items) - half)
         return retried("OutOfMemoryError: batch halved",
                        [*generate_with_fallback(loaded, items[:half], system, generation_cfg),
                         *generate_with_fallback(loaded, items[half:], system, generation_cfg)])
-    except Exception as error:  # noqa: BLE001 - one bad clip must not fail the batch
-        if len(items) == 1:
-            log.warning("item failed: %s: %s", type(error).__name__, error)
-            return [GenResult.failed(error)]
-        parts, unit = retry_parts(items, generation_cfg.share_video_prefix)
-        log.warning("batch of %d failed (%s: %s); retrying each %s alone", len(items), type(error).__name__, error, unit)
-        return retried(f"{type(error).__name__}: retried {unit} by {unit}",
-                       [r for part in parts for r in generate_with_fallback(loaded, part, system, generation_cfg)])
+    log.warning("batch of %d failed (%s); retrying each %s alone", len(items), failed.error, unit)
+    return retried(f"{kind}: retried {unit} by {unit}",
+                   [r for part in parts for r in generate_with_fallback(loaded, part, system, generation_cfg)])
 
 
 def retry_parts(items: Sequence[Item], share: bool) -> tuple[list[list[Item]], str]:
@@ -201,6 +202,9 @@ def new_batch_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _release_cuda_memory() -> None:
+def release_failed_call() -> None:
+    """Free what a failed call left: its frames, once its error is gone, unless they sit in a
+    reference cycle (hence the collection), and the allocator's cached blocks (fragmentation)."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

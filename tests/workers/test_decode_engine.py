@@ -7,13 +7,17 @@ the rows say why."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import pytest
+import torch
 
 from tests.workers.test_model_stage import CAPTION, GREEDY, as_batch, model_cfg
 from tests.workers.test_shared_prefix import CLIPS, QA
 from v2drop import static_decode
+from workers import generation
 from workers import model_stage as model_stage_module
+from workers.generation import run_decode
 from workers.model_stage import load_for_stage
 from workers.provenance import engine_fingerprint
 from workers.settings import ConfigError, GenerationConfig, PromptConfig
@@ -43,16 +47,29 @@ def test_static_engine_rows_equal_the_dynamic_engine_rows(loaded, prompt_cfg):
 
 
 def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monkeypatch):
+    """...after freeing what the failed attempt held (its static cache), which the error's
+    traceback keeps alive while its except clause runs."""
     family, model = loaded
+    static_caches: list[weakref.ref] = []
+    held_while_dynamic: list[bool] = []
 
     def broken(*args, **kwargs):
+        cache = torch.zeros(4, 64)
+        static_caches.append(weakref.ref(cache))
         raise RuntimeError("injected static-engine failure")
+
+    def watched_decode(model_, inputs, generation_cfg, engine, **kwargs):
+        if engine == "dynamic":
+            held_while_dynamic.append(any(ref() is not None for ref in static_caches))
+        return run_decode(model_, inputs, generation_cfg, engine, **kwargs)
 
     dynamic = rows_for(model, family, CAPTION, "dynamic")
     monkeypatch.setattr(static_decode, "generate_static", broken)
+    monkeypatch.setattr(generation, "run_decode", watched_decode)
     rows = rows_for(model, family, CAPTION, "static")
     assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in dynamic]
     assert all(r["fallback_reason"].startswith("static decode failed (RuntimeError: injected") for r in rows)
+    assert held_while_dynamic and not any(held_while_dynamic)
 
 
 def test_auto_is_static_when_greedy_and_dynamic_when_sampling():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,15 @@ class _FakeLoaded:
 
 def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> None:
     calls: list[list[str]] = []
+    failed_calls_memory: list[weakref.ref] = []  # what each failed call held, as its KV cache would be
+    held_during_retries: list[bool] = []
 
     def fake_generate(model, processor, items, generation_cfg, inputs_ms):
         prompts = [prompt for _, prompt in items]
         calls.append(prompts)
+        held_during_retries.append(any(ref() is not None for ref in failed_calls_memory))
+        cache = torch.zeros(len(items), 64)
+        failed_calls_memory.append(weakref.ref(cache))
         if len(items) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory")
         if "bad" in prompts:
@@ -183,6 +189,7 @@ def test_oom_halves_the_batch_and_a_failing_item_fails_alone(monkeypatch) -> Non
     assert [r.output_text for r in results] == ["p0", "p1", None, "p3"]
     assert results[2].error == "RuntimeError: shape mismatch"
     assert calls == [["p0", "p1", "bad", "p3"], ["p0", "p1"], ["bad", "p3"], ["bad"], ["p3"]]
+    assert held_during_retries == [False] * 5  # a retry starts with the failed call's memory freed
     # Each row says it came from a retry, the first cause kept; one id per failed call.
     reasons = [r.fallback_reason for r in results]
     assert reasons == ["OutOfMemoryError: batch halved"] * 2 + ["RuntimeError: retried item by item"] * 2
