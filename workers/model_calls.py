@@ -66,10 +66,10 @@ def generate_items(
         inputs, inputs_ms = timed_inputs(model, lambda: build_inputs(processor, items, system, device))
         results = generate_batch(model, processor, inputs, generation_cfg, inputs_ms)
     batch_id = new_batch_id()  # inputs_ms, prefill_ms, generate_ms and peak_memory_bytes are this call's
-    for result in results:
+    for result, several in zip(results, shared_prefix.in_shared_clip(items)):  # a clip's one prompt shares nothing
         result.batch_id = batch_id
-        result.video_prefill_shared = plan.shared is not None
-        result.video_prefill_unshared_reason = plan.fallback
+        result.video_prefill_shared = plan.shared is not None and several
+        result.video_prefill_unshared_reason = plan.fallback if several else None
     return results
 
 

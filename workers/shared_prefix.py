@@ -23,6 +23,7 @@ has in an unshared prompt. The tests compare the logits with unshared generation
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,12 @@ class SharedCall:
 def has_shared_clips(items: Sequence[Item]) -> bool:
     """True when some clip has more than one prompt in `items`."""
     return len({id(row) for row, _ in items}) < len(items)
+
+
+def in_shared_clip(items: Sequence[Item]) -> list[bool]:
+    """Per item: whether its clip has more than one prompt in `items` (something to share)."""
+    prompts = Counter(id(row) for row, _ in items)
+    return [prompts[id(row)] > 1 for row, _ in items]
 
 
 def prompt_prefix(processor: Any, system: str | None) -> str:

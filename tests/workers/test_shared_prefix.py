@@ -169,7 +169,7 @@ def test_a_template_that_puts_the_question_first_is_not_shared(caplog, monkeypat
     tokenizer = models.tokenizer("qwen2_5_vl")
     processor = SimpleNamespace(apply_chat_template=question_first, tokenizer=tokenizer)
     row, video_pad = clip_row("a", 4, 56, 56), tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    items = [(row, "What happens?"), (row, "Who?")]
+    items = [(row, "What happens?"), (row, "Who?"), (clip_row("b", 4, 56, 56), "What happens?")]
     assert shared_prefix.plan(processor, items, None, [video_pad]) == "the chat template puts no video before the prompt"
     config = SimpleNamespace(model_type="qwen2_5_vl", image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
                              video_token_id=video_pad)
@@ -179,11 +179,16 @@ def test_a_template_that_puts_the_question_first_is_not_shared(caplog, monkeypat
     assert plan == model_calls.CallPlan(None, fallback="the chat template puts no video before the prompt")
     assert "share_video_prefix" in caplog.text and "no video before the prompt" in caplog.text
     assert model_calls.plan_call(loaded, items, None, share=False) == model_calls.CallPlan(None)  # not asked: no log
-    assert model_calls.plan_call(loaded, items[:1], None, share=True) == model_calls.CallPlan(None)  # nothing to share
+    assert model_calls.plan_call(loaded, items[2:], None, share=True) == model_calls.CallPlan(None)  # nothing to share
     # the unshared call's rows carry the reason (the model call itself is stubbed: only the rows' bookkeeping is checked)
     monkeypatch.setattr(model_calls, "build_inputs", lambda processor, items, system, device: items)
     monkeypatch.setattr(model_calls, "timed_inputs", lambda model, make: (make(), 0.0))
     monkeypatch.setattr(model_calls, "generate_batch", lambda model, processor, inputs, cfg, inputs_ms: [GenResult() for _ in inputs])
     results = model_calls.generate_items(loaded, items, None, GREEDY)
     assert [(r.video_prefill_shared, r.video_prefill_unshared_reason) for r in results] == \
-        [(False, "the chat template puts no video before the prompt")] * 2
+        [(False, "the chat template puts no video before the prompt")] * 2 + [(False, None)]  # b: nothing to share
+    # a shared call: clip b's one prompt prefilled its video for itself alone
+    monkeypatch.setattr(model_calls, "plan_call", lambda *args: model_calls.CallPlan(shared=object()))  # type: ignore[arg-type]
+    monkeypatch.setattr(shared_prefix, "generate_shared", lambda model, processor, items, *args: [GenResult() for _ in items])
+    results = model_calls.generate_items(loaded, items, None, GREEDY)
+    assert [(r.video_prefill_shared, r.video_prefill_unshared_reason) for r in results] == [(True, None)] * 2 + [(False, None)]
