@@ -68,6 +68,8 @@ def generate_items(
     batch_id = new_batch_id()  # inputs_ms, prefill_ms, generate_ms and peak_memory_bytes are this call's
     for result, several in zip(results, shared_prefix.in_shared_clip(items)):  # a clip's one prompt shares nothing
         result.batch_id = batch_id
+        if result.fallback_reason is not None and result.fallback_batch_id is None:
+            result.fallback_batch_id = batch_id  # the static engine failed inside this call (decoded again)
         result.video_prefill_shared = plan.shared is not None and several
         result.video_prefill_unshared_reason = plan.fallback if several else None
     return results

@@ -70,6 +70,7 @@ def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monke
     assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in dynamic]
     assert all(r["fallback_reason"].startswith("static decode failed (RuntimeError: injected") for r in rows)
     assert held_while_dynamic and not any(held_while_dynamic)
+    assert all(r["fallback_batch_id"] == r["batch_id"] for r in rows)  # each failed call counted in the summary
 
 
 def test_auto_is_static_when_greedy_and_dynamic_when_sampling():
