@@ -7,12 +7,12 @@ of the ~1,150 kernels of a 28-layer step cost a few microseconds even inside a C
 of the step beyond the ~3.2 ms the 7B weights take to read. The swaps below compute what
 transformers computes, with fewer kernels, and hold only while the context is open. The prefill
 gets all but the attention (`fewer_kernels`): a Qwen2.5-VL prefill at 28 layers launches ~690
-kernels instead of ~1,340 (~810 instead of ~1,450 with V²Drop; bench.op_counts, CPU, bf16), which
-counts where the host is the bound: a V²Drop prefill of one clip.
+kernels instead of ~1,340 (~810 instead of ~1,450 with V²Drop; bench.op_counts, CPU, bf16): it
+counts where the host is the bound, a V²Drop prefill of one clip.
 
 * Attention: `one_token_sdpa`, transformers' sdpa for one query token (its `pack_gqa` branch: the
-  grouped query heads packed onto their key-value head, the cache read as it is), used compiled
-  or not. Under torch.compile transformers itself switches to `repeat_kv`, which copies each
+  grouped query heads packed onto their key-value head, the cache read as it is), compiled or
+  not, also for a flash-attn model. Under torch.compile transformers itself switches to `repeat_kv`, which copies each
   layer's whole cache `num_key_value_groups` times per step (7x for Qwen2.5-VL-7B).
 * RMSNorm: `fused_rms_norm`, `F.rms_norm`, which CUDA runs as one kernel (aten._fused_rms_norm,
   torch >= 2.8) where transformers' RMSNorm launches eight (two casts, pow, mean, add, rsqrt, two
@@ -27,10 +27,9 @@ counts where the host is the bound: a V²Drop prefill of one clip.
 * Rotary embedding: `rotary_in_one_pass`, transformers' `apply_rotary_pos_emb` (`x * cos +
   rotate_half(x) * sin`, for q and for k) on q and k stacked along the heads, with sin's sign
   taken once per step instead of q's and k's in every layer: 5 kernels instead of 10 per layer
-  plus 2 per step, the same bits. It replaces the function in the
-  modeling module of the text model's attention (a module global: another thread running that
-  family at the same time would use it too, with the same results), and only where a probe at
-  the first swap gives exactly the function's results. Where q and k are adjacent blocks of one
+  plus 2 per step, the same bits. It replaces the function in the modeling module of the text
+  model's attention (a module global: another thread running that family at the same time would
+  use it too, with the same results), only where a probe at the first swap gives its results. Where q and k are adjacent blocks of one
   product (`adjacent_heads`) it reads them as one tensor instead of concatenating them.
 * Projections: `v2drop.fused_projections`, each layer's q/k/v and gate/up as one matrix product.
 """
@@ -92,17 +91,19 @@ AttentionInterface.register(ONE_TOKEN_SDPA, one_token_sdpa)
 
 @contextmanager
 def one_token_attention(text_model) -> Iterator[None]:
-    """An sdpa text model attends with `one_token_sdpa` (set on its config, read by every attention
-    layer at each call; put back afterwards). Other attention implementations are left as they are."""
+    """An sdpa or flash-attn text model attends by `one_token_sdpa` (on its config, read by every
+    layer at each call; put back after): the step's additive [B, 1, 1, L] key mask is no flash
+    2-D 0/1 padding mask (which would also sync). Eager reads it as it is."""
     config = text_model.config
-    if config._attn_implementation != "sdpa":
+    own = config._attn_implementation
+    if own not in ("sdpa", "flash_attention_2"):
         yield
         return
     config._attn_implementation = ONE_TOKEN_SDPA
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = own
 
 
 _NORMS_ATTR = "_v2drop_rms_norms"

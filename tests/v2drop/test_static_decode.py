@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import v2drop
+from tests.v2drop import flash_reference
 from v2drop import stage_cache, static_decode
 from vlm import testing as models
 
@@ -17,8 +18,8 @@ NUM_LAYERS = 8
 QUESTIONS = ["Describe.", "What happens in this long clip here?"]
 
 
-def _setup(family: str, dropping: bool):
-    model = models.model(family, num_layers=NUM_LAYERS)
+def _setup(family: str, dropping: bool, attn: str = "sdpa"):
+    model = models.model(family, num_layers=NUM_LAYERS, attn=attn)
     visual = models.Visual("video", (2, 0, 0) if family == "llava_onevision" else (2, 8, 8))
     inputs = models.batch(family, [models.Sample(q, visual) for q in QUESTIONS])
     if dropping:
@@ -38,6 +39,18 @@ def test_static_cache_tokens_equal_generate(family, dropping):
     model, inputs = _setup(family, dropping)
     expected = _reference(model, inputs, 10)
     assert static_decode.generate_static(model, inputs, 10).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["stock", "v2drop"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_static_cache_tokens_equal_generate_under_flash_attention(family, dropping, monkeypatch):
+    """flash_attention_2, the GPU default: transformers' flash path with a plain-torch kernel. The
+    step's additive key mask is not a flash padding mask: it attends by one_token_sdpa instead."""
+    flash_reference.install(monkeypatch)
+    model, inputs = _setup(family, dropping, attn="flash_attention_2")
+    expected = _reference(model, inputs, 10)
+    assert static_decode.generate_static(model, inputs, 10).tolist() == expected.tolist()
+    assert model.config.get_text_config()._attn_implementation == "flash_attention_2"  # put back
 
 
 def _selected_batches(monkeypatch) -> list[int]:
