@@ -32,6 +32,8 @@ class StaticState:
     valid: list[torch.Tensor]  # per stage [B, prefill_len_s + max_new_tokens] bool
     prefill_lengths: torch.Tensor  # [num_stages] long: where step 0 writes in each stage
     next_positions: torch.Tensor  # [3, B, 1] (M-RoPE) or [B, 1]: rotary position of step 0's token
+    seen: torch.Tensor | None = None  # [B, V] bool: each row's tokens so far, for a repetition penalty
+    repetition_penalty: float = 1.0  # v2drop.greedy.penalize_repeats, when `seen` is set
 
 
 def static_state(model, text_model, dynamic, positions: torch.Tensor, attention_mask, max_new_tokens: int) -> StaticState:
@@ -101,6 +103,8 @@ def select_rows(state: StaticState, index: torch.Tensor) -> StaticState:
         valid=[v[index] for v in state.valid],
         prefill_lengths=state.prefill_lengths,
         next_positions=state.next_positions.index_select(-2, index),  # [3, B, 1] or [B, 1]
+        seen=None if state.seen is None else state.seen[index],
+        repetition_penalty=state.repetition_penalty,
     )
 
 

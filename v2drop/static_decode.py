@@ -31,7 +31,9 @@ each step and builds masks of growing length, so no step can be captured as a CU
    with `compile=True`: each new batch size would compile again.
 
 Next-token positions continue from the prompt's last rotary position + 1 per row (the M-RoPE
-text rule of the Qwen families; 1-D RoPE for LLaVA-OneVision).
+text rule of the Qwen families; 1-D RoPE for LLaVA-OneVision). The model's generation settings
+are generate()'s (v2drop.greedy): end and pad tokens, a repetition penalty applied in the step;
+any other logits processor generate() would run makes the engine refuse the call.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from v2drop import key_masks
 from v2drop.adapters import adapter_for
 from v2drop.compat import cache_kwarg, output_cache
 from v2drop.cuda_graphs import CudaGraph, on_side_stream
+from v2drop.greedy import GreedySettings, greedy_settings, penalize_repeats, seen_tokens
 from v2drop.kernels import fewer_kernels, one_token_attention, step_kernels
 from v2drop.loop import rotary
 from v2drop.stage_cache import StaticState, select_rows, static_state
@@ -55,8 +58,10 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
                     stop_check_every: int = 1, fused_kernels: bool = True, **prefill_kwargs) -> torch.Tensor:
     """Greedy tokens [B, <= max_new_tokens], equal to `model.generate(..., do_sample=False)`'s new
     tokens. `prefill_kwargs` go to the prefill's generate call (a logits processor that times the
-    first token, pad_token_id). fused_kernels=False: the prefill and the step with transformers' own
+    first token, pad_token_id); settings of them or of the model's generation_config that the
+    steps would not apply raise v2drop.greedy.UnappliedSettings first. fused_kernels=False: the prefill and the step with transformers' own
     norms, rotary and projections (v2drop.kernels.fewer_kernels), for benchmarks."""
+    settings = greedy_settings(model, prefill_kwargs)  # UnappliedSettings before any model work
     text_model = adapter_for(model).text_model(model)
     with fewer_kernels(text_model, fused_kernels):  # the prefill and the steps: entered once per call
         first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
@@ -64,15 +69,18 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
             return first
         state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
         del dynamic
+        if settings.repetition_penalty != 1.0:
+            state.seen = seen_tokens(inputs["input_ids"], model.lm_head.weight.shape[0])
+            state.repetition_penalty = settings.repetition_penalty
         with one_token_attention(text_model):  # with fewer_kernels: step_kernels
-            return _decode(model, text_model, state, first, max_new_tokens, capture=capture, compile=compile,
-                           stop_check_every=stop_check_every)
+            return _decode(model, text_model, state, first, max_new_tokens, settings, capture=capture,
+                           compile=compile, stop_check_every=stop_check_every)
 
 
-def _decode(model, text_model, state: StaticState, first: torch.Tensor, max_new_tokens: int, *, capture: bool,
-            compile: bool, stop_check_every: int) -> torch.Tensor:
+def _decode(model, text_model, state: StaticState, first: torch.Tensor, max_new_tokens: int, settings: GreedySettings,
+            *, capture: bool, compile: bool, stop_check_every: int) -> torch.Tensor:
     """generate_static's loop: tokens [B, <= max_new_tokens] from the first one and the filled state."""
-    eos, pad = _end_tokens(model)
+    eos, pad = torch.tensor(settings.eos, dtype=torch.long, device=first.device), settings.pad
     fn = compiled_decode_step() if compile else decode_step
     step_class = CapturedStep if capture else EagerStep
     step = step_class(model, text_model, state, fn)
@@ -99,7 +107,10 @@ def _decode(model, text_model, state: StaticState, first: torch.Tensor, max_new_
 
 def decode_step(model, text_model, state: StaticState, token: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """One greedy step with static shapes: token [B, 1] at step t (0-d long) -> next token [B]."""
-    return decode_logits(model, text_model, state, token, t).argmax(dim=-1)
+    logits = decode_logits(model, text_model, state, token, t)
+    if state.seen is not None:  # the repetition penalty generate() applies (v2drop.greedy)
+        logits = penalize_repeats(logits, state.seen, token, state.repetition_penalty)
+    return logits.argmax(dim=-1)
 
 
 StepFunction = Callable[..., torch.Tensor]  # decode_step's signature
@@ -201,11 +212,3 @@ def _prefill(model, text_model, inputs: dict, **generate_kwargs):
         hook.remove()
     return out.sequences[:, -1:], output_cache(out), seen["positions"]
 
-
-def _end_tokens(model) -> tuple[torch.Tensor, int]:
-    config = model.generation_config
-    eos = config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    device = next(model.parameters()).device
-    pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
-    return torch.tensor(eos, device=device), int(pad)

@@ -24,6 +24,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import v2drop
 from v2drop import static_decode
+from v2drop.greedy import UnappliedSettings, greedy_settings
 from workers.rows import GenResult
 from workers.settings import GenerationConfig
 
@@ -169,6 +171,8 @@ def timed_generate(
         started = time.perf_counter()
         inputs = make_inputs()
         kwargs = {"logits_processor": LogitsProcessorList([timer]), "pad_token_id": pad_token_id(model, processor)}
+        if engine == "static" and (unapplied := unapplied_settings(model, kwargs)):
+            engine, fallback = "dynamic", f"{unapplied}; dynamic engine used"
         try:
             sequences = run_decode(model, inputs, generation_cfg, engine, **kwargs)
         except torch.OutOfMemoryError:
@@ -186,6 +190,22 @@ def timed_generate(
         finished = time.perf_counter()
     prefill_ms = ((timer.first_logits_at or finished) - started) * 1000.0
     return inputs, sequences, prefill_ms, (finished - started) * 1000.0, memory.peak_bytes, fallback
+
+
+def unapplied_settings(model: Any, generate_kwargs: Mapping[str, Any]) -> str | None:
+    """Why the static engine would refuse this model's generation settings (v2drop.greedy), or
+    None; logged once per reason, as it holds for every call of the model."""
+    try:
+        greedy_settings(model, generate_kwargs)
+    except UnappliedSettings as error:
+        _warn_once(str(error))
+        return str(error)
+    return None
+
+
+@cache
+def _warn_once(message: str) -> None:
+    log.warning("%s: decoding with generate() instead", message)
 
 
 def cache_arg_given(inputs: Mapping[str, Any]) -> bool:

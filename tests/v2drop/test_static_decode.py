@@ -12,6 +12,7 @@ import torch
 import v2drop
 from tests.v2drop import flash_reference
 from v2drop import stage_cache, static_decode
+from v2drop.greedy import UnappliedSettings
 from vlm import testing as models
 
 NUM_LAYERS = 8
@@ -51,6 +52,34 @@ def test_static_cache_tokens_equal_generate_under_flash_attention(family, droppi
     expected = _reference(model, inputs, 10)
     assert static_decode.generate_static(model, inputs, 10).tolist() == expected.tolist()
     assert model.config.get_text_config()._attn_implementation == "flash_attention_2"  # put back
+
+
+@pytest.mark.parametrize("dropping", [False, True], ids=["stock", "v2drop"])
+def test_the_models_repetition_penalty_and_the_calls_end_tokens_are_generates(dropping):
+    """Qwen2.5-VL Instruct ships repetition_penalty 1.05 with sampling settings that greedy
+    decoding ignores; generate() penalizes every step, so the static step must too."""
+    model, inputs = _setup("qwen2_5_vl", dropping)
+    free_run = _reference(model, inputs, 10)
+    model.generation_config.update(repetition_penalty=1.3, top_k=1, top_p=0.001, temperature=0.1)
+    penalized = _reference(model, inputs, 10)
+    assert penalized.tolist() != free_run.tolist()  # the penalty changes these tokens
+    assert static_decode.generate_static(model, inputs, 10).tolist() == penalized.tolist()
+    end = int(penalized[0, 3])  # a token row 0 makes: passed to the call, it ends rows there
+    with torch.no_grad():
+        ended = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=end)[:, inputs["input_ids"].shape[1]:]
+    static = static_decode.generate_static(model, inputs, 10, eos_token_id=end)
+    assert static.tolist() == ended[:, :static.shape[1]].tolist() and (ended[:, static.shape[1]:] == ended[0, -1]).all()
+
+
+def test_settings_the_step_would_not_apply_are_refused_before_any_model_work(monkeypatch):
+    model, inputs = _setup("qwen2_5_vl", False)
+    monkeypatch.setattr(static_decode, "_prefill", lambda *args, **kwargs: pytest.fail("the model ran"))
+    model.generation_config.no_repeat_ngram_size = 2
+    with pytest.raises(UnappliedSettings, match="no_repeat_ngram_size"):
+        static_decode.generate_static(model, inputs, 10)
+    model.generation_config.no_repeat_ngram_size = 0
+    with pytest.raises(UnappliedSettings, match="min_new_tokens"):
+        static_decode.generate_static(model, inputs, 10, min_new_tokens=4)
 
 
 def _selected_batches(monkeypatch) -> list[int]:

@@ -73,6 +73,18 @@ def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monke
     assert all(r["fallback_batch_id"] == r["batch_id"] for r in rows)  # each failed call counted in the summary
 
 
+def test_generation_settings_the_static_engine_does_not_apply_send_every_call_to_generate(loaded, monkeypatch):
+    """no_repeat_ngram_size in the model's generation_config: generate() applies it, the static
+    step would not, so the static engine is not tried (no second prefill) and the rows say why."""
+    family, model = loaded
+    monkeypatch.setattr(model.model.generation_config, "no_repeat_ngram_size", 2)
+    dynamic = rows_for(model, family, CAPTION, "dynamic")
+    monkeypatch.setattr(static_decode, "generate_static", lambda *args, **kwargs: pytest.fail("static engine tried"))
+    rows = rows_for(model, family, CAPTION, "static")
+    assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in dynamic]
+    assert all("['no_repeat_ngram_size']" in r["fallback_reason"] and r["fallback_batch_id"] == r["batch_id"] for r in rows)
+
+
 def test_auto_is_static_when_greedy_and_dynamic_when_sampling():
     assert dataclasses.replace(GREEDY, decode_engine="auto").engine() == "static"
     assert dataclasses.replace(GREEDY, temperature=0.7, decode_engine="auto").engine() == "dynamic"
