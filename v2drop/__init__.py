@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 # 4: the static engine (its prefill and step, and the shared video prefill it continues from)
 # computes q/k/v and gate/up as one matrix product each (v2drop.fused_projections), which a GPU's
 # BLAS may round differently from three (two).
-ENGINE_VERSION = "4"
+# 5: the static engine applies the model's repetition penalty (v2drop.greedy) after the first
+# token, as generate() does; under flash-attn its step now runs instead of failing over.
+ENGINE_VERSION = "5"
 
 _HOME = {  # public name -> the submodule that defines it
     "disable": "api", "enable": "api", "is_enabled": "api", "last_stats": "api", "schedule_of": "api",
