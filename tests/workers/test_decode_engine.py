@@ -36,9 +36,13 @@ def rows_for(loaded_model, family: str, prompt_cfg: PromptConfig, engine: str) -
     return model_stage_module.answer_rows(loaded_model, rows, prompt_cfg, dataclasses.replace(GREEDY, decode_engine=engine))
 
 
+@pytest.mark.parametrize("penalty", [None, 1.3], ids=["plain", "repetition-penalty"])
 @pytest.mark.parametrize("prompt_cfg", [CAPTION, QA], ids=["caption", "qa-shared-prefix"])
-def test_static_engine_rows_equal_the_dynamic_engine_rows(loaded, prompt_cfg):
+def test_static_engine_rows_equal_the_dynamic_engine_rows(loaded, prompt_cfg, penalty, monkeypatch):
+    """With a repetition penalty in the model's generation_config too (Qwen2.5-VL Instruct ships
+    one), which the static step applies itself, over the shared video prefix as well."""
     family, model = loaded
+    monkeypatch.setattr(model.model.generation_config, "repetition_penalty", penalty)
     static = rows_for(model, family, prompt_cfg, "static")
     dynamic = rows_for(model, family, prompt_cfg, "dynamic")
     assert [{k: r[k] for k in SAME} for r in static] == [{k: r[k] for k in SAME} for r in dynamic]
