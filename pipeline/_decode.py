@@ -4,8 +4,8 @@ Columns in: CLIP_SCHEMA.
 Columns out (`DECODED_SCHEMA`): those plus frames (bytes, uint8 [T, H, W, 3] C order),
 frames_shape, frames_dtype, timestamps_s, decoder ('decord' | 'pyav'), decode_ms, last_frame_s,
 partial_reason.
-Rows that are not 'ok' pass through. A decode failure or a timeout becomes an error row
-(error_stage 'decode'). A clip whose frames stop before its end (damaged data, a file cut short)
+Rows that are not 'ok' pass through. A decode failure or a timeout, or any other error while
+decoding a clip, becomes an error row naming the file (error_stage 'decode'). A clip whose frames stop before its end (damaged data, a file cut short)
 is served with the frames read before that point, and says so: `partial_reason` names the file
 and why, and `last_frame_s` shows how far its frames reach, so a caption is never taken to
 describe more of the span than the model saw.
@@ -54,6 +54,9 @@ def decode_row(row: dict[str, Any], decode: DecodeConfig, storage: Storage, cach
         return {**row, **error_fields(uri, f"clip [{row['start_s']:g}, {row['end_s']:g}) s: {e.reason}", "decode")}
     except StorageError as e:
         return {**row, **error_fields(uri, f"{e.reason} ({e.kind})", "decode")}
+    except Exception as e:  # noqa: BLE001 - one clip never stops the run; its row names the file and the error
+        reason = f"clip [{row['start_s']:g}, {row['end_s']:g}) s: {type(e).__name__}: {e}"
+        return {**row, **error_fields(uri, reason, "decode")}
     record = frames_to_record(clip)
     return {**row, **{k: record[k] for k in ("frames", "frames_shape", "frames_dtype", "timestamps_s", "decoder")},
             "decode_ms": (time.perf_counter() - started) * 1e3, "last_frame_s": clip.timestamps_s[-1],

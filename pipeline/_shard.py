@@ -7,7 +7,8 @@ Columns out (`CLIP_SCHEMA`): those plus clip_index, start_s, end_s, clip_id.
 - a video shorter than clips.min_clip_len_s -> one clip covering all of it (the decoder repeats
   frames up to decode.num_frames);
 - a readable video of no duration -> one 'skipped' row (`skip_reason` says why; error stays null);
-- a probe error -> its one error row, with a video-level clip_id so the row has a key.
+- a probe error -> its one error row, with a video-level clip_id so the row has a key; so are
+  probed figures the clip plan refuses (error_stage 'probe', `planned_or_error`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline._probe import PROBED_SCHEMA
-from pipeline._rows import extend_schema, to_table
+from pipeline._rows import error_fields, extend_schema, to_table
 from pipeline.clips import clip_id, plan_clips
 from pipeline.config import ClipsConfig, JobConfig, PromptConfig
 from workers.model_inputs import prompts_for_row
@@ -53,8 +54,21 @@ def video_clip_id(uri: str, settings: str) -> str:
 def shard_batch(
     table: pa.Table, *, clips: ClipsConfig, settings: str, prompt_cfg: PromptConfig, done: Collection[tuple[str, str]]
 ) -> pa.Table:
-    rows = [clip for row in table.to_pylist() for clip in shard_row(row, clips, settings, prompt_cfg, done)]
+    rows = [clip for row in table.to_pylist() for clip in planned_or_error(row, clips, settings, prompt_cfg, done)]
     return to_table(rows, CLIP_SCHEMA)
+
+
+def planned_or_error(
+    row: dict[str, Any], clips: ClipsConfig, settings: str, prompt_cfg: PromptConfig, done: Collection[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """shard_row, or the video's one error row when its probed figures cannot be planned: one
+    video never stops the run (and a re-run would plan it again)."""
+    try:
+        return shard_row(row, clips, settings, prompt_cfg, done)
+    except Exception as e:  # noqa: BLE001 - named in the row; the other videos go on
+        uri = row["video_uri"]
+        reason = f"the probe's figures cannot be planned into clips ({type(e).__name__}: {e})"
+        return [{**row, "clip_id": video_clip_id(uri, settings), **error_fields(uri, reason, "probe")}]
 
 
 def shard_row(

@@ -66,6 +66,8 @@ def iter_clips(
         if start_s >= duration_s:
             return
         end_s = round(min(start_s + clip_len_s, duration_s), _TIME_DECIMALS)
+        if end_s <= start_s:
+            return  # a duration below the rounding (1e-7 s): no span to sample
         if index > 0 and round(end_s - start_s, _TIME_DECIMALS) < min_clip_len_s:
             return  # a short tail; later spans are only shorter
         yield ClipSpec(clip_id(video_uri, start_s, end_s, settings_key), index, start_s, end_s)

@@ -16,6 +16,8 @@ them through `pipeline.video`, never directly in a worker.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable
 
@@ -29,12 +31,26 @@ DECODERS = ("pyav", "decord")  # the order `decoder='auto'` tries them in
 
 def probe_file(path: str) -> VideoInfo:
     try:
-        return _probe_pyav(path)
+        info = _probe_pyav(path)
     except Exception as av_err:  # PyAV could not open it: decord may (its own FFmpeg build)
         try:
-            return probe_decord(path)
+            info = probe_decord(path)
         except Exception as decord_err:
             raise VideoError(path, f"not a readable video (pyav: {av_err}; decord: {decord_err})") from None
+    return dataclasses.replace(info, duration_s=plausible_duration(info))
+
+
+def plausible_duration(info: VideoInfo) -> float:
+    """The header's duration, unless a damaged header says what the frames cannot be: negative,
+    not finite, or more than twice their span (+1 s). Then the frames' span, num_frames / fps (as
+    decord's probe measures it), when known; else VideoError. A header of 1e9 s would otherwise
+    plan 1e8 clips, a negative one fail the clip plan."""
+    duration_s, span_s = info.duration_s, info.num_frames / info.fps if info.fps > 0 else None
+    if math.isfinite(duration_s) and duration_s >= 0 and (span_s is None or duration_s <= 2 * span_s + 1):
+        return duration_s
+    if span_s is None:
+        raise VideoError(info.uri, f"the container reports an impossible duration ({duration_s!r} s) and no frame rate")
+    return span_s
 
 
 def _probe_pyav(path: str) -> VideoInfo:
@@ -49,8 +65,8 @@ def _probe_pyav(path: str) -> VideoInfo:
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         if stream.duration:
             duration_s = float(stream.duration * stream.time_base)
-        else:  # MKV/WebM keep no per-stream duration
-            duration_s = container.duration / 1e6
+        else:  # MKV/WebM keep no per-stream duration; theirs runs to the last timestamp, not from the first
+            duration_s = (container.duration - max(container.start_time or 0, 0)) / 1e6
         width, height = stream.codec_context.width, stream.codec_context.height
         # canonical_name is the format (av1), name the decoder that reads it (libdav1d)
         codec, container_name = stream.codec_context.codec.canonical_name, container.format.name
@@ -134,9 +150,12 @@ def _decode_pyav(
             stream.thread_count = threads
             if reference_frames_only:  # FFmpeg's AVDISCARD_NONREF: frames no other frame refers to
                 stream.codec_context.skip_frame = "NONREF"
+            # times count from the stream's first frame, as the clip plan's and decord's do (a cut
+            # file or an MPEG-TS stream starts later than 0)
+            offset_s = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             if start_s > 0:  # lands on the keyframe at or before start_s; decoding runs forward
-                container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
-            decoded = ((f.time, f) for f in container.decode(stream) if f.time is not None)
+                container.seek(int((start_s + offset_s) / stream.time_base), stream=stream, backward=True)
+            decoded = ((f.time - offset_s, f) for f in container.decode(stream) if f.time is not None)
             converted: dict[float, np.ndarray] = {}  # one conversion when a frame serves several times
             for stamp_s, frame in select_nearest(decoded, times_s, start_s, end_s):
                 if stamp_s not in converted:

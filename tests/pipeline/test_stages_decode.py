@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline import _decode as _decode_module
 from pipeline._decode import DECODED_SCHEMA, decode_batch
 from pipeline._shard import CLIP_SCHEMA
 from pipeline.config import DecodeConfig
@@ -50,6 +51,17 @@ def test_a_clip_of_a_damaged_file_is_served_from_the_frames_before_the_damage(sh
     assert row["status"] == "ok" and row["error"] is None and row["decoder"] == "pyav"
     assert row["partial_reason"].startswith(f"{uri}: clip [0, 5) s: 2 of 4 frames readable, up to ")
     assert len(row["timestamps_s"]) == 2 == row["frames_shape"][0] and row["last_frame_s"] < 2.5
+
+
+def test_any_failure_decoding_a_clip_is_its_error_row_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    def broken(path, start_s, end_s, **kwargs):
+        raise ValueError(f"need 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}")
+
+    monkeypatch.setattr(_decode_module, "decode_clip", broken)
+    monkeypatch.setattr(Storage, "local_copy", lambda self, uri, cache_dir: uri)
+    (row,) = _decode(tmp_path, _clip("/v/a.mp4", 0.0, 0.0))
+    assert row["status"] == "error" and row["error_stage"] == "decode"
+    assert row["error"] == "/v/a.mp4: clip [0, 0) s: ValueError: need 0 <= start_s < end_s, got start_s=0.0, end_s=0.0"
 
 
 def test_rows_that_are_not_ok_pass_through_and_a_missing_file_is_a_decode_error(tmp_path: Path) -> None:

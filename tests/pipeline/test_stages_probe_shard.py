@@ -94,6 +94,18 @@ def test_shard_passes_an_error_on_and_skips_a_video_of_no_duration() -> None:
     assert again.num_rows == 0
 
 
+def test_figures_a_damaged_header_gives_are_planned_or_named_never_stop_the_run() -> None:
+    """A duration below the clip plan's rounding is no span (skipped); one the plan refuses (the
+    probe lets none through, plausible_duration) is the video's error row, the others go on."""
+    rows = [_probed("/v/blink.mp4", 1e-7), _probed("/v/negative.mp4", -1.0), _probed("/v/fine.mp4", 3.0)]
+    table = shard_batch(videos_with(*rows), clips=ClipsConfig(), settings=SETTINGS, prompt_cfg=PromptConfig(), done=set())
+    blink, negative, fine = table.to_pylist()
+    assert blink["status"] == "skipped" and fine["status"] == "ok"
+    assert negative["status"] == "error" and negative["error_stage"] == "probe"
+    assert negative["error"].startswith("/v/negative.mp4: the probe's figures cannot be planned into clips (ValueError")
+    assert negative["clip_id"] == clip_id("/v/negative.mp4", 0.0, 0.0, SETTINGS)
+
+
 def test_a_video_shorter_than_min_clip_len_is_one_clip_of_its_length(shared_videos: Path, tmp_path: Path) -> None:
     probed = probe_batch(_videos(str(shared_videos / "h265_video.mp4")), storage=Storage(),
                          cache_dir=str(tmp_path), timeout_s=30)

@@ -4,6 +4,7 @@ Real samples live in ../shared/videos (see its README). Every decode runs in the
 so these tests also exercise the timeout/kill/restart path for real.
 """
 
+import dataclasses
 import os
 import time
 from fractions import Fraction
@@ -73,6 +74,40 @@ def test_probe_reports_displayed_geometry_of_each_sample(samples, name, duration
 
 
 # ------------------------------------------------------------------ decode: clean samples, both decoders
+
+def test_a_header_duration_the_frames_cannot_be_gives_way_to_their_span(samples):
+    info = probe(str(samples / "flipping_a_pancake.mkv"))  # 310 frames at 30 fps
+    damaged = [dataclasses.replace(info, duration_s=d) for d in (1e9, -10.0, float("nan"))]
+    assert [decoders.plausible_duration(d) for d in damaged] == [pytest.approx(310 / 30)] * 3
+    assert decoders.plausible_duration(dataclasses.replace(info, duration_s=12.0)) == 12.0  # within twice the span
+    with pytest.raises(VideoError, match="impossible duration"):
+        decoders.plausible_duration(dataclasses.replace(info, duration_s=-1.0, fps=0.0))
+
+
+def test_a_stream_that_starts_later_than_0_is_timed_from_its_first_frame_by_both_decoders(samples, tmp_path):
+    """A cut file or an MPEG-TS stream: its timestamps start at 5 s here. The clip plan counts
+    from the first frame, as decord does; PyAV reads the stream's own clock."""
+    import av
+
+    shifted = {}
+    for ext in ("mp4", "mkv"):
+        shifted[ext] = tmp_path / f"later.{ext}"
+        with av.open(str(samples / "nasa_13013.mp4")) as source, av.open(str(shifted[ext]), "w") as out:
+            stream = source.streams.best("video")
+            copy = out.add_stream_from_template(stream)
+            for packet in source.demux(stream):
+                if packet.dts is not None:
+                    packet.pts, packet.dts, packet.stream = packet.pts + 5 * 30000, packet.dts + 5 * 30000, copy
+                    out.mux(packet)
+    for ext, path in shifted.items():
+        assert probe(str(path)).duration_s == pytest.approx(13.0, abs=0.1), ext
+        for start_s, end_s in ((0.0, 10.0), (10.0, 13.0)):
+            clips = {name: decode_clip(str(path), start_s, end_s, num_frames=4, max_pixels=64 * 64, decoder=name)
+                     for name in ("pyav", "decord")}
+            assert clips["pyav"].timestamps_s == pytest.approx(clips["decord"].timestamps_s, abs=1e-3), (ext, start_s)
+            assert clips["pyav"].timestamps_s[0] >= start_s and not clips["pyav"].partial
+            assert mean_abs_diff(clips["pyav"].frames, clips["decord"].frames) < 1.0
+
 
 @pytest.mark.parametrize(
     "name, start_s, end_s",
