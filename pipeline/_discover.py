@@ -63,10 +63,10 @@ def _manifest_rows(uri: str, data: bytes) -> tuple[list[str], list[dict[str, Any
     """(column names, rows) of a .csv / .jsonl / .parquet manifest."""
     suffix = posixpath.splitext(uri.lower())[1]
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
-        return list(reader.fieldnames or []), list(reader)
+        reader = csv.DictReader(io.StringIO(_text(uri, data)))
+        return list(reader.fieldnames or []), [_csv_row(uri, n, row) for n, row in enumerate(reader, 1)]
     if suffix in (".jsonl", ".ndjson"):
-        rows = [_json_line(uri, n, line) for n, line in enumerate(data.decode().splitlines(), 1)
+        rows = [_json_line(uri, n, line) for n, line in enumerate(_text(uri, data).splitlines(), 1)
                 if line.strip()]
         return sorted({k for row in rows for k in row}), rows
     if suffix == ".parquet":
@@ -77,6 +77,23 @@ def _manifest_rows(uri: str, data: bytes) -> tuple[list[str], list[dict[str, Any
             table = pq.read_table(pa.BufferReader(data))
         return table.column_names, table.to_pylist()
     raise StorageError(uri, "manifest must end in .csv, .jsonl or .parquet", "invalid")
+
+
+def _text(uri: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark, as spreadsheets write one, is not a column name
+    except UnicodeDecodeError as exc:
+        raise StorageError(uri, f"not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                                "save the manifest as UTF-8", "invalid") from None
+
+
+def _csv_row(uri: str, row_number: int, row: dict[str | None, Any]) -> dict[str, Any]:
+    """A CSV row; one with more cells than the header has names (an unquoted comma in a
+    question) is refused, never cut short."""
+    if None in row:
+        raise StorageError(uri, f"row {row_number} has {len(row[None])} more cell(s) than the header "
+                                "names: quote a cell that holds a comma", "invalid")
+    return row  # type: ignore[return-value] - no None key
 
 
 def _json_line(uri: str, line_number: int, line: str) -> dict[str, Any]:

@@ -57,6 +57,20 @@ def test_a_manifest_brings_questions_and_metadata_and_a_repeated_video_once(fold
     assert by_uri[str(folder / "gone.mp4")]["questions"] == []
 
 
+@pytest.mark.parametrize("content, reason", [
+    (b"uri,questions,camera\nsub/a.mov,What happens, and why?,3\n", r"row 1 has 1 more cell\(s\) than the header names"),
+    ("uri,questions\nsub/a.mov,Qu'est-ce qui se passe à l'écran ?\n".encode("latin-1"), "not UTF-8 text"),
+])
+def test_a_csv_manifest_that_cannot_be_read_as_written_is_refused_naming_it(folder: Path, content: bytes, reason: str) -> None:
+    """An unquoted comma would cut the question short (and move the rest into a column named
+    None); a Latin-1 file would be a traceback. Both are the manifest's error, by name."""
+    manifest = folder / "list.csv"
+    manifest.write_bytes(content)
+    with pytest.raises(StorageError, match=reason) as raised:
+        discover(InputConfig(uri=str(manifest)), Storage())
+    assert raised.value.kind == "invalid" and str(manifest) in str(raised.value)
+
+
 def test_a_missing_folder_is_a_storage_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="no such file or folder") as raised:
         discover(InputConfig(uri=str(tmp_path / "nowhere")), Storage())
