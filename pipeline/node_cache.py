@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.local_files import atomic_path, file_lock, local_path, not_regular
+from pipeline.logs import get_logger
 from pipeline.s3 import OTHER_SCHEME, as_prefix, is_s3, split_s3_uri
 from pipeline.storage_errors import StorageError, translated
 
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-COMPLETE_MARKER = ".v2drop-download-complete"  # written last by download_prefix
+COMPLETE_MARKER = ".v2drop-download-complete"  # written last by download_prefix: each object's version
+PROGRESS_RECORD = ".v2drop-download-progress"  # the objects a mirror in progress has downloaded
 
 
 def _download(storage: Storage, uri: str, target: str) -> None:
@@ -83,11 +85,14 @@ def _cached_copy(storage: Storage, uri: str, cache_dir: str) -> str:
 
 
 def download_prefix(storage: Storage, s3_prefix: str, local_dir: str) -> str:
-    """Mirror every object under `s3_prefix` into `local_dir` once per node (model weights).
+    """Mirror every object under `s3_prefix` into `local_dir`, once per node and version (model
+    weights).
 
-    A completion marker written last makes later calls free; a file lock makes the second
-    actor on a node wait for the first instead of downloading again. Files already present
-    with the right size are kept, so a crashed download resumes.
+    Each call lists the prefix (one request) and compares each object's ETag with the marker
+    the last complete mirror wrote: a prefix rewritten since (a retrained checkpoint, whose files
+    have the same sizes) is mirrored again, the files it no longer holds removed. A file lock
+    makes the second actor on a node wait for the first; a crashed mirror resumes from the files
+    it recorded as done. When the listing fails, a complete mirror is used as it is, with a warning.
     """
     if not is_s3(s3_prefix):
         if not os.path.exists(local_path(s3_prefix)):
@@ -95,26 +100,72 @@ def download_prefix(storage: Storage, s3_prefix: str, local_dir: str) -> str:
         return s3_prefix
     local_dir = os.path.abspath(local_dir)
     marker = os.path.join(local_dir, COMPLETE_MARKER)
-    if not os.path.exists(marker):
+    try:
+        objects = _listing(storage, s3_prefix)
+    except StorageError as e:
+        if not os.path.exists(marker):
+            raise
+        get_logger("node_cache").warning("%s: cannot list (%s); using the copy mirrored before in %s", s3_prefix, e, local_dir)
+        return local_dir
+    if _versions(marker) != _current(objects):
         with file_lock(os.path.join(local_dir, ".v2drop-download.lock")):
-            if not os.path.exists(marker):
-                _mirror_prefix(storage, s3_prefix, local_dir, marker)
+            if _versions(marker) != _current(objects):
+                _mirror_prefix(storage, s3_prefix, local_dir, objects)
     return local_dir
 
 
-def _mirror_prefix(storage: Storage, s3_prefix: str, local_dir: str, marker: str) -> None:
+def _listing(storage: Storage, s3_prefix: str) -> list[dict[str, Any]]:
     bucket, key = split_s3_uri(s3_prefix)
-    prefix = as_prefix(key)
-    objects = [o for o in storage.iter_s3_objects(s3_prefix, bucket, prefix) if not o["Key"].endswith("/")]
+    objects = [o for o in storage.iter_s3_objects(s3_prefix, bucket, as_prefix(key)) if not o["Key"].endswith("/")]
     if not objects:
         raise StorageError(s3_prefix, "no objects under this prefix", "missing")
+    return objects
+
+
+def _current(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """key -> version (the ETag; the size where a store gives none) of each listed object."""
+    return {o["Key"]: o.get("ETag", "").strip('"') or f"size:{o['Size']}" for o in objects}
+
+
+def _versions(record: str) -> dict[str, str] | None:
+    """key -> version of the objects a marker or progress record holds; None when there is none."""
+    try:
+        with open(record) as handle:
+            return {o["key"]: o["etag"] for o in json.load(handle)["objects"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_versions(record: str, s3_prefix: str, versions: dict[str, str]) -> None:
+    with atomic_path(record) as tmp, open(tmp, "x") as handle:
+        json.dump({"source": s3_prefix, "objects": [{"key": k, "etag": v} for k, v in versions.items()]}, handle)
+
+
+def _mirror_prefix(storage: Storage, s3_prefix: str, local_dir: str, objects: list[dict[str, Any]]) -> None:
+    """Download what changed, recording each file done (a crash resumes there), remove the files
+    the prefix no longer holds, then write the marker."""
+    bucket, key = split_s3_uri(s3_prefix)
+    prefix = as_prefix(key)
+    marker, progress = os.path.join(local_dir, COMPLETE_MARKER), os.path.join(local_dir, PROGRESS_RECORD)
+    done = {**(_versions(marker) or {}), **(_versions(progress) or {})}  # files some mirror completed
+    if os.path.exists(marker):
+        os.remove(marker)  # incomplete from here until the new one is written
+    wanted = _current(objects)
+    targets = {}
     for obj in objects:
-        target = _safe_join(local_dir, obj["Key"][len(prefix):], s3_prefix)
-        if not (os.path.exists(target) and os.path.getsize(target) == obj["Size"]):
+        targets[obj["Key"]] = target = _safe_join(local_dir, obj["Key"][len(prefix):], s3_prefix)
+        if done.get(obj["Key"]) != wanted[obj["Key"]] or not os.path.exists(target):
             _download(storage, f"s3://{bucket}/{obj['Key']}", target)
-    listing = [{"key": o["Key"], "etag": o.get("ETag", "").strip('"')} for o in objects]
-    with atomic_path(marker) as tmp, open(tmp, "x") as handle:
-        json.dump({"source": s3_prefix, "objects": listing}, handle)
+            done[obj["Key"]] = wanted[obj["Key"]]
+            _write_versions(progress, s3_prefix, done)
+    for folder, _, files in os.walk(local_dir):
+        for name in files:
+            path = os.path.join(folder, name)
+            if path not in targets.values() and not name.startswith(".v2drop-"):
+                os.remove(path)  # a shard of the old version, or a crashed download's temporary
+    _write_versions(marker, s3_prefix, wanted)
+    if os.path.exists(progress):
+        os.remove(progress)
 
 
 def _within(uri: str, timeout_s: float, fn: Callable[[], T]) -> T:

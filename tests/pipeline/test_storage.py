@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import threading
@@ -363,12 +364,34 @@ def test_download_prefix_once_per_node_even_when_two_actors_race(s3_server, s3, 
     for name, body in files.items():
         assert open(os.path.join(target, name), "rb").read() == body
     assert os.path.exists(os.path.join(target, COMPLETE_MARKER))
-    before = sum(sum(s.values()) for s in sends)
+    before = sum(s["GetObject"] for s in sends)
     assert actors[0].download_prefix(f"s3://{s3_bucket}/models/tiny", target) == target
-    assert sum(sum(s.values()) for s in sends) == before  # marker present: not even a listing
+    assert sum(s["GetObject"] for s in sends) == before  # the marker's versions are current: one listing only
     with pytest.raises(StorageError) as info:
         actors[0].download_prefix(f"s3://{s3_bucket}/models/none", str(tmp_path / "w2"))
     assert info.value.kind == "missing"
+
+
+def test_a_prefix_rewritten_since_its_mirror_is_mirrored_again(s3_server, s3, s3_bucket, tmp_path, caplog):
+    """A retrained checkpoint: the same file names and sizes, other bytes, one shard fewer. The
+    node's copy follows the prefix (ETags), never serves the old weights beside the new."""
+    uri, target = f"s3://{s3_bucket}/models/v", str(tmp_path / "weights")
+    for name, body in {"config.json": b"{}", "model-1.safetensors": b"old1", "model-2.safetensors": b"old2"}.items():
+        s3.put_object(Bucket=s3_bucket, Key=f"models/v/{name}", Body=body)
+    storage = Storage(StorageConfig(endpoint_url=s3_server))
+    storage.download_prefix(uri, target)
+    s3.put_object(Bucket=s3_bucket, Key="models/v/model-1.safetensors", Body=b"new1")
+    s3.delete_object(Bucket=s3_bucket, Key="models/v/model-2.safetensors")
+    sends = count_sends(storage)
+    assert storage.download_prefix(uri, target) == target
+    assert sends["GetObject"] == 1  # only the changed file
+    assert open(os.path.join(target, "model-1.safetensors"), "rb").read() == b"new1"
+    assert sorted(os.listdir(target)) == [COMPLETE_MARKER, ".v2drop-download.lock", "config.json", "model-1.safetensors"]
+    # a listing that fails serves the complete copy, and says so
+    offline = Storage(StorageConfig(endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout_s=1))
+    with caplog.at_level(logging.WARNING, logger="pipeline.node_cache"):
+        assert offline.download_prefix(uri, target) == target
+    assert "cannot list" in caplog.text and "using the copy mirrored before" in caplog.text
 
 
 # ---------------------------------------------------------------- failures over HTTP
