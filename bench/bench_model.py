@@ -46,6 +46,7 @@ and the Markdown in `bench.model_report`; this module holds the arguments and th
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -65,7 +66,7 @@ from bench.model_checks import (
     step_profile,
     vision_loop_vs_batched,
 )
-from bench.model_report import markdown, targets
+from bench.model_report import markdown, rows_table, targets
 from bench.model_setup import (
     ENGINES,
     build_model,
@@ -156,8 +157,8 @@ def measure_batch(model, tokenizer, args, schedule, batch: int, variants: tuple[
     rows = []
     for variant in variants:
         set_variant(model, variant, schedule)
-        prefill_ms, _ = timed_median(lambda: model(**fresh(inputs), use_cache=True, logits_to_keep=1),
-                                     args.repeats, args.device)
+        prefill_ms = timed_median(lambda: model(**fresh(inputs), use_cache=True, logits_to_keep=1),
+                                  args.repeats, args.device)[0]  # its cache freed: peaks are each engine's own
         tokens_by_engine = {}
         for engine in engines:
             for new_tokens in args.new_tokens:
@@ -221,11 +222,22 @@ def main(argv=None) -> dict:
     capture_error = check_capture(model, tokenizer, args, schedule)
     t, h, w = args.grid
     stem = args.out_dir / f"model-{args.device.split(':')[0]}{'-7b' if args.seven_b else ''}"
-    rows = []
+    rows: list[dict] = []
+    failed: list[dict] = []  # batches that ran out of memory: the run goes on without them
     for size in args.batch_sizes:  # a partial table is written after each batch size
         for batch, variants, chosen_by in batch_groups(size, auto):
-            rows += measure_batch(model, tokenizer, args, schedule, batch, variants, chosen_by)
-            report_file.write(stem.with_name(stem.name + "-partial"), {"rows": rows}, "", quiet=True)
+            error = None
+            try:
+                rows += measure_batch(model, tokenizer, args, schedule, batch, variants, chosen_by)
+            except torch.OutOfMemoryError as oom:
+                error = f"batch {batch} {'/'.join(variants)}: {str(oom)[:200]}"
+            if error:  # out of the except clause: its traceback no longer holds the batch's tensors
+                failed.append({"batch": batch, "variants": list(variants), "error": error})
+                print(f"out of memory: {error}", file=sys.stderr, flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+            report_file.write(stem.with_name(stem.name + "-partial"), {"rows": rows, "failed_batches": failed},
+                              rows_table(rows), quiet=True)
     measured = sorted({r["batch"] for r in rows})
     profile_batch = 16 if 16 in measured else measured[0]
     steps = step_profile(model, tokenizer, args, schedule, profile_batch)
@@ -249,6 +261,7 @@ def main(argv=None) -> dict:
         "static_prefill_counts": static_prefill_counts,
         "prefill_profile": profile,
         "rows": rows,
+        "failed_batches": failed,
         "targets": targets(rows, flop_ratio, profile),
         "profile_batch": profile_batch,
         "step_profile": steps,

@@ -23,7 +23,7 @@ AUTO = "auto"
 FIXED, ENGINE = "fixed", "engine"  # a row's batch_chosen_by
 # The most clips an auto batch may hold. It stands in for `actors.batch_size`, the most one model
 # call receives, which a deployment raises so that the memory budget decides (its default, 64,
-# would make auto the fixed 64 rows). 512 does not bind at 7B shapes on an H200 (~200 / ~283), so the
+# would make auto the fixed 64 rows). 512 does not bind at 7B shapes on an H200 (~180 / ~245), so the
 # auto rows there are the memory model's choice; it does bound a model tiny beside its budget (a
 # toy model under a large forced budget would otherwise ask for thousands of clips, and the run's
 # time grows with the batch).

@@ -81,6 +81,23 @@ def describe_auto(auto: dict) -> str:
             f"{auto['budget_bytes'] / 2**30:.4g} GiB from {source}; at most {auto['max_auto_batch']} (--max-auto-batch).")
 
 
+def rows_table(rows: list[dict]) -> str:
+    """The per-row table (also the partial report written after each batch size)."""
+    lines = [
+        "| variant | engine | batch | new tokens | vision ms/clip | prefill ms/clip | decode ms/step | total ms/clip | clips/s | output tok/s | peak MiB | KV MiB | leading tokens = dynamic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mib = lambda n: f"{n / 2**20:.1f}" if n else "n/a"
+    for r in rows:
+        batch = f"{r['batch']}{' (auto)' if r['batch_chosen_by'] == ENGINE else ''}"
+        lines.append(
+            f"| {r['variant']} | {r['engine']} | {batch} | {r['new_tokens']} | {r['vision_ms_per_clip']:.1f} | "
+            f"{r['prefill_ms_per_clip']:.1f} | {r['decode_ms_per_step']:.2f} | {r['total_ms_per_clip']:.1f} | "
+            f"{r['clips_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | {mib(r['peak_cuda_bytes'])} | {mib(r['kv_cache_bytes'])} | "
+            f"{'n/a' if r.get('tokens_equal_dynamic') is None else format(r['tokens_equal_dynamic'], '.2f')} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = [
@@ -91,18 +108,10 @@ def markdown(report: dict) -> str:
         f"median of {a['repeats']} interleaved repeats after a warm-up.", "",
         f"Engines: dynamic = generate() on a DynamicCache; static = v2drop.static_decode, step "
         f"{'captured (CUDA graphs)' if report['static_step_captured'] else 'uncaptured'}"
-        + (f" (capture failed: {report['capture_error']})" if report["capture_error"] else "") + ".", "",
-        "| variant | engine | batch | new tokens | vision ms/clip | prefill ms/clip | decode ms/step | total ms/clip | clips/s | output tok/s | peak MiB | KV MiB | leading tokens = dynamic |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + (f" (capture check failed: {report['capture_error']})" if report["capture_error"] else "") + ".", "",
+        rows_table(report["rows"]),
     ]
-    mib = lambda n: f"{n / 2**20:.1f}" if n else "n/a"
-    for r in report["rows"]:
-        batch = f"{r['batch']}{' (auto)' if r['batch_chosen_by'] == ENGINE else ''}"
-        lines.append(
-            f"| {r['variant']} | {r['engine']} | {batch} | {r['new_tokens']} | {r['vision_ms_per_clip']:.1f} | "
-            f"{r['prefill_ms_per_clip']:.1f} | {r['decode_ms_per_step']:.2f} | {r['total_ms_per_clip']:.1f} | "
-            f"{r['clips_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | {mib(r['peak_cuda_bytes'])} | {mib(r['kv_cache_bytes'])} | "
-            f"{'n/a' if r.get('tokens_equal_dynamic') is None else format(r['tokens_equal_dynamic'], '.2f')} |")
+    lines += [f"Out of memory, not measured: {f['error']}" for f in report.get("failed_batches", [])]
     if report["auto_batch"]:
         lines += ["", describe_auto(report["auto_batch"])]
     v = report["vision_batch1"]

@@ -5,15 +5,19 @@ Per clip, for a prompt of `text` + `visual` tokens, `patches` vision-tower patch
 generated tokens:
 
     kv       = sum over layers of (text + visual kept at that layer + new) * 2 * kv_heads * head_dim * bytes
-    prefill  = (text + visual) * (3 * intermediate + 6 * hidden) * bytes   one layer's activations
+    prefill  = (text + visual) * (4 * intermediate + 6 * hidden) * bytes   one layer's activations
     vision   = patches * (3 * vision_intermediate + 6 * vision_hidden) * bytes
     clip     = max(prefill, vision) + 2 * kv
 
 The vision tower and the prefill run one after the other, so only the larger counts; the static
-decode engine copies generate()'s cache into its own once, so the cache counts twice. Checked on
-an H200 (bench/results/model-cuda-7b.json, Qwen2.5-VL-7B shapes, bf16, 2,048 visual tokens, 256
-new tokens; the slope of peak memory from batch 16 to 64): 569 MiB per clip measured vs 564
-modelled for the stock model, 383 vs 396 with V²Drop at 25 % (tests/v2drop/test_memory.py).
+decode engine copies generate()'s cache into its own once, so the cache counts twice. The MLP
+holds 4 [tokens, intermediate] tensors at its peak in the static engine's prefill, where gate and
+up are one product (v2drop.fused_projections: the product, act(gate), and act(gate) * up), 3 in
+transformers'. Measured on an H200 before that fusion (bench/results/model-cuda-7b.json,
+Qwen2.5-VL-7B shapes, bf16, 2,048 visual tokens, 256 new tokens; the slope of peak memory from
+batch 16 to 64, with the benchmark then holding one more cache): 569 MiB per clip stock, 383 with
+V²Drop at 25 %, against 640 and 472 modelled now (tests/v2drop/test_memory.py). Not yet measured
+with the fusion.
 The weights are not in it: the budget is the memory free after loading.
 """
 
@@ -61,7 +65,7 @@ def clip_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: 
     kept = schedule.tokens_per_layer(visual, shape.num_layers) if schedule else [visual] * shape.num_layers
     cached = sum(kept) + (text + new) * shape.num_layers
     kv = cached * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes
-    prefill = (text + visual) * (3 * shape.intermediate + 6 * shape.hidden) * shape.dtype_bytes
+    prefill = (text + visual) * (4 * shape.intermediate + 6 * shape.hidden) * shape.dtype_bytes
     vision = patches * (3 * shape.vision_intermediate + 6 * shape.vision_hidden) * shape.dtype_bytes
     return max(prefill, vision) + 2 * kv
 

@@ -80,6 +80,25 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     assert all(set(t) == {"target", "measured", "goal", "met", "off_by"} for t in report["targets"])
 
 
+def test_a_batch_out_of_memory_is_named_in_the_report_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = bench_model.measure_batch
+
+    def out_of_memory_at_2(model, tokenizer, args, schedule, batch, *rest):
+        if batch == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(model, tokenizer, args, schedule, batch, *rest)
+
+    monkeypatch.setattr(bench_model, "measure_batch", out_of_memory_at_2)
+    toy = [*TOY[:TOY.index("--batch-sizes")], "--batch-sizes", "2", "1", "--device", "cpu"]
+    report = bench_model.main([*toy, "--out-dir", str(tmp_path)])
+    assert {r["batch"] for r in report["rows"]} == {1}
+    assert report["failed_batches"] == [{"batch": 2, "variants": ["stock", "v2drop"],
+                                         "error": "batch 2 stock/v2drop: CUDA out of memory. Tried to allocate 9.00 GiB"}]
+    assert "Out of memory, not measured: batch 2" in (tmp_path / "model-cpu.md").read_text()
+    partial = (tmp_path / "model-cpu-partial.md").read_text()  # written after each batch size
+    assert partial.startswith("| variant | engine | batch |") and "| stock | static | 1 |" in partial
+
+
 def test_engines_limited_to_one_batch_run_there_beside_the_static_one(tmp_path, monkeypatch):
     """`--engines static static-unfused@2 compiled@2`: the static step with transformers' own norms
     and rotary, and the step through torch.compile, only at batch 2 (the GPU run's comparisons, one
@@ -146,10 +165,21 @@ def test_the_capture_check_runs_each_limited_engine_at_its_own_batch(monkeypatch
     assert len(calls) == 2 * 2 * len(checked)  # each variant, uncaptured and captured
     assert {capture for *_, capture in calls} == {False, True}
 
+    # a compile that fails on the GPU costs the run that engine only: the others stay captured
+    def compile_fails(model, inputs, new_tokens, *, capture, stop_check_every, **kwargs):
+        if kwargs.get("compile"):
+            raise RuntimeError("inductor: no kernel for this shape")
+        return record(model, inputs, new_tokens, capture=capture, stop_check_every=stop_check_every, **kwargs)
 
-# Budget for --batch-sizes auto at TOY's shapes: 2.5 stock clips (707,584 bytes each in float32, 3
-# new tokens), so stock gets 2 clips per call and V²Drop, whose cache is smaller, 3.
-AUTO_BUDGET_GIB = 0.00165
+    monkeypatch.setattr(model_checks, "static_decode", SimpleNamespace(generate_static=compile_fails))
+    why = model_checks.check_capture(model, tokenizer, args, v2drop.Schedule.for_retention(4, 0.25))
+    assert why == "compiled: RuntimeError: inductor: no kernel for this shape"
+    assert args.capture and args.engines == ["dynamic", "static", "static-unfused@16"]
+
+
+# Budget for --batch-sizes auto at TOY's shapes: 2.5 stock clips (757,248 bytes each in float32, 3
+# new tokens), so stock gets 2 clips per call and V²Drop, whose cache is smaller (608,256), 3.
+AUTO_BUDGET_GIB = 0.00177
 
 
 def test_auto_batch_is_the_memory_models_choice_per_variant(tmp_path):

@@ -26,13 +26,16 @@ def seven_b() -> ModelShape:
 
 
 @pytest.mark.parametrize("variant", ["stock", "v2drop"])
-def test_modelled_bytes_per_clip_match_the_h200_slope_within_5_percent(variant):
+def test_modelled_bytes_per_clip_bound_the_h200_slope_within_25_percent(variant):
+    """That run (before the fused gate/up product) held one more cache per clip and an MLP peak of
+    3 [tokens, intermediate] tensors; the model counts 4, the fused engine's. An upper bound, not
+    far above: the next GPU run measures the fused engine itself."""
     report = json.loads(RESULTS.read_text())
     rows = {(r["variant"], r["engine"], r["batch"], r["new_tokens"]): r for r in report["rows"]}
     measured = (rows[variant, "static", 64, 256]["peak_cuda_bytes"] - rows[variant, "static", 16, 256]["peak_cuda_bytes"]) / 48
     schedule = Schedule(layers=tuple(report["schedule"]["layers"]), keep=tuple(report["schedule"]["keep"]))
     modelled = clip_bytes(seven_b(), schedule if variant == "v2drop" else None, TEXT_TOKENS, 2048, 4 * 2048, 256)
-    assert modelled == pytest.approx(measured, rel=0.05)
+    assert measured <= modelled <= 1.25 * measured
 
 
 def test_v2drop_fits_more_clips_in_the_same_budget():
