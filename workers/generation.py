@@ -173,6 +173,7 @@ def timed_generate(
         kwargs = {"logits_processor": LogitsProcessorList([timer]), "pad_token_id": pad_token_id(model, processor)}
         if engine == "static" and (unapplied := unapplied_settings(model, kwargs)):
             engine, fallback = "dynamic", f"{unapplied}; dynamic engine used"
+        failed = None
         try:
             sequences = run_decode(model, inputs, generation_cfg, engine, **kwargs)
         except torch.OutOfMemoryError:
@@ -180,8 +181,9 @@ def timed_generate(
         except Exception as error:  # noqa: BLE001 - logged, in the rows, and decoded again
             if engine != "static" or cache_arg_given(inputs):
                 raise  # a shared-prefix cache has been consumed: the caller's retry path takes over
-            fallback = f"static decode failed ({type(error).__name__}: {str(error)[:200]}); dynamic engine used"
-        if fallback is not None:
+            failed = f"static decode failed ({type(error).__name__}: {str(error)[:200]}); dynamic engine used"
+        if failed is not None:
+            fallback = failed
             log.warning("%s", fallback)
             gc.collect()  # the failed attempt's frames, should a reference cycle hold them
             timer.first_logits_at = None

@@ -84,7 +84,10 @@ def test_generation_settings_the_static_engine_does_not_apply_send_every_call_to
     monkeypatch.setattr(model.model.generation_config, "no_repeat_ngram_size", 2)
     dynamic = rows_for(model, family, CAPTION, "dynamic")
     monkeypatch.setattr(static_decode, "generate_static", lambda *args, **kwargs: pytest.fail("static engine tried"))
+    decodes: list[str] = []
+    monkeypatch.setattr(generation, "run_decode", lambda m, i, c, engine, **kw: decodes.append(engine) or run_decode(m, i, c, engine, **kw))
     rows = rows_for(model, family, CAPTION, "static")
+    assert decodes == ["dynamic"] * len({r["batch_id"] for r in rows})  # once per call, not twice
     assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in dynamic]
     assert all("['no_repeat_ngram_size']" in r["fallback_reason"] and r["fallback_batch_id"] == r["batch_id"] for r in rows)
 
