@@ -34,8 +34,8 @@ def rows_to_drop(files: list[FileKeys], written: set[Key], replace_all: bool,
     """Row indices to remove per older file: every row when `replace_all` (resume=false), else
     rows whose key this run wrote again, the errors that `settled_errors` finds stale, and all
     but one row of a key duplicated among them (the kept one: a done row before an error, then
-    the newest file name, i.e. the latest run_id). `probed`: the video-level keys of the videos
-    this run probed without error.
+    the newest file name, i.e. the latest run_id). `probed`: the video-level keys of every video
+    this run probed (one that failed again has its new error row in `written`).
 
     Example: a.parquet holds k1 (error), k2 (ok); b.parquet holds k2 (ok); this run wrote k1 ->
     {'a.parquet': [0, 1]} (k1 rewritten; k2 kept in b, the newer name).
@@ -77,7 +77,7 @@ def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replac
                 log: Callable[[str], None] = print, probed: AbstractSet[Key] = frozenset()) -> list[str]:
     """Compact this run's files, drop the older rows it replaces, merge older small files (those a
     killed run left, one per flush); returns this run's files. Every change writes first.
-    `probed`: the video-level keys of the videos this run probed without error (rows_to_drop)."""
+    `probed`: the video-level keys of every video this run probed (rows_to_drop)."""
     stem = f"{writer.partition_uri}/part-{writer.run_id}"
     files = []
     for suffix, group in _by_kind(writer.files).items():

@@ -158,10 +158,11 @@ def _mirror_prefix(storage: Storage, s3_prefix: str, local_dir: str, objects: li
             _download(storage, f"s3://{bucket}/{obj['Key']}", target)
             done[obj["Key"]] = wanted[obj["Key"]]
             _write_versions(progress, s3_prefix, done)
+    kept = set(targets.values())
     for folder, _, files in os.walk(local_dir):
         for name in files:
             path = os.path.join(folder, name)
-            if path not in targets.values() and not name.startswith(".v2drop-"):
+            if path not in kept and not name.startswith(".v2drop-"):
                 os.remove(path)  # a shard of the old version, or a crashed download's temporary
     _write_versions(marker, s3_prefix, wanted)
     if os.path.exists(progress):
