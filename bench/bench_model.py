@@ -15,7 +15,9 @@ batch has no padding. Per batch size and variant, in one run on one machine stat
   attention and fused norms (v2drop.vision); the stock tower (per-window loop, transformers'
   norms) is timed once at batch 1 for comparison.
 * prefill: one forward over the prompt with the encoder output precomputed, ms per clip.
-* decode: (generate - prefill) / (new tokens - 1), ms per step for the whole batch.
+* decode: (generate - the engine's own prefill) / (new tokens - 1), ms per step for the whole
+  batch; the engine's prefill ends when its first token's logits exist (a CUDA event recorded
+  by a logits processor, no sync), so each engine's fused or unfused prefill is its own.
 * total per clip = (vision + generate) / batch; clips/s and output tokens/s from it.
 * peak memory: torch.cuda.max_memory_allocated over vision + generate (CUDA); the KV cache
   bytes after generate everywhere.
@@ -137,13 +139,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def timed_median(fn, repeats: int, device: str):
-    """Median ms of `repeats` calls after one warm-up call; the last call's result."""
+    """Median ms of `repeats` calls after one warm-up call; the calls' results."""
     fn()
-    times, out = [], None
+    times, outs = [], []
     for _ in range(repeats):
         ms, out = timed(fn, device)
         times.append(ms)
-    return statistics.median(times), out
+        outs.append(out)
+    return statistics.median(times), outs
 
 
 def measure_batch(model, tokenizer, args, schedule, batch: int, variants: tuple[str, ...], chosen_by: str) -> list[dict]:
@@ -151,7 +154,7 @@ def measure_batch(model, tokenizer, args, schedule, batch: int, variants: tuple[
     runs the whole batch in one call, as a model call of that many clips does in the stage; the
     memory model's vision term is below its per-clip bytes, so an auto batch fits it too."""
     clips = clip_batch(model, tokenizer, args.grid, batch, args.device)
-    vision_ms, encoded = timed_median(lambda: encode(model, clips), args.repeats, args.device)
+    vision_ms, (encoded, *_) = timed_median(lambda: encode(model, clips), args.repeats, args.device)
     inputs = text_inputs(clips, encoded)
     engines = engines_at(args.engines, batch if chosen_by == FIXED else None)
     rows = []
@@ -165,10 +168,13 @@ def measure_batch(model, tokenizer, args, schedule, batch: int, variants: tuple[
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                generate_ms, (kv_bytes, tokens) = timed_median(
+                generate_ms, runs = timed_median(
                     lambda n=new_tokens, e=engine: run_generate(model, inputs, n, e, args), args.repeats, args.device)
                 peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
-                rows.append(row(variant, engine, batch, chosen_by, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes))
+                kv_bytes, tokens, _ = runs[-1]
+                engine_prefill_ms = statistics.median(first_ms for _, _, first_ms in runs)
+                rows.append(row(variant, engine, batch, chosen_by, new_tokens, vision_ms, prefill_ms, engine_prefill_ms,
+                                generate_ms, peak, kv_bytes))
                 tokens_by_engine[engine, new_tokens] = tokens
                 print(f"{variant} {engine} batch {batch} {new_tokens} tokens: {generate_ms:.0f} ms", file=sys.stderr, flush=True)
         for r in rows[-len(engines) * len(args.new_tokens):]:
@@ -188,13 +194,18 @@ def token_agreement(tokens_by_engine: dict, engine: str, new_tokens: int) -> flo
     return (leading.float().mean() / new_tokens).item()
 
 
-def row(variant, engine, batch, chosen_by, new_tokens, vision_ms, prefill_ms, generate_ms, peak, kv_bytes) -> dict:
+def row(variant, engine, batch, chosen_by, new_tokens, vision_ms, prefill_ms, engine_prefill_ms, generate_ms, peak,
+        kv_bytes) -> dict:
+    """prefill_ms: the model's forward over the prompt (the same for every engine: the V²Drop vs
+    stock ratios); engine_prefill_ms: this engine's call up to its first token's logits, which
+    decode_ms_per_step leaves out (the static engines' prefill runs fused kernels)."""
     total_ms = vision_ms + generate_ms
     return {
         "variant": variant, "engine": engine, "batch": batch, "batch_chosen_by": chosen_by, "new_tokens": new_tokens,
         "vision_ms_per_clip": vision_ms / batch,
         "prefill_ms_per_clip": prefill_ms / batch,
-        "decode_ms_per_step": (generate_ms - prefill_ms) / (new_tokens - 1),
+        "engine_prefill_ms_per_clip": engine_prefill_ms / batch,
+        "decode_ms_per_step": (generate_ms - engine_prefill_ms) / (new_tokens - 1),
         "total_ms_per_clip": total_ms / batch,
         "clips_per_s": batch / total_ms * 1e3,
         "output_tokens_per_s": batch * new_tokens / total_ms * 1e3,

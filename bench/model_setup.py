@@ -8,8 +8,10 @@ Needs only torch, transformers and this repository (the GPU box runs it without 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import v2drop
 from bench.bench_v2drop import SEVEN_B, kv_cache_bytes
@@ -125,11 +127,50 @@ def encode(model, clips: dict):
 def run_generate(model, inputs: dict, new_tokens: int, engine: str, args):
     """Exactly `new_tokens` greedy steps per row (the static engine checks for finished rows only
     at the end, as generate's min_new_tokens keeps every row going); returns (KV-cache bytes or
-    None, the new tokens [B, new_tokens])."""
+    None, the new tokens [B, new_tokens], ms from the call to the first token's logits: the
+    engine's own prefill, fused kernels and generate()'s setup included)."""
+    started, first = mark(args.device), FirstLogits(args.device)
+    timer = {"logits_processor": LogitsProcessorList([first])}
     if engine == "dynamic":
         out = model.generate(**fresh(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, return_dict_in_generate=True)
-        return kv_cache_bytes(output_cache(out)), out.sequences[:, -new_tokens:]
-    tokens = static_decode.generate_static(model, fresh(inputs), new_tokens, capture=args.capture,
-                                           stop_check_every=new_tokens, **STEP_KWARGS[engine])
-    return None, tokens
+                             do_sample=False, return_dict_in_generate=True, **timer)
+        kv_bytes, tokens = kv_cache_bytes(output_cache(out)), out.sequences[:, -new_tokens:]
+    else:
+        kv_bytes, tokens = None, static_decode.generate_static(
+            model, fresh(inputs), new_tokens, capture=args.capture, stop_check_every=new_tokens,
+            **STEP_KWARGS[engine], **timer)
+    return kv_bytes, tokens, ms_between(started, first.at)
+
+
+Mark = torch.cuda.Event | float
+
+
+def mark(device: str) -> Mark:
+    """A point in time: a CUDA event recorded on the current stream (no sync), else the clock."""
+    if not device.startswith("cuda"):
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def ms_between(start: Mark, end: Mark | None) -> float:
+    """Milliseconds between two marks (waits for a CUDA event's work to be done)."""
+    assert end is not None, "no logits were processed"
+    if isinstance(start, torch.cuda.Event):
+        end.synchronize()
+        return start.elapsed_time(end)
+    return (end - start) * 1e3
+
+
+class FirstLogits(LogitsProcessor):
+    """Marks when the first token's logits exist, i.e. when the engine's prefill has finished
+    (generate() calls its logits processors once per token; the static engine's prefill is one)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.at is None:
+            self.at = mark(self.device)
+        return scores

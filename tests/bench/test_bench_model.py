@@ -39,6 +39,11 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
         assert row["peak_cuda_bytes"] is None  # CPU: the KV cache is the memory figure
         assert row["tokens_equal_dynamic"] == 1.0  # float32 on CPU: the static engine is exact
         assert row["batch_chosen_by"] == "fixed"
+        # decode leaves out the engine's own prefill (its first token's logits), not the forward's
+        generate_ms = (row["total_ms_per_clip"] - row["vision_ms_per_clip"]) * row["batch"]
+        engine_prefill_ms = row["engine_prefill_ms_per_clip"] * row["batch"]
+        assert 0 < engine_prefill_ms < generate_ms
+        assert row["decode_ms_per_step"] == pytest.approx((generate_ms - engine_prefill_ms) / (new_tokens - 1))
     assert report["auto_batch"] is None
     rows = {(v, b, n): r for (v, e, b, n), r in all_rows.items() if e == "dynamic"}
     for batch in (1, 2):
