@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 # BLAS may round differently from three (two).
 # 5: the static engine applies the model's repetition penalty (v2drop.greedy) after the first
 # token, as generate() does; under flash-attn its step now runs instead of failing over.
-ENGINE_VERSION = "5"
+# 6: that penalty leaves each row's left padding out, as generate() does (a padded row penalised
+# its pad token, which is an end token of the Qwen families).
+ENGINE_VERSION = "6"
 
 _HOME = {  # public name -> the submodule that defines it
     "disable": "api", "enable": "api", "is_enabled": "api", "last_stats": "api", "schedule_of": "api",

@@ -59,11 +59,18 @@ def greedy_settings(model: Any, generate_kwargs: Mapping[str, Any]) -> GreedySet
     return GreedySettings(eos, int(pad), float(config.repetition_penalty or 1.0))
 
 
-def seen_tokens(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] bool: the tokens of each row of input_ids [B, L], pads included, as generate()'s
-    input_ids hold them."""
-    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
-    return seen.scatter_(1, input_ids, True)
+def seen_tokens(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, V] bool: the tokens of each row of input_ids [B, L] that generate()'s penalty counts.
+    Like transformers (`prompt_ignore_length` in `_get_logits_processor`), a row's left padding is
+    not counted: a padded row would otherwise penalise its pad token, which is an end token for
+    the Qwen families. Ids past the logits' vocabulary cannot be generated and are left out."""
+    ids = input_ids.clamp(max=vocab_size)  # vocab_size: a spare column, dropped below
+    if attention_mask is not None:
+        leading_pads = (attention_mask != 0).int().argmax(dim=1)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        ids = ids.masked_fill(positions[None, :] < leading_pads[:, None], vocab_size)
+    seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)[:, :vocab_size].contiguous()
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, token: torch.Tensor, penalty: float) -> torch.Tensor:

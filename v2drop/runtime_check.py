@@ -11,7 +11,10 @@ classes, on CPU in float64, and:
    batch must give the tokens and logits of the slow, cache-less reference (`v2drop.reference`),
    and the per-layer visual counts must follow the schedule;
 3. the static decode engine (`v2drop.static_decode`, the model stage's default when greedy) must
-   give generate()'s greedy tokens for that padded batch, stock and with drops.
+   give generate()'s greedy tokens for that padded batch, stock and with drops;
+4. the repetition penalty the static step applies itself (`v2drop.greedy`, as instruct models
+   ship one) must give the scores of generate()'s own processor at every step, and the engine
+   under it generate()'s tokens.
 
 About a second on CPU per family. A failure raises `SelfCheckError` saying what differed.
 """
@@ -26,7 +29,7 @@ import torch
 import transformers
 from torch import nn
 
-from v2drop import reference, static_decode
+from v2drop import greedy, reference, static_decode
 from v2drop.adapters import adapter_for
 from v2drop.api import disable, last_stats, patch
 from v2drop.schedule import Schedule
@@ -38,6 +41,8 @@ NEW_TOKENS = 3
 IDENTITY = Schedule(layers=(1, 2, 3), keep=(1.0, 1.0, 1.0))
 # Drops at layer 1: before the tiny Qwen3-VL's last DeepStack addition (after layers 0 and 1).
 DROPS = Schedule(layers=(1, 2, 3), keep=(0.5, 0.5, 0.0))
+# Qwen2.5-VL Instruct ships 1.05; a larger penalty moves the tiny models' scores more
+PENALTY = 1.3
 LOGITS_ATOL = 1e-6  # float64: real mistakes are orders of magnitude larger
 # The check runs sdpa whatever the model uses: the patch is the same for every attention backend
 # (flash_attention_2 cannot run on CPU), and stock eager attention gives NaN for left-padded
@@ -88,6 +93,7 @@ def run(family: str) -> SelfCheckResult:
         _expect_same(f"{where}: with every keep at 1.0, vs the stock model", tokens, logits, stock_tokens, stock_logits)
         _expect_static_engine_tokens(f"{where}: static decode engine, every keep at 1.0", model, inputs,
                                      stock_tokens, stock_logits)
+        _expect_generates_repetition_penalty(f"{where}: repetition penalty {PENALTY}", model, inputs)
         patch(model, DROPS)
         tokens, logits = _greedy(model, inputs)
         counts = [s["visual_tokens_per_layer"] for s in last_stats(model)]
@@ -130,6 +136,25 @@ def _expect_static_engine_tokens(what: str, model: nn.Module, inputs: dict, want
     tokens = static_decode.generate_static(model, dict(inputs), NEW_TOKENS)
     if not torch.equal(tokens, want):
         raise SelfCheckError(f"{what}: greedy tokens {tokens.tolist()} != generate()'s {want.tolist()}")
+
+
+@torch.no_grad()
+def _expect_generates_repetition_penalty(what: str, model: nn.Module, inputs: dict) -> None:
+    """v2drop.greedy.penalize_repeats on generate()'s raw logits gives the scores generate()'s
+    processor gave, step by step (step 0 penalises the prompt's tokens, later steps the fed token
+    too); the static engine under the penalty gives generate()'s tokens."""
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=PENALTY,
+                         output_logits=True, output_scores=True, return_dict_in_generate=True)
+    prompt = inputs["input_ids"]
+    tokens = out.sequences[:, prompt.shape[1]:]
+    seen = greedy.seen_tokens(prompt, out.logits[0].shape[-1], inputs["attention_mask"])
+    for t, (raw, scores) in enumerate(zip(out.logits, out.scores)):
+        fed = prompt[:, -1:] if t == 0 else tokens[:, t - 1:t]
+        mine = greedy.penalize_repeats(raw, seen, fed, PENALTY)
+        _expect_same(f"{what}, step {t} vs generate()'s processor", mine.argmax(-1), mine, scores.argmax(-1), scores)
+    static = static_decode.generate_static(model, dict(inputs), NEW_TOKENS, repetition_penalty=PENALTY)
+    if not torch.equal(static, tokens):
+        raise SelfCheckError(f"{what}: static engine's greedy tokens {static.tolist()} != generate()'s {tokens.tolist()}")
 
 
 def _reference(model, family, inputs, samples, index) -> tuple[torch.Tensor, torch.Tensor]:

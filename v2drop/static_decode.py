@@ -70,7 +70,7 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
         state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
         del dynamic
         if settings.repetition_penalty != 1.0:
-            state.seen = seen_tokens(inputs["input_ids"], model.lm_head.weight.shape[0])
+            state.seen = seen_tokens(inputs["input_ids"], model.lm_head.weight.shape[0], inputs.get("attention_mask"))
             state.repetition_penalty = settings.repetition_penalty
         with one_token_attention(text_model):  # with fewer_kernels: step_kernels
             return _decode(model, text_model, state, first, max_new_tokens, settings, capture=capture,

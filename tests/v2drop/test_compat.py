@@ -10,13 +10,14 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 import v2drop
 import v2drop.api as api
-from v2drop import compat, loop, runtime_check, static_decode
+from v2drop import compat, greedy, loop, runtime_check, static_decode
 from vlm import testing as models
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,6 +128,18 @@ def test_engine_equivalence_on_the_oldest_declared_transformers():
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, f"on transformers {version}:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_the_self_check_catches_a_repetition_penalty_unlike_generates(monkeypatch, family):
+    """The static step applies the model's repetition penalty itself; a release that changed how
+    generate() applies it (here: our copy forgets the sign rule) must fail the check, though the
+    tiny models' 3 greedy tokens may not move."""
+    assert v2drop.self_check(family, cached=False).family == family
+    monkeypatch.setattr(greedy, "penalize_repeats",
+                        lambda logits, seen, token, penalty: torch.where(seen.scatter(1, token, True), logits.float() / penalty, logits.float()))
+    with pytest.raises(v2drop.SelfCheckError, match=r"repetition penalty 1\.3, step 0 vs generate...s processor: logits differ"):
+        v2drop.self_check(family, cached=False)
 
 
 def test_the_self_check_catches_a_static_engine_off_by_one_position(monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import v2drop
 from tests.v2drop import flash_reference
 from v2drop import stage_cache, static_decode
-from v2drop.greedy import UnappliedSettings
+from v2drop.greedy import UnappliedSettings, seen_tokens
 from vlm import testing as models
 
 NUM_LAYERS = 8
@@ -69,6 +69,24 @@ def test_the_models_repetition_penalty_and_the_calls_end_tokens_are_generates(dr
         ended = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=end)[:, inputs["input_ids"].shape[1]:]
     static = static_decode.generate_static(model, inputs, 10, eos_token_id=end)
     assert static.tolist() == ended[:, :static.shape[1]].tolist() and (ended[:, static.shape[1]:] == ended[0, -1]).all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_the_penalty_counts_the_prompt_tokens_generate_counts_left_padding_left_out(family):
+    """generate() leaves each row's left padding out of the repetition penalty; counting it would
+    penalise a padded row's pad token, an end token of the Qwen families, so that row would stop
+    later than under generate(). The tokens generate()'s processor changed at the first step are
+    exactly the ones the static engine counts as seen."""
+    model, inputs = _setup(family, False)
+    pad = model.generation_config.pad_token_id
+    padded_row = int((inputs["attention_mask"][:, 0] == 0).nonzero()[0])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, repetition_penalty=1.3,
+                             output_logits=True, output_scores=True, return_dict_in_generate=True)
+    penalized = out.scores[0] != out.logits[0]
+    seen = seen_tokens(inputs["input_ids"], penalized.shape[1], inputs["attention_mask"])
+    assert torch.equal(seen, penalized)
+    assert not seen[padded_row, pad]  # the pads are its only pad tokens
 
 
 def test_settings_the_step_would_not_apply_are_refused_before_any_model_work(monkeypatch):
