@@ -28,7 +28,11 @@ def load_model(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32, at
     import transformers
 
     model_cls = getattr(transformers, family(model_type(path_or_id, **hub_kwargs)).model_class)
-    model = model_cls.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation, **hub_kwargs)
+    # use_kernels=False: no layer replaced by a kernel fetched from the Hub (the default from
+    # transformers 5.25 on): v2drop patches and fuses the text model's layers itself, the
+    # self-check's tiny models have none, and actors may run offline
+    model = model_cls.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation,
+                                      use_kernels=False, **hub_kwargs)
     return model.to(device).eval()
 
 

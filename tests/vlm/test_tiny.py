@@ -50,6 +50,7 @@ def test_build_saves_real_model_whose_token_ids_match_the_tokenizer(built: dict[
     expected_class = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "llava_onevision": "LlavaOnevision",
                       "qwen2_vl": "Qwen2VL"}[family]
     assert type(model).__name__ == f"{expected_class}ForConditionalGeneration"
+    assert model.use_kernels is False  # no Hub kernels in the layers v2drop patches (vlm.loading)
     assert model.config.text_config.num_hidden_layers == NUM_LAYERS
     assert model.config.text_config.vocab_size >= len(tokenizer)
     pads = PAD_TOKENS[family]
