@@ -86,11 +86,11 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     gcs = f"127.0.0.1:{ports[0].split('=')[1]}"
+    address = f"http://127.0.0.1:{dashboard}"
+    submission_ids: dict[str, str] = {}
     try:
-        address = f"http://127.0.0.1:{dashboard}"
         wait_for_dashboard(address)
         jobs = (("caption", ["--", "python", "-m", "pipeline", "jobs/caption.yaml"], 1), ("qa", ["jobs/qa.yaml"], 3))
-        submission_ids = {}
         for job, form, _ in jobs:
             result = submit_when_agent_is_up([ray_bin, "job", "submit", "--no-wait", "--address", address,
                                               "--working-dir", ".", *form, "preset=offline", f"input.uri={videos}",
@@ -100,9 +100,9 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
         # Waiting and reading logs through Ray's job SDK, in this process: a `ray job` CLI call
         # spends seconds starting Python and importing Ray.
         client = JobSubmissionClient(address)
-        for job, submission_id in submission_ids.items():
-            status = wait_for_job(client, submission_id)
-            assert status == JobStatus.SUCCEEDED, f"{job}: {status}\n{client.get_job_logs(submission_id)[-3000:]}"
+        statuses = {job: wait_for_job(client, submission_id) for job, submission_id in submission_ids.items()}
+        assert all(status == JobStatus.SUCCEEDED for status in statuses.values()), "\n".join(
+            f"{job}: {status}\n{client.get_job_logs(submission_ids[job])[-3000:]}" for job, status in statuses.items())
         metadata = ray_job_metadata(gcs, env)
         for job, _, rows_per_clip in jobs:
             submission_id, out = submission_ids[job], tmp_path / job
@@ -119,8 +119,24 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
             assert {"job_submission_id": submission_id, "v2drop_run_id": summary["run_id"], "v2drop_job": job}.items() \
                 <= next(m for m in metadata if m.get("job_submission_id") == submission_id).items()
     finally:
+        stop_unfinished_jobs(address, submission_ids)
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)
+
+
+def stop_unfinished_jobs(address: str, submission_ids: dict[str, str], timeout_s: float = 60) -> None:
+    """Stops the jobs still running (a test failing early leaves them), through Ray, and waits for
+    them to end: a job's driver runs in a process group of its own, so the cluster's SIGTERM does
+    not reach it, and a driver whose cluster went away has been seen spinning a core for minutes."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not submission_ids:
+        return
+    client = JobSubmissionClient(address)
+    for submission_id in submission_ids.values():
+        client.stop_job(submission_id)  # False (and nothing done) for a job that has ended
+    for submission_id in submission_ids.values():
+        wait_for_job(client, submission_id, timeout_s)
 
 
 def ray_job_metadata(gcs_address: str, env: dict) -> list[dict[str, str]]:
