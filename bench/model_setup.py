@@ -30,6 +30,9 @@ STEP_KWARGS: dict[str, dict] = {"static": {}, "compiled": {"compile": True}, "st
 SEVEN_B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                       fullatt_block_indexes=[7, 15, 23, 31])
 PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal patch * patch²
+# Qwen2.5-VL-7B-Instruct's generation_config.json: generate() and the static steps apply it (v2drop.greedy),
+# so the timed steps and the counted ones hold its kernels, as the model stage's do
+REPETITION_PENALTY = 1.05
 
 
 def build_model(args):
@@ -45,6 +48,7 @@ def build_model(args):
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = args.attn
     model = tiny.build_model(config, device=args.device).to(getattr(torch, args.dtype))
+    model.generation_config.repetition_penalty = REPETITION_PENALTY
     v2drop.fused_projections.install(model)  # as the model stage does at load, before any budget is read
     return model, tokenizer
 

@@ -116,7 +116,8 @@ class StepCounts:
     by_op: dict[str, int]  # every aten op whose count is not zero
 
     def as_dict(self) -> dict:
-        return {"op_calls": self.op_calls, "kernel_calls": kernel_calls(self.by_op), "syncs": self.syncs}
+        return {"op_calls": self.op_calls, "kernel_calls": kernel_calls(self.by_op), "syncs": self.syncs,
+                "by_op": self.by_op}
 
 
 def _fresh(inputs: dict) -> dict:
@@ -172,14 +173,15 @@ def kernel_calls(by_op: dict[str, int]) -> int:
 
 def static_step_counts(model, inputs: dict) -> StepCounts:
     """The aten calls and syncs of one step of the static decode engine (v2drop.static_decode),
-    uncaptured: what a captured CUDA graph replays."""
-    from v2drop import kernels, stage_cache, static_decode
+    uncaptured: what a captured CUDA graph replays (the model's repetition penalty included)."""
+    from v2drop import greedy, kernels, stage_cache, static_decode
     from v2drop.adapters import adapter_for
 
     text_model = adapter_for(model).text_model(model)
     with torch.no_grad():
         first, dynamic, positions = static_decode._prefill(model, text_model, _fresh(inputs))
         state = stage_cache.static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), 4)
+        static_decode.set_repetition_penalty(state, model, inputs, greedy.greedy_settings(model, {}))
         step = static_decode.EagerStep(model, text_model, state)
         with kernels.step_kernels(text_model):
             step(first, 0)  # step 0 writes the first slot; step 1 is a steady-state step

@@ -69,12 +69,17 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
             return first
         state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
         del dynamic
-        if settings.repetition_penalty != 1.0:
-            state.seen = seen_tokens(inputs["input_ids"], model.lm_head.weight.shape[0], inputs.get("attention_mask"))
-            state.repetition_penalty = settings.repetition_penalty
+        set_repetition_penalty(state, model, inputs, settings)
         with one_token_attention(text_model):  # with fewer_kernels: step_kernels
             return _decode(model, text_model, state, first, max_new_tokens, settings, capture=capture,
                            compile=compile, stop_check_every=stop_check_every)
+
+
+def set_repetition_penalty(state: StaticState, model, inputs: dict, settings: GreedySettings) -> None:
+    """The steps apply `settings`' repetition penalty from here on, counting the prompt's tokens."""
+    if settings.repetition_penalty != 1.0:
+        state.seen = seen_tokens(inputs["input_ids"], model.lm_head.weight.shape[0], inputs.get("attention_mask"))
+        state.repetition_penalty = settings.repetition_penalty
 
 
 def _decode(model, text_model, state: StaticState, first: torch.Tensor, max_new_tokens: int, settings: GreedySettings,

@@ -15,7 +15,7 @@ import torch
 
 import v2drop
 from bench import bench_model, model_report
-from bench.model_setup import build_model
+from bench.model_setup import VARIANTS, build_model
 from v2drop.memory import ModelShape, clip_bytes, clips_per_call
 
 TOY = ["--num-layers", "8", "--hidden-size", "64", "--intermediate-size", "128", "--vision-depth", "2",
@@ -58,6 +58,9 @@ def test_whole_model_benchmark_writes_every_row_and_target(tmp_path):
     static = report["static_step_counts"]  # what a captured graph replays: no sync, and kernels to count
     assert static["stock"]["syncs"] == static["v2drop"]["syncs"] == 0
     assert 0 < static["stock"]["kernel_calls"] < static["stock"]["op_calls"]
+    for variant in VARIANTS:  # Qwen2.5-VL-7B-Instruct's repetition penalty (the step's only scatter_, lt and div)
+        assert {op: static[variant]["by_op"].get(op) for op in ("aten.scatter_", "aten.lt", "aten.div")} == \
+            {"aten.scatter_": 1, "aten.lt": 1, "aten.div": 1}, variant
     stages = len(report["schedule"]["layers"]) + 1  # V²Drop: a key mask per stage, ~5 kernels each (index_fill_, mask)
     assert 0 < static["v2drop"]["kernel_calls"] - static["stock"]["kernel_calls"] <= 5 * (stages - 1)
     prefill = report["prefill_counts"]
