@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import op_counts
 from v2drop import fused_projections, kernels, static_decode
@@ -185,3 +186,49 @@ def test_entering_checks_the_weights_again_only_where_they_moved(monkeypatch):
     with fused_projections.fused_projections(text_model) as fused:
         assert fused == 2 * NUM_LAYERS
     assert len(checks) >= 2 * NUM_LAYERS
+
+
+class _Outputs(TorchDispatchMode):
+    """The shape of every tensor an aten op allocates: not views (bench.op_counts.VIEW_OPS), nor
+    in-place ops (names ending in '_')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if isinstance(out, torch.Tensor) and not name.endswith("_") and f"aten.{name}" not in op_counts.VIEW_OPS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_mlp_holds_one_product_and_gives_transformers_bits(family):
+    """While the group is active each text MLP allocates the one [tokens, 2 * intermediate] gate/up
+    product and nothing of the intermediate width besides (transformers' forward over the same
+    product adds silu(gate) and silu(gate) * up), with the same bits as transformers' forward."""
+    model, text_model, _ = _setup(family)
+    fused_projections.install(model)
+    mlps = [layer.mlp for layer in text_model.layers]
+    assert all(mlp.forward.func is fused_projections.gated_mlp_in_place for mlp in mlps)
+    mlp = mlps[0]
+    width = mlp.gate_proj.out_features
+    x = torch.randn(5, 7, mlp.gate_proj.in_features)
+    with torch.no_grad():
+        own = type(mlp).forward(mlp, x)
+        with fused_projections.fused_projections(text_model):
+            with _Outputs() as outputs:
+                fused = mlp(x)
+    assert torch.equal(fused, own)
+    assert [s for s in outputs.shapes if s[-1] in (width, 2 * width)] == [(5 * 7, 2 * width)]
+
+
+def test_an_mlp_unlike_transformers_gated_silu_keeps_its_own_forward():
+    model, text_model, _ = _setup("qwen2_5_vl")
+    text_model.layers[1].mlp.act_fn = nn.GELU()  # down(gelu(gate) * up): the in-place silu would differ
+    fused_projections.install(model)
+    forwards = [layer.mlp.forward for layer in text_model.layers]
+    assert getattr(forwards[1], "func", None) is not fused_projections.gated_mlp_in_place
+    assert all(f.func is fused_projections.gated_mlp_in_place for i, f in enumerate(forwards) if i != 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import op_counts
-from v2drop import kernels
+from v2drop import fused_projections, kernels
 from v2drop.adapters import adapter_for
 from vlm import testing as models
 
@@ -226,6 +226,7 @@ def test_the_static_engines_prefill_runs_the_text_model_in_fewer_kernels(family)
     visual = models.Visual("video", (2, 8, 8))
     inputs = models.batch(family, [models.Sample("Describe.", visual), models.Sample("What happens here?", visual)])
     text_norms = len(kernels.rms_norms(text_model))  # also runs each class's probe (same_norm), once
+    fused_projections.install(model)  # each MLP's probe (in_place_matches), once, before counting
     counts, firsts = [], []
     for fused in (True, False):
         with torch.no_grad(), op_counts.OpCounter() as counter:
