@@ -65,7 +65,7 @@ def engine_batches(model, tokenizer, args, schedule, budget: int) -> dict:
                  "new_tokens": max(args.new_tokens), "prompt_tokens": prompt, "visual_tokens": visual,
                  "clip_bytes": {}, "batch": {}}
     for variant in VARIANTS:
-        sizer = call_sizer(model, schedule if variant == "v2drop" else None, out["new_tokens"], budget)
+        sizer = call_sizer(model, schedule if variant == "v2drop" else None, "static", out["new_tokens"], budget)
         sizer.learn([(prompt, visual)])
         out["clip_bytes"][variant] = sizer.row_bytes
         out["batch"][variant] = sizer.rows_per_call(args.max_auto_batch)

@@ -2,22 +2,24 @@
 calls with, from the model's shape, the dtype and the V²Drop schedule.
 
 Per clip, for a prompt of `text` + `visual` tokens, `patches` vision-tower patches and `new`
-generated tokens:
+generated tokens, on one decode engine:
 
     kv       = sum over layers of (text + visual kept at that layer + new) * 2 * kv_heads * head_dim * bytes
-    prefill  = (text + visual) * (4 * intermediate + 6 * hidden) * bytes   one layer's activations
+    prefill  = (text + visual) * (mlp * intermediate + 6 * hidden) * bytes   one layer's activations
     vision   = patches * (3 * vision_intermediate + 6 * vision_hidden) * bytes
-    clip     = max(prefill, vision) + 2 * kv
+    engine   = max(prefill, vision) + copies * kv
+    clip     = the larger of the engine's and generate()'s (a failed static call is decoded again)
 
-The vision tower and the prefill run one after the other, so only the larger counts; the static
-decode engine copies generate()'s cache into its own once, so the cache counts twice. The MLP
-holds 4 [tokens, intermediate] tensors at its peak in the static engine's prefill, where gate and
-up are one product (v2drop.fused_projections: the product, act(gate), and act(gate) * up), 3 in
-transformers'. Measured on an H200 before that fusion (bench/results/model-cuda-7b.json,
-Qwen2.5-VL-7B shapes, bf16, 2,048 visual tokens, 256 new tokens; the slope of peak memory from
-batch 16 to 64, with the benchmark then holding one more cache): 569 MiB per clip stock, 383 with
-V²Drop at 25 %, against 640 and 472 modelled now (tests/v2drop/test_memory.py). Not yet measured
-with the fusion.
+The vision tower and the prefill run one after the other, so only the larger counts. ENGINES
+gives `mlp`, the [tokens, intermediate] tensors an MLP holds at its peak, and `copies` of the
+cache: the static engine copies generate()'s cache into its own once, and its MLP computes in
+place in the gate's half of one gate/up product (v2drop.fused_projections: 2; 4 for an MLP whose
+probe fails, which an out-of-memory error then catches); transformers' MLP holds gate, up and
+act(gate) * up. Measured on an H200 with the static engine as it was then, transformers' MLP
+(`static-unfused`; bench/results/model-cuda-7b.json, Qwen2.5-VL-7B shapes, bf16, 2,048 visual
+tokens, 256 new tokens; the slope of peak memory from batch 16 to 64): 569 MiB per clip stock,
+383 with V²Drop at 25 %, against 571 and 403 modelled (tests/v2drop/test_memory.py). The fused
+engine's 538 and 370 (here the vision tower's term is the larger) are not yet measured.
 The weights are not in it: the budget is the memory free after loading.
 """
 
@@ -30,6 +32,8 @@ import torch
 from v2drop.schedule import Schedule
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+# decode engine -> (MLP tensors of the intermediate width at its peak, copies of the KV cache)
+ENGINES = {"static": (2, 2), "static-unfused": (3, 2), "dynamic": (3, 1)}
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,19 @@ class ModelShape:
         )
 
 
-def clip_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: int, patches: int, new: int) -> int:
-    """Device bytes of one clip in a call (see the module docstring); schedule None = stock."""
+def clip_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: int, patches: int, new: int,
+               engine: str = "static") -> int:
+    """Device bytes of one clip in a call on `engine` (ENGINES) or, should it fail, on generate()
+    (see the module docstring); schedule None = stock."""
     kept = schedule.tokens_per_layer(visual, shape.num_layers) if schedule else [visual] * shape.num_layers
     cached = sum(kept) + (text + new) * shape.num_layers
     kv = cached * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes
-    prefill = (text + visual) * (4 * shape.intermediate + 6 * shape.hidden) * shape.dtype_bytes
     vision = patches * (3 * shape.vision_intermediate + 6 * shape.vision_hidden) * shape.dtype_bytes
-    return max(prefill, vision) + 2 * kv
+    needs = []
+    for mlp, copies in (ENGINES[engine], ENGINES["dynamic"]):
+        prefill = (text + visual) * (mlp * shape.intermediate + 6 * shape.hidden) * shape.dtype_bytes
+        needs.append(max(prefill, vision) + copies * kv)
+    return max(needs)
 
 
 def clips_per_call(budget_bytes: int, per_clip_bytes: int, most: int) -> int:

@@ -8,8 +8,10 @@ before the first drop), through the V²Drop schedule: a dropped cache is smaller
 larger calls from the same budget. The first call of an actor takes FIRST_CALL_ROWS rows, to
 learn the counts; an out-of-memory error still halves a call (workers.model_calls).
 
-Example (Qwen2.5-VL-7B shapes, bf16, 2,048 visual tokens, 256 new tokens, 108 GiB budget):
-564 MiB per row stock -> 196 rows per call; 396 MiB with V²Drop at 25 % -> 279.
+The memory model counts the call's decode engine and generate(), which decodes a call the static
+engine fails. Example (Qwen2.5-VL-7B shapes, bf16, 2,048 visual and 49 text tokens, 256 new
+tokens, 108 GiB budget, static engine): 538 MiB per row stock -> 205 rows per call; 370 MiB with
+V²Drop at 25 % -> 299.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ GIB = 2**30
 class CallSizer:
     shape: ModelShape
     schedule: Schedule | None  # None: the stock model
+    engine: str  # the decode engine (v2drop.memory.ENGINES), GenerationConfig.engine()
     new_tokens: int  # generation.max_new_tokens: the cache is sized for all of them
     patches_per_visual_token: int  # vision-tower patches merged into one visual token
     budget_bytes: int | None  # None: no memory limit, only actors.batch_size
@@ -48,7 +51,7 @@ class CallSizer:
     def learn(self, token_counts: Sequence[tuple[int, int]]) -> None:
         """(prompt tokens, visual tokens) of each row of the last call; the largest row counts."""
         sizes = [clip_bytes(self.shape, self.schedule, prompt - visual, visual,
-                            visual * self.patches_per_visual_token, self.new_tokens)
+                            visual * self.patches_per_visual_token, self.new_tokens, self.engine)
                  for prompt, visual in token_counts]
         if sizes and max(sizes) != self.row_bytes:
             self.row_bytes = max(sizes)
@@ -67,7 +70,8 @@ def memory_budget_bytes(device: torch.device, fraction: float, budget_gib: float
     return None
 
 
-def call_sizer(model: Any, schedule: Schedule | None, new_tokens: int, budget_bytes: int | None) -> CallSizer:
+def call_sizer(model: Any, schedule: Schedule | None, engine: str, new_tokens: int, budget_bytes: int | None) -> CallSizer:
     vision = model.config.vision_config
     merge = getattr(vision, "spatial_merge_size", None) or 2  # LLaVA-OneVision pools 2x2 too
-    return CallSizer(ModelShape.from_config(model.config, model.dtype), schedule, new_tokens, merge * merge, budget_bytes)
+    return CallSizer(ModelShape.from_config(model.config, model.dtype), schedule, engine, new_tokens, merge * merge,
+                     budget_bytes)

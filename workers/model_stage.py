@@ -90,7 +90,8 @@ class VideoModelWorker:
         self.loaded = load_for_stage(model, storage, actors.num_gpus, fingerprint)
         loaded_model = self.loaded.model
         budget = memory_budget_bytes(loaded_model.device, actors.memory_fraction, actors.memory_budget_gib)  # after loading
-        self.loaded.sizer = call_sizer(loaded_model, v2drop.schedule_of(loaded_model), generation.max_new_tokens, budget)
+        self.loaded.sizer = call_sizer(loaded_model, v2drop.schedule_of(loaded_model), generation.engine(),
+                                       generation.max_new_tokens, budget)
 
     def __call__(self, batch: pa.Table) -> dict[str, list]:
         """Output columns for an Arrow batch: its rows become Python values once, here."""

@@ -37,6 +37,7 @@ def test_the_first_call_learns_the_row_size_and_later_calls_fill_the_budget(stoc
     assert call_sizes(stock)[0] == FIRST_CALL_ROWS
     row_bytes = stock.loaded.sizer.row_bytes
     assert row_bytes > 0
+    assert stock.loaded.sizer.engine == GREEDY.engine() == "static"  # sized for the engine that decodes
     stock.loaded.sizer.budget_bytes = int(3.5 * row_bytes)  # 3 rows fit, 4 do not
     assert call_sizes(stock) == [3, 3, 2]
 
