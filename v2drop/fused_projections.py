@@ -29,8 +29,10 @@ up(x)), computes silu and the product in place in the gate's block of the stacke
 its peak it holds that one [tokens, 2 * intermediate] product where transformers' forward over the
 same product also holds silu(gate) and silu(gate) * up: 4 such [tokens, intermediate] tensors
 become 2 (at 2,097 tokens of Qwen2.5-VL-7B in bf16, 152 MiB less per clip in a prefill). The same
-operations on the same values, so the same bits; used for an MLP class only where a probe at the
-first use gives its forward's exact output.
+elementwise operations on the same values; the down projection reads the gate's half where it
+lies (rows 2 * intermediate apart), a GEMM layout a BLAS may round differently, as below. Used for
+an MLP only where a probe at the first use gives its own forward's exact output (same bits on this
+CPU, tests/v2drop/test_fused_projections.py).
 
 A block of the stacked product is a different GEMM shape from the projection alone: the BLAS may
 round it differently (cuBLAS picks kernels by shape). The runtime self-check
