@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,15 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
     ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "runtime-env-agent-port", "metrics-export-port",
                                                     "ray-client-server-port")]
+    # A temp dir of its own: a job's supervisor finds its cluster's address in the temp dir's
+    # ray_current_cluster, which every Ray started on the default one rewrites; read while another
+    # test's Ray started, it was empty ("Invalid address format: ") and the job failed (CI, once).
+    # Short: Ray's socket paths under it must stay within 107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     # `ray start --block` stays in the foreground and stops what it started when signalled, so the
     # test ends exactly its own cluster (`ray stop` would end every Ray on the machine).
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", *ports, f"--dashboard-port={dashboard}",
+                             f"--temp-dir={temp_dir}",
                              "--dashboard-host=127.0.0.1", "--num-cpus=4",  # two jobs' actors and tasks at once
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -102,7 +109,8 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
         client = JobSubmissionClient(address)
         statuses = {job: wait_for_job(client, submission_id) for job, submission_id in submission_ids.items()}
         assert all(status == JobStatus.SUCCEEDED for status in statuses.values()), "\n".join(
-            f"{job}: {status}\n{client.get_job_logs(submission_ids[job])[-3000:]}" for job, status in statuses.items())
+            f"{job}: {status} ({client.get_job_info(submission_ids[job]).message})\n"
+            f"{client.get_job_logs(submission_ids[job])[-3000:]}" for job, status in statuses.items())
         metadata = ray_job_metadata(gcs, env)
         for job, _, rows_per_clip in jobs:
             submission_id, out = submission_ids[job], tmp_path / job
@@ -119,9 +127,12 @@ def test_ray_job_submit(shared_videos: Path, tmp_path: Path) -> None:
             assert {"job_submission_id": submission_id, "v2drop_run_id": summary["run_id"], "v2drop_job": job}.items() \
                 <= next(m for m in metadata if m.get("job_submission_id") == submission_id).items()
     finally:
-        stop_unfinished_jobs(address, submission_ids)
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=120)
+        try:
+            stop_unfinished_jobs(address, submission_ids)
+        finally:  # the cluster is stopped even if it no longer answers
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=120)
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_unfinished_jobs(address: str, submission_ids: dict[str, str], timeout_s: float = 60) -> None:
