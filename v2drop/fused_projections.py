@@ -30,9 +30,10 @@ its peak it holds that one [tokens, 2 * intermediate] product where transformers
 same product also holds silu(gate) and silu(gate) * up: 4 such [tokens, intermediate] tensors
 become 2 (at 2,097 tokens of Qwen2.5-VL-7B in bf16, 152 MiB less per clip in a prefill). The same
 elementwise operations on the same values; the down projection reads the gate's half where it
-lies (rows 2 * intermediate apart), a GEMM layout a BLAS may round differently, as below. Used for
-an MLP only where a probe at the first use gives its own forward's exact output (same bits on this
-CPU, tests/v2drop/test_fused_projections.py).
+lies (rows 2 * intermediate apart), a GEMM layout a BLAS may round differently, as below (this CPU
+gives the same bits: tests/v2drop/test_fused_projections.py). Used for an MLP only where a probe
+at the first use, on separate gate and up products, gives its own forward's exact output: it checks
+the forward's form (a gated SiLU), not the stacked layout.
 
 A block of the stacked product is a different GEMM shape from the projection alone: the BLAS may
 round it differently (cuBLAS picks kernels by shape). The runtime self-check
@@ -217,6 +218,8 @@ def gated_mlp_in_place(mlp: nn.Module, group: FusedGroup, x: torch.Tensor) -> to
     if not group.active:
         return type(mlp).forward(mlp, x)
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # blocks of one product, each no longer needed after
+    if group.input is not None:  # a projection replaced since: the group still serves this product
+        return mlp.down_proj(mlp.act_fn(gate) * up)
     return mlp.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 

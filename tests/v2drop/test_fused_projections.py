@@ -232,3 +232,21 @@ def test_an_mlp_unlike_transformers_gated_silu_keeps_its_own_forward():
     forwards = [layer.mlp.forward for layer in text_model.layers]
     assert getattr(forwards[1], "func", None) is not fused_projections.gated_mlp_in_place
     assert all(f.func is fused_projections.gated_mlp_in_place for i, f in enumerate(forwards) if i != 1)
+
+
+def test_the_mlp_writes_in_place_only_into_a_product_no_projection_will_serve_again():
+    """A projection replaced after install (an adapter's wrapper, say) leaves the group holding the
+    product for the next call on the same input: the MLP then computes out of place, and a second
+    call on that tensor gives the same output."""
+    model, text_model, _ = _setup("qwen2_5_vl")
+    fused_projections.install(model)
+    mlp = text_model.layers[0].mlp
+    replaced = nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+    replaced.weight = mlp.up_proj.weight
+    mlp.up_proj = replaced  # its own forward; gate_proj still serves a block of the group's product
+    x = torch.randn(3, mlp.gate_proj.in_features)
+    with torch.no_grad():
+        own = type(mlp).forward(mlp, x)
+        with fused_projections.fused_projections(text_model):
+            first, second = mlp(x), mlp(x)
+    assert torch.equal(first, own) and torch.equal(second, own)
