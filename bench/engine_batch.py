@@ -5,7 +5,7 @@ The model stage sizes its calls with `workers.call_size` over the one memory mod
 a fixed `actors.memory_budget_gib`), divided by one clip's bytes for its token counts, the dtype,
 the cache for `generation.max_new_tokens` and the V²Drop schedule. A dropped cache is smaller, so
 V²Drop gets larger calls from the same budget (Qwen2.5-VL-7B shapes, bf16, this benchmark's clip of
-2,048 visual and 49 text tokens, 256 new tokens, 108 GiB: 205 clips stock, 299 V²Drop). Here the
+2,048 visual and 49 text tokens, 256 new tokens, 108 GiB: 250 clips stock, 308 V²Drop). Here the
 same code computes both numbers; nothing in this module restates the memory model or its defaults.
 """
 
@@ -23,7 +23,7 @@ AUTO = "auto"
 FIXED, ENGINE = "fixed", "engine"  # a row's batch_chosen_by
 # The most clips an auto batch may hold. It stands in for `actors.batch_size`, the most one model
 # call receives, which a deployment raises so that the memory budget decides (its default, 64,
-# would make auto the fixed 64 rows). 512 does not bind at 7B shapes on an H200 (~211 / ~307), so the
+# would make auto the fixed 64 rows). 512 does not bind at 7B shapes on an H200 (~257 / ~317), so the
 # auto rows there are the memory model's choice; it does bound a model tiny beside its budget (a
 # toy model under a large forced budget would otherwise ask for thousands of clips, and the run's
 # time grows with the batch).

@@ -2,24 +2,28 @@
 calls with, from the model's shape, the dtype and the V²Drop schedule.
 
 Per clip, for a prompt of `text` + `visual` tokens, `patches` vision-tower patches and `new`
-generated tokens, on one decode engine:
+generated tokens, on one decode engine, the largest of its phases:
 
     kv       = sum over layers of (text + visual kept at that layer + new) * 2 * kv_heads * head_dim * bytes
     prefill  = (text + visual) * (mlp * intermediate + 6 * hidden) * bytes   one layer's activations
     vision   = patches * (3 * vision_intermediate + 6 * vision_hidden) * bytes
-    engine   = max(prefill, vision) + copies * kv
+    engine   = max(vision, prefill + kv, copies * kv)
     clip     = the larger of the engine's and generate()'s (a failed static call is decoded again)
 
-The vision tower and the prefill run one after the other, so only the larger counts. ENGINES
-gives `mlp`, the [tokens, intermediate] tensors an MLP holds at its peak, and `copies` of the
-cache: the static engine copies generate()'s cache into its own once, and its MLP computes in
-place in the gate's half of one gate/up product (v2drop.fused_projections: 2; 4 for an MLP whose
-probe fails, which an out-of-memory error then catches); transformers' MLP holds gate, up and
-act(gate) * up. Measured on an H200 with the static engine as it was then, transformers' MLP
-(`static-unfused`; bench/results/model-cuda-7b.json, Qwen2.5-VL-7B shapes, bf16, 2,048 visual
-tokens, 256 new tokens; the slope of peak memory from batch 16 to 64): 569 MiB per clip stock,
-383 with V²Drop at 25 %, against 571 and 403 modelled (tests/v2drop/test_memory.py). The fused
-engine's 538 and 370 (here the vision tower's term is the larger) are not yet measured.
+The vision tower runs before any cache exists; the prefill's last layers hold their activations
+beside the nearly filled cache; the static engine copies that cache into its own after the
+prefill, when its activations are freed, so its two copies are a phase of their own. ENGINES gives
+`mlp`, the [tokens, intermediate] tensors an MLP holds at its peak (the static engine's MLP
+computes in place in the gate's half of one gate/up product, v2drop.fused_projections: 2;
+transformers' holds gate, up and act(gate) * up: 3, as does a static engine whose gate and up are
+not plain Linear layers or whose probe fails, which an out-of-memory error then catches), and the
+`copies` of the cache. Measured on an H200 (bench/results/model-cuda-7b.json, Qwen2.5-VL-7B shapes,
+bf16, 2,048 visual and 49 text tokens, 256 new; the slope of peak memory from batch 16 to 64),
+with the engines of then (transformers' MLP: `static-unfused` and `dynamic`) while the benchmark
+held one more prefill's cache: 569 MiB per clip stock and 383 with V²Drop at 25 %, the same for
+both engines (their prefill phase is the peak), against 557 and 389 modelled, cache included
+(tests/v2drop/test_memory.py: within 3 %; the budget leaves 10 % of the free memory unused).
+Today's static engine: 442 and 358, generate()'s need (its own 366 and 282); not yet measured.
 The weights are not in it: the budget is the memory free after loading.
 """
 
@@ -64,19 +68,28 @@ class ModelShape:
         )
 
 
-def clip_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: int, patches: int, new: int,
-               engine: str = "static") -> int:
-    """Device bytes of one clip in a call on `engine` (ENGINES) or, should it fail, on generate()
-    (see the module docstring); schedule None = stock."""
+def kv_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: int, new: int) -> int:
+    """One clip's KV cache: every layer's text, kept visual and new tokens; schedule None = stock."""
     kept = schedule.tokens_per_layer(visual, shape.num_layers) if schedule else [visual] * shape.num_layers
     cached = sum(kept) + (text + new) * shape.num_layers
-    kv = cached * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes
+    return cached * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes
+
+
+def engine_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: int, patches: int, new: int,
+                 engine: str) -> int:
+    """Device bytes of one clip in a call on `engine` (ENGINES) alone: its largest phase."""
+    mlp, copies = ENGINES[engine]
+    kv = kv_bytes(shape, schedule, text, visual, new)
+    prefill = (text + visual) * (mlp * shape.intermediate + 6 * shape.hidden) * shape.dtype_bytes
     vision = patches * (3 * shape.vision_intermediate + 6 * shape.vision_hidden) * shape.dtype_bytes
-    needs = []
-    for mlp, copies in (ENGINES[engine], ENGINES["dynamic"]):
-        prefill = (text + visual) * (mlp * shape.intermediate + 6 * shape.hidden) * shape.dtype_bytes
-        needs.append(max(prefill, vision) + copies * kv)
-    return max(needs)
+    return max(vision, prefill + kv, copies * kv)
+
+
+def clip_bytes(shape: ModelShape, schedule: Schedule | None, text: int, visual: int, patches: int, new: int,
+               engine: str = "static") -> int:
+    """Device bytes of one clip in a call on `engine` or, should it fail, on generate() (see the
+    module docstring); schedule None = stock."""
+    return max(engine_bytes(shape, schedule, text, visual, patches, new, name) for name in (engine, "dynamic"))
 
 
 def clips_per_call(budget_bytes: int, per_clip_bytes: int, most: int) -> int:

@@ -10,8 +10,8 @@ learn the counts; an out-of-memory error still halves a call (workers.model_call
 
 The memory model counts the call's decode engine and generate(), which decodes a call the static
 engine fails. Example (Qwen2.5-VL-7B shapes, bf16, 2,048 visual and 49 text tokens, 256 new
-tokens, 108 GiB budget, static engine): 538 MiB per row stock -> 205 rows per call; 370 MiB with
-V²Drop at 25 % -> 299.
+tokens, 108 GiB budget, static engine): 442 MiB per row stock -> 250 rows per call; 358 MiB with
+V²Drop at 25 % -> 308 (both generate()'s need).
 """
 
 from __future__ import annotations

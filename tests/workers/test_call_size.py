@@ -55,3 +55,19 @@ def test_v2drop_rows_are_smaller_so_its_calls_are_larger(stock, dropping):
 
 def test_without_a_budget_on_cpu_one_call_takes_the_whole_batch(cache_dir):
     assert call_sizes(VideoModelWorker(model_cfg(cache_dir=cache_dir), GREEDY, CAPTION)) == [len(CLIPS)]
+
+
+def test_a_sizer_learns_its_own_engines_row_bytes():
+    """Long answers (20,000 new tokens): the static engine's two cache copies outweigh generate()'s
+    MLP peak, so a dynamic-only call (sampling) gets smaller rows than a static one."""
+    from tests.v2drop.test_memory import TEXT_TOKENS, seven_b
+    from v2drop.memory import clip_bytes
+    from workers.call_size import CallSizer
+
+    rows = {}
+    for engine in ("static", "dynamic"):
+        sizer = CallSizer(seven_b(), None, engine, 20_000, 4, budget_bytes=100 * 2**30)
+        sizer.learn([(TEXT_TOKENS + 2048, 2048)])
+        assert sizer.row_bytes == clip_bytes(seven_b(), None, TEXT_TOKENS, 2048, 4 * 2048, 20_000, engine)
+        rows[engine] = sizer.row_bytes
+    assert rows["dynamic"] < rows["static"]
