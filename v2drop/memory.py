@@ -15,9 +15,9 @@ beside the nearly filled cache; the static engine copies that cache into its own
 prefill, when its activations are freed, so its two copies are a phase of their own. ENGINES gives
 `mlp`, the [tokens, intermediate] tensors an MLP holds at its peak (the static engine's MLP
 computes in place in the gate's half of one gate/up product, v2drop.fused_projections: 2;
-transformers' holds gate, up and act(gate) * up: 3, as does a static engine whose gate and up are
-not plain Linear layers or whose probe fails, which an out-of-memory error then catches), and the
-`copies` of the cache. Measured on an H200 (bench/results/model-cuda-7b.json, Qwen2.5-VL-7B shapes,
+transformers' holds gate, up and act(gate) * up: 3; a static engine holds 3 where gate and up are
+not plain Linear layers and 4 where the in-place probe fails, which an out-of-memory error then
+catches), and the `copies` of the cache. Measured on an H200 (bench/results/model-cuda-7b.json, Qwen2.5-VL-7B shapes,
 bf16, 2,048 visual and 49 text tokens, 256 new; the slope of peak memory from batch 16 to 64),
 with the engines of then (transformers' MLP: `static-unfused` and `dynamic`) while the benchmark
 held one more prefill's cache: 569 MiB per clip stock and 383 with V²Drop at 25 %, the same for
