@@ -198,7 +198,7 @@ def create_if_absent(storage: Storage, uri: str, data: bytes) -> str | None:
     """Write `data` only if nothing is there; its etag, or None when another writer was first."""
     if Storage.is_s3(uri):
         bucket, key = split_s3_uri(uri)
-        return _conditional_put(storage, uri, lambda: storage.s3_client.put_object(
+        return _conditional_put(storage, uri, data, lambda: storage.s3_client.put_object(
             Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
     with _local_guard(uri):
         if _read_local(uri) is not None:
@@ -211,7 +211,7 @@ def replace_if_match(storage: Storage, uri: str, data: bytes, etag: str) -> str 
     """Overwrite only the version `etag` names; the new etag, or None when it changed or vanished."""
     if Storage.is_s3(uri):
         bucket, key = split_s3_uri(uri)
-        return _conditional_put(storage, uri, lambda: storage.s3_client.put_object(
+        return _conditional_put(storage, uri, data, lambda: storage.s3_client.put_object(
             Bucket=bucket, Key=key, Body=data, IfMatch=etag))
     with _local_guard(uri):
         current = _read_local(uri)
@@ -235,7 +235,11 @@ def delete_if_match(storage: Storage, uri: str, etag: str) -> None:
             storage.delete(uri)
 
 
-def _conditional_put(storage: Storage, uri: str, put: Callable[[], Any]) -> str | None:
+def _conditional_put(storage: Storage, uri: str, data: bytes, put: Callable[[], Any]) -> str | None:
+    """`put`'s etag, or None when its precondition failed because of another writer. botocore
+    retries a PUT whose answer was lost (a 500, a read timeout) though the store may have applied
+    it: the retry then fails its precondition against our own write, so a failed precondition
+    counts as ours when the lease now holds exactly `data` (each record has its own renewed_at)."""
     import botocore.exceptions as bex
 
     with translated(uri):
@@ -247,7 +251,8 @@ def _conditional_put(storage: Storage, uri: str, put: Callable[[], Any]) -> str 
             # 412: another writer won the race; 409: a concurrent conditional write; NoSuchKey: an
             # If-Match on a lease that is gone. NoSuchBucket and the rest are real errors.
             if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
-                return None
+                current = read_lease(storage, uri)
+                return current[1] if current is not None and current[0] == data else None
             raise
 
 

@@ -7,7 +7,9 @@ ends with a key given a fault:
 - ``"cut"``: GETs answer 200 with the full Content-Length, send half of the body, then close the
   connection, every time (a transfer that always breaks mid-way);
 - ``"silent"``: every request is read and never answered, until the proxy stops (an object whose
-  server hangs).
+  server hangs);
+- ``"lost-answer"``: the first PUT is forwarded, and so applied, but answered 500 (a write whose
+  answer was lost: the client retries it); later requests pass unchanged.
 
     with FaultProxy(s3_server, {"raw/cut.mp4": "cut", "raw/hang.mp4": "silent"}) as proxy:
         Storage(StorageConfig(endpoint_url=proxy.url)).local_copy("s3://b/raw/cut.mp4", cache)
@@ -27,7 +29,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 class FaultProxy:
     def __init__(self, upstream_url: str, faults: dict[str, str]):
-        assert set(faults.values()) <= {"cut", "silent"}, faults
+        assert set(faults.values()) <= {"cut", "silent", "lost-answer"}, faults
         self.upstream = urlsplit(upstream_url).netloc
         self.faults = faults
         self.hits: Counter = Counter()  # key -> requests that met its fault
@@ -89,7 +91,10 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             answer = upstream.getresponse()
             data = answer.read()
             upstream.close()
-            cut = fault is not None and self.command == "GET" and answer.status in (200, 206) and len(data) > 1
+            if fault and fault[1] == "lost-answer" and self.command == "PUT" and not proxy.hits[fault[0]]:
+                proxy.hits[fault[0]] += 1
+                return self._answer_500()
+            cut = fault is not None and fault[1] == "cut" and self.command == "GET" and answer.status in (200, 206) and len(data) > 1
             self.send_response(answer.status)
             for name, value in answer.getheaders():
                 if name.lower() not in HOP_BY_HOP | {"content-length"}:
@@ -110,6 +115,14 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             self.wfile.write(data)
+
+        def _answer_500(self) -> None:
+            body = b"<Error><Code>InternalError</Code><Message>lost answer</Message></Error>"
+            self.send_response(500)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 

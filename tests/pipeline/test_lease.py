@@ -12,6 +12,7 @@ from pipeline import lease as lease_module
 from pipeline.config import StorageConfig
 from pipeline.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_uri, read_lease, replace_if_match
 from pipeline.storage import Storage, StorageError
+from tests.s3_faults import FaultProxy
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 
@@ -133,3 +134,21 @@ def test_racing_runs_get_exactly_one_lease(tmp_path):
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["held", "refused", "refused", "refused"]
+
+
+def test_a_lease_write_applied_but_answered_500_is_ours(s3_server, s3_bucket):  # noqa: F811
+    """botocore retries a PUT whose answer was lost; the retry fails its precondition against
+    the first attempt's write, which is this run's own: neither taking nor renewing the lease
+    may then read it as another run's."""
+    uri = lease_uri(f"s3://{s3_bucket}/out", "caption")
+    lease_key = "lease.json"  # the path's other parts are URL-encoded
+    with FaultProxy(s3_server, {lease_key: "lost-answer"}) as proxy:
+        holder = Lease(Storage(StorageConfig(endpoint_url=proxy.url)), uri, "run-1", ttl_s=60)
+        holder.acquire()  # the creating PUT is the one answered 500
+        assert proxy.hits[lease_key] == 1
+        proxy.hits.clear()  # the next PUT, the renewal, is answered 500 too
+        holder.renew()
+        assert proxy.hits[lease_key] == 1
+        holder.check()  # not lost
+        holder.release()
+    assert read_lease(Storage(StorageConfig(endpoint_url=s3_server)), uri) is None
