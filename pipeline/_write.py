@@ -30,9 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline._shard import key
+from pipeline.local_files import local_path
 from pipeline.redact import redact
 from pipeline.schema import FILE_SCHEMA, SCHEMA_VERSION, schema_version
 from pipeline.storage import Storage, StorageError
+from pipeline.storage_errors import unreadable_content
 
 ERRORS_SUFFIX = "-errors.parquet"
 DONE_STATUSES = ("ok", "skipped")
@@ -128,9 +130,10 @@ def read_state(storage: Storage, output_uri: str, job: str, log: Callable[[str],
         try:
             table = storage.read_parquet(uri, columns=[*KEY_COLUMNS, *rule.columns], absent_as_null=True)
         except StorageError as e:
-            if e.kind != "invalid":
+            if not unreadable_content(e):  # the file could not be reached: stop, naming it
                 raise
-            target = aside_uri(output_uri, job) + uri[len(data_uri):]
+            listed_root = data_uri if Storage.is_s3(data_uri) else local_path(data_uri)  # as listed
+            target = aside_uri(output_uri, job) + uri[len(listed_root):]
             storage.move(uri, target)
             state.set_aside.append(uri)
             log(f"[resume] {uri} is not a readable Parquet file ({e.reason}); moved it to {target}; "

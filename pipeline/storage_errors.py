@@ -91,6 +91,17 @@ def _classify_arrow_message(message: str) -> tuple[str, str]:
     return "invalid", message
 
 
+def unreadable_content(error: StorageError) -> bool:
+    """Whether `error` says a file's bytes are not Parquet, as pyarrow's reader found them (0 bytes,
+    no magic, a torn footer or page), rather than that they could not be fetched (an S3 answer, an
+    I/O error, memory): only such a file may be set aside as unreadable and its keys run again."""
+    cause = error.__cause__
+    if type(cause).__name__ == "ArrowInvalid":
+        return True
+    # pyarrow's reader reports corrupt thrift or pages as errno-less OSErrors; its S3 client's carry "AWS Error"
+    return isinstance(cause, OSError) and cause.errno is None and "AWS Error" not in str(cause)
+
+
 @contextlib.contextmanager
 def translated(uri: str) -> Iterator[None]:
     """Turn boto3/pyarrow/OS errors into StorageError naming `uri` (the caller's URI, not the key)."""

@@ -216,23 +216,47 @@ def test_a_crash_anywhere_in_the_replacement_loses_no_key_and_the_next_run_repai
     assert all_rows(out) == [("k1", "ok"), ("k2", "ok"), ("k3", "ok"), ("k4", "ok")]
 
 
-def test_crash_leftovers_are_cleaned_and_unreadable_parts_moved_aside(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_crash_leftovers_are_cleaned_and_unreadable_parts_moved_aside(tmp_path: Path, scheme: str) -> None:
     out = tmp_path / "out"
     good = put(out, "part-r1-00000.parquet", rows(("k1", "ok")))
     folder = Path(good).parent
+    data = Path(good).read_bytes()
     (folder / ".part-r2-00000.parquet.5e1f.tmp").write_bytes(b"")  # killed while writing
     (folder / "part-r2-00001.parquet").write_bytes(b"")  # renamed before its bytes reached the disk
-    (folder / "part-r2-00002.parquet").write_bytes(Path(good).read_bytes()[:-20])  # cut short
+    (folder / "part-r2-00002.parquet").write_bytes(data[:-20])  # cut short
+    (folder / "part-r2-00003.parquet").write_bytes(data[:-30] + b"\xff" * 22 + data[-8:])  # torn footer
     logged: list[str] = []
-    state = read_state(Storage(), str(out), JOB, log=logged.append)
+    state = read_state(Storage(), f"{scheme}{out}", JOB, log=logged.append)
     assert [f.uri for f in state.files] == [good]
     assert _write.finished_keys(state) == {("k1", "p")}
     assert not (folder / ".part-r2-00000.parquet.5e1f.tmp").exists()
-    aside = out / "unreadable" / f"job={JOB}" / "run_date=2026-11-28"
-    assert sorted(p.name for p in aside.iterdir()) == ["part-r2-00001.parquet", "part-r2-00002.parquet"]
+    aside = out / "unreadable" / f"job={JOB}" / "run_date=2026-11-28"  # also with file:// output
+    assert sorted(p.name for p in aside.iterdir()) == [f"part-r2-0000{n}.parquet" for n in (1, 2, 3)]
     assert any(".part-r2-00000.parquet.5e1f.tmp" in line for line in logged)
     assert sum(f"{folder}/part-r2-0000{n}.parquet is not a readable Parquet file" in " ".join(logged)
-               for n in (1, 2)) == 2
+               for n in (1, 2, 3)) == 3
+
+
+def test_a_file_that_cannot_be_read_stops_the_resume_and_stays(tmp_path: Path, monkeypatch) -> None:
+    """An I/O error (or an S3 answer) says nothing about a file's bytes: setting it aside would
+    take finished rows out of data/ and run their keys again."""
+    import errno
+
+    from pipeline.storage_errors import StorageError, translated
+
+    out = tmp_path / "out"
+    good = put(out, "part-r1-00000.parquet", rows(("k1", "ok")))
+    storage = Storage()
+
+    def failing_read(uri, *args, **kwargs):
+        with translated(uri):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage, "_read_parquet_file", failing_read)
+    with pytest.raises(StorageError, match="part-r1-00000.parquet.*Input/output error"):
+        read_state(storage, str(out), JOB, log=print)
+    assert Path(good).exists() and not (out / "unreadable").exists()
 
 
 # --- flushing ------------------------------------------------------------------------------------
