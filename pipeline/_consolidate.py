@@ -9,7 +9,8 @@ small files of one folder (a killed run's flushes) are merged, and files of an o
 version are rewritten with the current one (`FILE_SCHEMA`: one output never mixes schemas, which
 Polars refuses). A file is rewritten by writing its replacement first and deleting it second, so a
 crash at any point leaves every key readable at least once, and the next run's step 3 leaves it
-exactly once.
+exactly once. Every write and delete first calls the writer's `before_write` (the run's
+`Lease.check`), as its flushes do: a run that lost its lease stops here too.
 """
 
 from __future__ import annotations
@@ -82,27 +83,30 @@ def consolidate(storage: Storage, writer: PartWriter, state: OutputState, replac
     files = []
     for suffix, group in _by_kind(writer.files).items():
         with writing(writer.partition_uri):
-            files += rewrite(storage, group, {}, f"{stem}-c", suffix) if len(group) > 1 else group
+            files += rewrite(storage, group, {}, f"{stem}-c", suffix, writer.before_write) if len(group) > 1 else group
     drops = rows_to_drop(state.files, writer.written, replace_all, probed)
     rewrites = older_rewrites(state.files, drops)
     for n, (group, suffix) in enumerate(rewrites):
         folder = posixpath.dirname(group[0])
         with writing(folder):
-            rewrite(storage, group, drops, f"{folder}/part-{writer.run_id}-r{n:05d}-", suffix)
+            rewrite(storage, group, drops, f"{folder}/part-{writer.run_id}-r{n:05d}-", suffix, writer.before_write)
     if drops:
         log(f"[write] replaced {sum(map(len, drops.values()))} older rows in {len(drops)} files")
-    upgrade_older_schemas(storage, state.files, {uri for group, _ in rewrites for uri in group}, log)
+    upgrade_older_schemas(storage, state.files, {uri for group, _ in rewrites for uri in group}, log,
+                          writer.before_write)
     return files
 
 
 def upgrade_older_schemas(storage: Storage, files: list[FileKeys], rewritten: set[str],
-                          log: Callable[[str], None]) -> None:
+                          log: Callable[[str], None], before_write: Callable[[], None] = lambda: None) -> None:
     """Rewrite in place, with the current schema, each file of an older version that `rewrite`
     did not already replace (a file is replaced whole, so a crash leaves the old or the new one)."""
     older = [f for f in files if f.uri not in rewritten and f.schema_version < SCHEMA_VERSION]
     for f in older:
         with writing(f.uri):
-            storage.write_parquet_atomic(conform(storage.read_parquet(f.uri), FILE_SCHEMA), f.uri)
+            table = conform(storage.read_parquet(f.uri), FILE_SCHEMA)
+            before_write()
+            storage.write_parquet_atomic(table, f.uri)
     if older:
         versions = sorted({f.schema_version for f in older})
         log(f"[write] upgraded {len(older)} files of schema version {versions} to version {SCHEMA_VERSION}")
@@ -121,7 +125,8 @@ def older_rewrites(files: list[FileKeys], drops: dict[str, list[int]]) -> list[t
     return merged + [([uri], _suffix(uri)) for uri in sorted(drops) if uri not in in_merge]
 
 
-def rewrite(storage: Storage, sources: list[str], drops: dict[str, list[int]], stem: str, suffix: str) -> list[str]:
+def rewrite(storage: Storage, sources: list[str], drops: dict[str, list[int]], stem: str, suffix: str,
+            before_write: Callable[[], None] = lambda: None) -> list[str]:
     """`sources` without their `drops` rows as files `<stem>00000<suffix>`... of up to
     ROWS_PER_FILE rows, written before the sources are deleted; returns the files written."""
     tables = []
@@ -134,8 +139,10 @@ def rewrite(storage: Storage, sources: list[str], drops: dict[str, list[int]], s
     written = []
     for n, start in enumerate(range(0, table.num_rows if table is not None else 0, ROWS_PER_FILE)):
         written.append(f"{stem}{n:05d}{suffix}")
+        before_write()
         storage.write_parquet_atomic(table.slice(start, ROWS_PER_FILE), written[-1])
     for uri in sources:
+        before_write()
         storage.delete(uri)
     return written
 

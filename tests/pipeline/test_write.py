@@ -135,6 +135,32 @@ def test_a_resumed_run_replaces_error_rows_and_repairs_duplicates(tmp_path: Path
     assert not any(Path(f).exists() for f in writer.files[:2])  # the small files were compacted
 
 
+def test_consolidation_stops_at_the_first_write_once_the_lease_is_lost(tmp_path: Path) -> None:
+    """Step 3 writes and deletes under the lease as the flushes do: a run that stalled past its
+    ttl and lost the lease must not delete files the new holder has listed."""
+    from pipeline.lease import LeaseLost
+
+    out = tmp_path / "out"
+    put(out, "part-r1-00000.parquet", rows(("k1", "ok"), ("k2", "error")))
+    put(out, "part-r2-00000.parquet", rows(("k3", "ok")))  # two small older files: merged
+    state = read_state(Storage(), str(out), JOB)
+    lost = [False]
+
+    def check() -> None:
+        if lost[0]:
+            raise LeaseLost("taken over")
+
+    writer = writer_for(out, "r3", _write.finished_keys(state), flush_rows=1, before_write=check)
+    writer.add(rows(("k2", "ok")))
+    writer.add(rows(("k4", "ok")))
+    writer.flush()
+    before = sorted(p.name for p in (out / "data").rglob("*.parquet"))
+    lost[0] = True
+    with pytest.raises(LeaseLost):
+        consolidate(Storage(), writer, state, replace_all=False)
+    assert sorted(p.name for p in (out / "data").rglob("*.parquet")) == before  # nothing written or deleted
+
+
 def test_small_files_a_killed_run_left_are_merged_by_the_next_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     for n, key in enumerate(("k1", "k2", "k3")):  # one file per flush, then the kill
