@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline._quality import QualityStats, format_quality
+from pipeline._write import summaries_uri
 from pipeline.config import JobConfig
-from pipeline.schema import PARTITION_COLUMNS, SUMMARY_FILE_SCHEMA, conform
+from pipeline.schema import PARTITION_COLUMNS, SCHEMA_VERSION, SUMMARY_FILE_SCHEMA, conform, schema_version
 from pipeline.storage import Storage
 from workers.provenance import software_versions
 
@@ -174,7 +176,7 @@ def _mean(total: float, n: int) -> float | None:
 
 def summary_uri(output_uri: str, job: str, run_date: str, run_id: str) -> str:
     """Where a run's summary row goes: a tree that holds only Parquet, partitioned as data/."""
-    return f"{output_uri.rstrip('/')}/summaries/job={job}/run_date={run_date}/summary-{run_id}.parquet"
+    return f"{summaries_uri(output_uri, job)}/run_date={run_date}/summary-{run_id}.parquet"
 
 
 def summary_table(summary: dict[str, Any]) -> pa.Table:
@@ -191,6 +193,26 @@ def write_summary(storage: Storage, run_dir: str, summary: dict[str, Any]) -> No
     storage.write_bytes_atomic(f"{run_dir}/summary.json", json.dumps(summary, indent=2, default=str).encode())
     storage.write_parquet_atomic(summary_table(summary),
                                  summary_uri(summary["output_uri"], summary["job"], summary["run_date"], summary["run_id"]))
+
+
+def upgrade_older_summaries(storage: Storage, output_uri: str, job: str, log: Callable[[str], None],
+                            before_write: Callable[[], None] = lambda: None) -> None:
+    """Rewrite the job's summary files of an older schema version with SUMMARY_FILE_SCHEMA, as step 3
+    does for data/ (pipeline._consolidate): one summaries/ folder never mixes schemas, which Polars
+    refuses. The listing is in time order (run_date, then run_id) and versions only grow, so older
+    files come first: the first file alone says whether any is older (one small read per run), and
+    upgrading newest first keeps it older until every other one is done, should a run stop half-way."""
+    files = storage.list_files(summaries_uri(output_uri, job), suffix=".parquet")
+    if not files or schema_version(storage.read_parquet(files[0]).schema) >= SCHEMA_VERSION:
+        return
+    versions = set()
+    for uri in reversed(files):
+        table = storage.read_parquet(uri)
+        if (version := schema_version(table.schema)) < SCHEMA_VERSION:
+            before_write()
+            storage.write_parquet_atomic(conform(table, SUMMARY_FILE_SCHEMA), uri)
+            versions.add(version)
+    log(f"[write] upgraded the summaries of schema version {sorted(versions)} to version {SCHEMA_VERSION}")
 
 
 def format_summary(summary: dict[str, Any], examples: list[dict[str, Any]]) -> str:

@@ -95,6 +95,10 @@ def run_dir_uri(output_uri: str, job: str, run_id: str) -> str:
     return f"{output_uri.rstrip('/')}/runs/job={job}/{run_id}"
 
 
+def summaries_uri(output_uri: str, job: str) -> str:
+    return f"{output_uri.rstrip('/')}/summaries/job={job}"
+
+
 def aside_uri(output_uri: str, job: str) -> str:
     return f"{output_uri.rstrip('/')}/unreadable/job={job}"
 

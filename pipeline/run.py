@@ -34,7 +34,7 @@ from pipeline._model import ModelStage, model_stage_kwargs, run_fingerprint
 from pipeline._output import to_output_table
 from pipeline._probe import probe_batch
 from pipeline._shard import settings_key, shard_batch, video_clip_id
-from pipeline._summary import RunStats, build_summary, format_summary, write_summary
+from pipeline._summary import RunStats, build_summary, format_summary, upgrade_older_summaries, write_summary
 from pipeline.config import JobConfig, to_yaml
 from pipeline.lease import LeaseLost
 from pipeline.logs import get_logger, info, quiet_ray_data_console
@@ -136,6 +136,7 @@ def _run_stages(cfg: JobConfig, storage: Storage, plan: Plan, log: Callable[[str
     rows.set_name(dataset_name(cfg, plan.run_id))
     stats, files = write_rows(rows, cfg, storage, plan, total, log)  # 6
     summary = summarize(cfg, storage, plan, stats, files, total)  # 7
+    upgrade_older_summaries(storage, cfg.output.uri, cfg.job, log, plan.lease.check)
     log(format_summary(summary, stats.examples))
     if cfg.run.report:
         write_run_report(storage, summary, files, log)

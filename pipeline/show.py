@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from pipeline._write import ERRORS_SUFFIX, job_data_uri, run_dir_uri
+from pipeline._write import ERRORS_SUFFIX, job_data_uri, run_dir_uri, summaries_uri
 from pipeline.config import ConfigError, JobConfig, resolve
 from pipeline.config_checks import parse_overrides
 from pipeline.redact import redact
@@ -24,10 +24,6 @@ from pipeline.storage import Storage, StorageError
 SHOWN_COLUMNS = ("video_uri", "clip_index", "start_s", "end_s", "status", "output_text", "error", "skip_reason",
                  "partial_reason", "retention_achieved", "visual_tokens_per_stage", "drop_layers", "model_random_weights")
 EXIT_OK, EXIT_MISSING = 0, 2
-
-
-def summaries_uri(output_uri: str, job: str) -> str:
-    return f"{output_uri.rstrip('/')}/summaries/job={job}"
 
 
 def read_summaries(storage: Storage, output_uri: str, job: str) -> list[dict[str, Any]]:

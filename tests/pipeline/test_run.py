@@ -19,7 +19,7 @@ import pytest
 
 from pipeline._shard import settings_key, video_clip_id
 from pipeline.run import run
-from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, ROW_SCHEMA
+from pipeline.schema import FILE_SCHEMA, PARTITIONING_SCHEMA, ROW_SCHEMA, SCHEMA_VERSION, schema_version
 from tests.pipeline.runs import assert_unique_keys, by_file, data_files, offline, read_rows
 from tests.pipeline.stand_ins import CrashOnceStage, FrameStatsStage
 
@@ -125,8 +125,11 @@ def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run
     before = read_rows(out)
     errors_before = [p for p in data_files(out) if p.name.endswith("-errors.parquet")]
 
+    older_summary = older_version_summary(out)
     again = run(cfg, model_stage=FrameStatsStage)  # only the 5 error keys are retried, and fail again
     assert (again["rows_ok"], again["rows_skipped"], again["rows_error"]) == (0, 0, 5)
+    assert schema_version(pq.read_schema(older_summary)) == SCHEMA_VERSION  # summaries/ holds one schema again
+    older_summary.unlink()
     assert not any(p.exists() for p in errors_before)  # replaced by this run's error file
     rows = read_rows(out)
     assert rows.num_rows == before.num_rows
@@ -148,6 +151,17 @@ def test_resume_writes_nothing_new_then_retries_only_what_is_missing(caption_run
     assert rows.num_rows == before.num_rows
     assert_unique_keys(rows)
     assert by_file(rows) == {name: counts for name, (counts, _) in EXPECTED.items()}
+
+
+def older_version_summary(out: Path) -> Path:
+    """A summary file of schema version 3 (no inputs_device), of a run long before the others."""
+    from pipeline.schema import SCHEMA_VERSION_KEY, SUMMARY_FILE_SCHEMA, conform
+
+    path = out / "summaries" / "job=caption" / "run_date=2000-01-01" / "summary-20000101T000000Z-000000.parquet"
+    path.parent.mkdir(parents=True)
+    version_3 = pa.schema([f for f in SUMMARY_FILE_SCHEMA if f.name != "inputs_device"], metadata={SCHEMA_VERSION_KEY: b"3"})
+    pq.write_table(conform({"run_id": ["20000101T000000Z-000000"]}, SUMMARY_FILE_SCHEMA).select(version_3.names).cast(version_3), path)
+    return path
 
 
 def stale_errors(rows: pa.Table, name: str, settings: str) -> pa.Table:

@@ -86,3 +86,39 @@ def test_a_cpu_run_reports_cpu_hours_instead_of_gpu_figures() -> None:
     assert lines["video-hours per CPU-hour"] == "0.003472"  # 12.5 video-s / (0.5 h x 2 CPUs)
     assert lines["rows ok / error / skipped"] == "2 / 1 / 1" and lines["prefill FLOPs saved"] == "70.0 %"
     assert "m (random weights)" in text and "e.g. /v/a.mp4 #0: 'a caption'" in text
+
+
+def test_summaries_of_an_older_schema_version_are_upgraded_so_polars_reads_the_folder(tmp_path) -> None:
+    """Schema version 4 added the summary's inputs_device: a run of it beside older runs' summaries
+    would leave summaries/ mixed, which the docs' Polars query refuses. Older files are rewritten,
+    their values kept; a folder already current is left alone."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline._summary import summary_uri, upgrade_older_summaries
+    from pipeline.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SUMMARY_FILE_SCHEMA, schema_version
+    from pipeline.storage import Storage
+
+    out = str(tmp_path / "out")
+    version_3 = pa.schema([f for f in SUMMARY_FILE_SCHEMA if f.name != "inputs_device"], metadata={SCHEMA_VERSION_KEY: b"3"})
+    runs = [("2026-11-28", "20261128T000000Z-aaaaaa", version_3), ("2026-11-29", "20261129T000000Z-bbbbbb", version_3),
+            ("2026-12-01", "20261201T000000Z-cccccc", SUMMARY_FILE_SCHEMA)]
+    for run_date, run_id, schema in runs:
+        row = conform({"run_id": [run_id], "rows_ok": [3], "inputs_device": ["cuda:0"]}, SUMMARY_FILE_SCHEMA)
+        path = summary_uri(out, "caption", run_date, run_id)
+        Storage().write_parquet_atomic(row.select(schema.names).cast(schema), path)
+    glob = f"{out}/summaries/**/*.parquet"
+    with pytest.raises(pl.exceptions.PolarsError):  # what a mixed folder does to the docs' query
+        pl.read_parquet(glob, hive_partitioning=True)
+
+    logged: list[str] = []
+    upgrade_older_summaries(Storage(), out, "caption", logged.append)
+    assert logged == [f"[write] upgraded the summaries of schema version [3] to version {SCHEMA_VERSION}"]
+    paths = [summary_uri(out, "caption", d, r) for d, r, _ in runs]
+    assert [schema_version(pq.read_schema(p)) for p in paths] == [SCHEMA_VERSION] * 3
+    frame = pl.read_parquet(glob, hive_partitioning=True).sort("run_id")
+    assert frame.select("run_id", "rows_ok", "inputs_device").rows() == [
+        (runs[0][1], 3, None), (runs[1][1], 3, None), (runs[2][1], 3, "cuda:0")]
+    upgrade_older_summaries(Storage(), out, "caption", logged.append)
+    assert len(logged) == 1  # current already: nothing rewritten
