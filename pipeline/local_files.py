@@ -38,6 +38,18 @@ def fsync_folder(folder: str) -> None:
         os.close(handle)
 
 
+def make_folders(folder: str) -> None:
+    """os.makedirs, then each new folder's entry synced in its parent: a file synced into a folder
+    that a crash then loses is lost with it (ext4 and XFS sync a folder's entries only when asked)."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for created in reversed(missing):
+        os.makedirs(created, exist_ok=True)
+        fsync_folder(os.path.dirname(created))
+
+
 def not_regular(path: str) -> str | None:
     """'a FIFO', 'a device', ... for a path that exists but is no regular file; None otherwise.
     Opening a FIFO blocks until a writer appears, so such a path must never reach a decoder."""
@@ -72,7 +84,7 @@ def atomic_path(path: str) -> Iterator[str]:
     or the whole new one, never half. A crash leaves a '.name.<uuid>.tmp' that listings skip.
     """
     folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
+    make_folders(folder)
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp

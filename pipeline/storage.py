@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline import node_cache
 from pipeline.config import StorageConfig
-from pipeline.local_files import GLOB_CHARS, atomic_path, is_hidden, list_local, local_path
+from pipeline.local_files import GLOB_CHARS, atomic_path, fsync_folder, is_hidden, list_local, local_path, make_folders
 from pipeline.s3 import as_prefix, build_arrow_s3, build_s3_client, split_s3_uri
 from pipeline.s3 import is_s3 as _is_s3
 from pipeline.storage_errors import StorageError, is_broken_stream, translated
@@ -196,8 +196,10 @@ class Storage:
             return
         path, target_path = local_path(uri), local_path(target)
         with translated(uri):
-            os.makedirs(os.path.dirname(target_path), exist_ok=True)
+            make_folders(os.path.dirname(target_path))
             os.replace(path, target_path)
+            fsync_folder(os.path.dirname(target_path))
+            fsync_folder(os.path.dirname(path))
 
     def remove_temporaries(self, uri_prefix: str) -> list[str]:
         """Delete the '.name.<uuid>.tmp' files `_atomic_path` leaves when a process dies while

@@ -257,6 +257,23 @@ def test_local_bytes_roundtrip_atomic_and_idempotent_delete(storage, tmp_path):
     assert (info.value.kind, info.value.uri) == ("missing", uri)
 
 
+def test_new_local_folders_are_synced_into_their_parents(storage, tmp_path, monkeypatch):
+    """A file synced into a folder whose own entry was never synced can vanish with the folder in
+    a power loss: every folder a write or a move creates is synced in its parent, and each
+    rename in its folder."""
+    from pipeline import local_files
+
+    synced: list[str] = []
+    real = local_files.fsync_folder
+    monkeypatch.setattr(local_files, "fsync_folder", lambda folder: (synced.append(folder), real(folder)))
+    storage.write_bytes_atomic(str(tmp_path / "out" / "data" / "a.json"), b"{}")
+    assert synced == [str(tmp_path), str(tmp_path / "out"), str(tmp_path / "out" / "data")]
+    synced.clear()
+    monkeypatch.setattr("pipeline.storage.fsync_folder", local_files.fsync_folder)
+    storage.move(str(tmp_path / "out" / "data" / "a.json"), str(tmp_path / "out" / "aside" / "a.json"))
+    assert synced == [str(tmp_path / "out"), str(tmp_path / "out" / "aside"), str(tmp_path / "out" / "data")]
+
+
 def test_s3_bytes_roundtrip_exists_delete(storage, s3_bucket):
     uri = f"s3://{s3_bucket}/runs/summary.json"
     assert not storage.exists(uri)
