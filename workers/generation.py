@@ -103,11 +103,14 @@ def _peak_rss_bytes() -> int | None:
 
 
 def sampling_kwargs(generation_cfg: GenerationConfig) -> dict[str, Any]:
-    """Greedy at temperature 0 (deterministic); otherwise nucleus sampling."""
+    """Greedy at temperature 0 (deterministic); otherwise nucleus sampling, with no top-k: generate()
+    merges the model's generation_config under these, and Qwen2-VL Instruct's holds top_k=1, which
+    would make every sample the argmax."""
     kwargs: dict[str, Any] = {"max_new_tokens": generation_cfg.max_new_tokens}
     if generation_cfg.temperature == 0:
         return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {**kwargs, "do_sample": True, "temperature": generation_cfg.temperature, "top_p": generation_cfg.top_p}
+    return {**kwargs, "do_sample": True, "temperature": generation_cfg.temperature, "top_p": generation_cfg.top_p,
+            "top_k": None}
 
 
 def stop_token_ids(model: Any, processor: Any) -> set[int]:

@@ -100,7 +100,7 @@ def default_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
 class GenerationConfig:
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling when temperature > 0; no top-k (the model's own is overridden)
     # Several prompts about one clip (qa) prefill its video once and continue per prompt from
     # that cache (workers.shared_prefix; workers.model_calls.plan_call decides per call and logs
     # a fallback); false gives each prompt its own copy of the video.

@@ -92,6 +92,21 @@ def test_generation_settings_the_static_engine_does_not_apply_send_every_call_to
     assert all("['no_repeat_ngram_size']" in r["fallback_reason"] and r["fallback_batch_id"] == r["batch_id"] for r in rows)
 
 
+def test_sampling_samples_though_the_model_ships_greedy_like_defaults(loaded, monkeypatch):
+    """Qwen2-VL Instruct's generation_config holds top_k=1 (top_p=0.001, temperature=0.01), which
+    generate() merges under the job's settings: unless the job's sampling sets top_k too, every
+    sample is the argmax and generation.temperature does nothing."""
+    family, model = loaded
+    for name, value in {"top_k": 1, "top_p": 0.001, "temperature": 0.01}.items():
+        monkeypatch.setattr(model.model.generation_config, name, value)
+    greedy = [r["output_text"] for r in rows_for(model, family, CAPTION, "dynamic")]
+    rows = as_batch(list(CLIPS[family])).to_pylist()
+    torch.manual_seed(0)
+    sampled = [r["output_text"] for r in model_stage_module.answer_rows(
+        model, rows, CAPTION, dataclasses.replace(GREEDY, temperature=1.0, top_p=1.0))]
+    assert sampled != greedy
+
+
 def test_auto_is_static_when_greedy_and_dynamic_when_sampling():
     assert dataclasses.replace(GREEDY, decode_engine="auto").engine() == "static"
     assert dataclasses.replace(GREEDY, temperature=0.7, decode_engine="auto").engine() == "dynamic"
