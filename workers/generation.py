@@ -158,21 +158,23 @@ def run_decode(model: Any, inputs: Mapping[str, Any], generation_cfg: Generation
 
 
 def timed_generate(
-    model: Any, processor: Any, make_inputs: Callable[[], Mapping[str, Any]], generation_cfg: GenerationConfig
+    model: Any, processor: Any, make_inputs: Callable[[str], Mapping[str, Any]], generation_cfg: GenerationConfig
 ):
-    """Decode once on what `make_inputs()` returns; returns (generate inputs, sequences
+    """Decode once on what `make_inputs(engine)` returns; returns (generate inputs, sequences
     [B, P+N], prefill_ms, generate_ms, peak bytes, fallback reason or None). `make_inputs` runs
     inside the timed region, so model work done there (a shared video prefill) counts as prefill.
     If the static engine fails (not for lack of memory), the call is decoded again on the dynamic
     engine and the reason is returned: a caption is not lost to a faster path's failure. That
-    happens after the except clause, whose error would keep the static cache on the device."""
+    happens after the except clause, whose error would keep the static cache on the device, on
+    inputs made again where the failed attempt consumed a cache (a shared video prefix), and the
+    times are the retry's own (the failed attempt's prefill and steps are no part of them)."""
     engine = generation_cfg.engine()
     timer = FirstTokenTimer(model.device)
     fallback = None
     with PeakMemory(model.device) as memory, torch.inference_mode():
         _synchronize(model.device)
         started = time.perf_counter()
-        inputs = make_inputs()
+        inputs = make_inputs(engine)
         kwargs = {"logits_processor": LogitsProcessorList([timer]), "pad_token_id": pad_token_id(model, processor)}
         if engine == "static" and (unapplied := unapplied_settings(model, kwargs)):
             engine, fallback = "dynamic", f"{unapplied}; dynamic engine used"
@@ -182,14 +184,19 @@ def timed_generate(
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - logged, in the rows, and decoded again
-            if engine != "static" or cache_arg_given(inputs):
-                raise  # a shared-prefix cache has been consumed: the caller's retry path takes over
+            if engine != "static":
+                raise
             failed = f"static decode failed ({type(error).__name__}: {str(error)[:200]}); dynamic engine used"
         if failed is not None:
             fallback = failed
             log.warning("%s", fallback)
             gc.collect()  # the failed attempt's frames, should a reference cycle hold them
             timer.first_logits_at = None
+            _synchronize(model.device)
+            started = time.perf_counter()
+            if cache_arg_given(inputs):  # the failed attempt continued from this cache: make it again
+                del inputs
+                inputs = make_inputs("dynamic")
             sequences = run_decode(model, inputs, generation_cfg, "dynamic", **kwargs)
         _synchronize(model.device)
         finished = time.perf_counter()
@@ -226,7 +233,7 @@ def generate_batch(
     workers.device_inputs.timed_inputs); `inputs_ms` is stamped on the results."""
     marker = v2drop.stats_marker(model)
     _, sequences, prefill_ms, generate_ms, peak_bytes, fallback = timed_generate(
-        model, processor, lambda: inputs, generation_cfg)
+        model, processor, lambda engine: inputs, generation_cfg)
     stats = v2drop.prefill_stats(model, inputs["input_ids"], inputs["attention_mask"], marker)
     return results_for(processor, model, inputs, sequences, stats, inputs_ms=inputs_ms, prefill_ms=prefill_ms,
                        generate_ms=generate_ms, peak_memory_bytes=peak_bytes, fallback_reason=fallback)

@@ -166,9 +166,9 @@ def generate_shared(
     prefix, inputs_ms = timed_inputs(model, lambda: prefix_inputs(processor, items, call, device))
     clip_stats: list[v2drop.VisualStats] = []
 
-    def make_inputs() -> dict[str, Any]:
-        inputs, stats = prefill_and_fork(model, processor, call, prefix, fused=generation_cfg.engine() == "static")
-        clip_stats.extend(stats)
+    def make_inputs(engine: str) -> dict[str, Any]:
+        inputs, stats = prefill_and_fork(model, processor, call, prefix, fused=engine == "static")
+        clip_stats[:] = stats  # the prefill's (made again when a failed static attempt consumed its cache)
         return inputs
 
     inputs, sequences, prefill_ms, generate_ms, peak_bytes, fallback = timed_generate(

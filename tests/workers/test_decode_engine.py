@@ -7,6 +7,7 @@ the rows say why."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 
 import pytest
@@ -22,6 +23,7 @@ from workers.model_stage import load_for_stage
 from workers.provenance import engine_fingerprint
 from workers.settings import ConfigError, GenerationConfig, PromptConfig
 
+FAILED_ATTEMPT_S = 0.5  # a failed static attempt's time, which the rows' prefill_ms must not hold
 SAME = ("clip_id", "prompt", "status", "output_text", "output_tokens", "prompt_tokens", "visual_tokens_per_stage")
 
 
@@ -50,9 +52,12 @@ def test_static_engine_rows_equal_the_dynamic_engine_rows(loaded, prompt_cfg, pe
     assert any(r["output_tokens"] > 0 for r in static)
 
 
-def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monkeypatch):
+@pytest.mark.parametrize("prompt_cfg", [CAPTION, QA], ids=["caption", "qa-shared-prefix"])
+def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, prompt_cfg, monkeypatch):
     """...after freeing what the failed attempt held (its static cache), which the error's
-    traceback keeps alive while its except clause runs."""
+    traceback keeps alive while its except clause runs. A shared video prefix is prefilled again
+    for the retry (the failed attempt consumed its cache), in the same call: still shared, no
+    call split."""
     family, model = loaded
     static_caches: list[weakref.ref] = []
     held_while_dynamic: list[bool] = []
@@ -60,6 +65,7 @@ def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monke
     def broken(*args, **kwargs):
         cache = torch.zeros(4, 64)
         static_caches.append(weakref.ref(cache))
+        time.sleep(FAILED_ATTEMPT_S)
         raise RuntimeError("injected static-engine failure")
 
     def watched_decode(model_, inputs, generation_cfg, engine, **kwargs):
@@ -67,14 +73,17 @@ def test_a_failing_static_engine_falls_back_to_dynamic_and_says_so(loaded, monke
             held_while_dynamic.append(any(ref() is not None for ref in static_caches))
         return run_decode(model_, inputs, generation_cfg, engine, **kwargs)
 
-    dynamic = rows_for(model, family, CAPTION, "dynamic")
+    dynamic = rows_for(model, family, prompt_cfg, "dynamic")
     monkeypatch.setattr(static_decode, "generate_static", broken)
     monkeypatch.setattr(generation, "run_decode", watched_decode)
-    rows = rows_for(model, family, CAPTION, "static")
+    rows = rows_for(model, family, prompt_cfg, "static")
     assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in dynamic]
     assert all(r["fallback_reason"].startswith("static decode failed (RuntimeError: injected") for r in rows)
     assert held_while_dynamic and not any(held_while_dynamic)
     assert all(r["fallback_batch_id"] == r["batch_id"] for r in rows)  # each failed call counted in the summary
+    assert len(static_caches) == len({r["batch_id"] for r in rows}) == len({r["batch_id"] for r in dynamic})
+    assert [r["video_prefill_shared"] for r in rows] == [r["video_prefill_shared"] for r in dynamic]
+    assert all(r["prefill_ms"] < FAILED_ATTEMPT_S * 1000 for r in rows)  # the retry's own, not the failed attempt's
 
 
 def test_generation_settings_the_static_engine_does_not_apply_send_every_call_to_generate(loaded, monkeypatch):
