@@ -171,6 +171,8 @@ class FirstLogits(LogitsProcessor):
     """Marks when the first token's logits exist, i.e. when the engine's prefill has finished
     (generate() calls its logits processors once per token; the static engine's prefill is one)."""
 
+    observes_only = True  # returns the scores unchanged: the static engine may run it (v2drop.greedy)
+
     def __init__(self, device: str) -> None:
         self.device, self.at = device, None
 

@@ -29,6 +29,9 @@ APPLIED = frozenset({
     "return_dict_in_generate", "_from_model_config", "transformers_version",
 })
 CALLERS_OWN = frozenset({"logits_processor"})  # a caller's processor runs on the prefill's first token only
+# A caller's logits processor with this attribute set True returns the scores it is given (a timer):
+# the engine runs it on the first token alone, where generate() runs it at every step.
+OBSERVES_ONLY = "observes_only"
 
 
 class UnappliedSettings(ValueError):
@@ -50,6 +53,9 @@ def greedy_settings(model: Any, generate_kwargs: Mapping[str, Any]) -> GreedySet
     unused = config.update(**generate_kwargs)
     config.do_sample = False
     unapplied = sorted((set(config.to_diff_dict()) - APPLIED) | (set(unused) - CALLERS_OWN))
+    unapplied += ["do_sample"] if generate_kwargs.get("do_sample") else []
+    unapplied += [f"logits_processor {type(p).__name__}" for p in generate_kwargs.get("logits_processor") or ()
+                  if not getattr(p, OBSERVES_ONLY, False)]
     if unapplied:
         raise UnappliedSettings(f"the static engine does not apply the generation settings {unapplied} "
                                 "(the model's generation_config or the call's); generate() does")

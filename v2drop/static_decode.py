@@ -65,8 +65,8 @@ def generate_static(model, inputs: dict, max_new_tokens: int, *, capture: bool =
     text_model = adapter_for(model).text_model(model)
     with fewer_kernels(text_model, fused_kernels):  # the prefill and the steps: entered once per call
         first, dynamic, positions = _prefill(model, text_model, inputs, **prefill_kwargs)
-        if max_new_tokens == 1:
-            return first
+        if max_new_tokens == 1 or bool(torch.isin(first, torch.tensor(settings.eos, device=first.device)).all()):
+            return first  # generate()'s [B, 1] when every row ended at its first token
         state = static_state(model, text_model, dynamic, positions, inputs.get("attention_mask"), max_new_tokens)
         del dynamic
         set_repetition_penalty(state, model, inputs, settings)
@@ -211,8 +211,9 @@ def _prefill(model, text_model, inputs: dict, **generate_kwargs):
     hook = text_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         call = {k: (dict(v) if isinstance(v, dict) else v) for k, v in inputs.items()}
-        out = model.generate(**call, **generate_kwargs, max_new_tokens=1, do_sample=False,
-                             return_dict_in_generate=True)
+        # greedy, with a cache (greedy_settings refused do_sample=True): the caller's own keywords give way
+        out = model.generate(**call, **{**generate_kwargs, "max_new_tokens": 1, "do_sample": False,
+                                        "return_dict_in_generate": True, "use_cache": True})
     finally:
         hook.remove()
     return out.sequences[:, -1:], output_cache(out), seen["positions"]

@@ -43,6 +43,8 @@ STOP_CHECK_EVERY = 8  # static engine: one host-device sync per 8 steps to stop 
 class FirstTokenTimer(LogitsProcessor):
     """Records when the first token's logits arrive, i.e. when prefill has finished."""
 
+    observes_only = True  # returns the scores unchanged: the static engine may run it (v2drop.greedy)
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.first_logits_at: float | None = None

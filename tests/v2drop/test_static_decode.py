@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
 
 import v2drop
 from tests.v2drop import flash_reference
@@ -98,6 +99,40 @@ def test_settings_the_step_would_not_apply_are_refused_before_any_model_work(mon
     model.generation_config.no_repeat_ngram_size = 0
     with pytest.raises(UnappliedSettings, match="min_new_tokens"):
         static_decode.generate_static(model, inputs, 10, min_new_tokens=4)
+    with pytest.raises(UnappliedSettings, match="do_sample"):
+        static_decode.generate_static(model, inputs, 10, do_sample=True)
+    # generate() runs a caller's processor at every step, the engine on the first token only
+    banning = LogitsProcessorList([SuppressTokensLogitsProcessor([5, 6])])
+    with pytest.raises(UnappliedSettings, match="logits_processor SuppressTokensLogitsProcessor"):
+        static_decode.generate_static(model, inputs, 10, logits_processor=banning)
+
+
+def test_keywords_the_engine_sets_itself_give_way_and_an_observer_runs():
+    """use_cache=False (the engine needs the cache, tokens are the same) and the keywords the
+    prefill passes itself are no error; a processor that only observes may ride along."""
+    model, inputs = _setup("qwen2_5_vl", False)
+    seen: list[int] = []
+
+    class Observer(LogitsProcessor):
+        observes_only = True
+
+        def __call__(self, input_ids, scores):
+            seen.append(scores.shape[0])
+            return scores
+
+    expected = _reference(model, inputs, 4)
+    got = static_decode.generate_static(model, inputs, 4, use_cache=False, do_sample=False, return_dict_in_generate=False,
+                                        logits_processor=LogitsProcessorList([Observer()]))
+    assert got.tolist() == expected.tolist() and seen == [2]
+
+
+def test_rows_that_all_end_at_their_first_token_give_generates_one_column():
+    model, inputs = _setup("qwen2_5_vl", dropping=True)
+    first = _reference(model, inputs, 1)
+    model.generation_config.eos_token_id = sorted(set(first[:, 0].tolist()))
+    expected = _reference(model, inputs, 6)
+    assert expected.shape[1] == 1  # generate() stops at once
+    assert static_decode.generate_static(model, inputs, 6).tolist() == expected.tolist()
 
 
 def _selected_batches(monkeypatch) -> list[int]:
