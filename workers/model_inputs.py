@@ -79,8 +79,8 @@ def row_questions(row: Mapping[str, Any]) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
-    return [str(q) for q in value if q is not None and str(q).strip()]
+        value = [value]
+    return [str(q) for q in value if q is not None and str(q).strip()]  # a blank one would take the key of prompt 
 
 
 def expand_prompts(batch_rows: Sequence[Row], prompt_cfg: PromptConfig) -> list[Item]:

@@ -150,9 +150,9 @@ def answer_rows(
     items = expand_prompts(runnable, prompt_cfg)
     chunk = max(1, len(rows))
     generated = run_items(loaded, items, prompt_cfg.system, generation_cfg, chunk=chunk)
+    finished_at = utc_now()  # the quality guard's calls below are no part of the rows' model calls
     shadows = iter(run_shadow(loaded, items, generated, prompt_cfg.system, generation_cfg, quality_cfg, chunk))
     results = iter(generated)
-    finished_at = utc_now()
     stamp = {**identity_columns(loaded), "started_at": started_at, "finished_at": finished_at}
     out: list[Row] = []
     for row, problem in plan:

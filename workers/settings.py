@@ -89,6 +89,8 @@ class PromptConfig:
     def __post_init__(self) -> None:
         require_choice(self.task, "prompt.task", ("caption", "qa"))
         require(self.task != "caption" or bool(self.caption), "prompt.caption", "must not be empty for task caption")
+        require(all(str(q).strip() for q in self.questions), "prompt.questions",
+                f"must not hold a blank question (its rows would take the clip-level key, prompt ''): {self.questions}")
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None) -> Path:

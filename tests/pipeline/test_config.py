@@ -68,6 +68,7 @@ def test_job_files_start_with_the_shebang() -> None:
         ({"actors": {"batch_size": 0}}, "actors.batch_size: must be >= 1, got 0"),
         ({"actors": {"min_size": 3, "max_size": 2}}, "actors.max_size: must be >= actors.min_size=3, got 2"),
         ({"prompt": {"task": "qa"}}, "prompt.questions: task qa needs at least one question"),
+        ({"prompt": {"task": "qa", "questions": ["Who?", " "]}}, "prompt.questions: must not hold a blank question"),
         ({"prompt": {"task": "summarise"}}, "prompt.task: must be one of caption | qa"),
         ({"actors": {"batch_size": "eight"}}, "actors.batch_size: Value 'eight' of type 'str' could not be converted to Integer"),
         ({"model": {"retnetion": 0.5}}, "model.retnetion: unknown key; valid keys here are: source, revision, dtype, attn_implementation, retention, scorer, cache_dir"),

@@ -96,6 +96,9 @@ def test_qa_prompts_are_configured_questions_then_the_rows_own_without_repeats()
     row = {"questions": np.array(["Who is there?", "Where is it?"], dtype=object)}
     prompts = [prompt for _, prompt in expand_prompts([row], cfg)]
     assert prompts == ["What happens?", "Who is there?", "Where is it?"]
+    # a manifest's blank question (one string or in a list) is none: prompt '' is the clip-level key
+    assert [p for _, p in expand_prompts([{"questions": " "}, {"questions": ["", "Where?"]}], cfg)] == [
+        "What happens?", "Who is there?", "What happens?", "Who is there?", "Where?"]
 
 
 def test_output_tokens_stop_before_the_first_eos_or_pad() -> None:

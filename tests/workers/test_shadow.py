@@ -99,6 +99,18 @@ def test_only_sampled_ok_clips_get_shadow_columns(full: VideoModelWorker) -> Non
     assert all(r["shadow_lcs_ratio"] is None for r in rows if r["clip_id"] not in shadowed)
 
 
+def test_the_rows_model_calls_end_before_the_guard_runs(full: VideoModelWorker, monkeypatch) -> None:
+    """finished_at is the end of the rows' own model calls (the report's throughput over time):
+    the guard's calls, which can take as long again, come after it."""
+    from workers import model_stage
+
+    guard_started = []
+    real = model_stage.run_shadow
+    monkeypatch.setattr(model_stage, "run_shadow", lambda *args: guard_started.append(model_stage.utc_now()) or real(*args))
+    rows = shadow_of(full, CLIPS, ALL)
+    assert guard_started and all(r["finished_at"] <= guard_started[0] for r in rows)
+
+
 def test_switching_v2drop_off_is_undone_even_when_the_block_fails(dropping: VideoModelWorker) -> None:
     model, loaded = dropping.loaded.model, dropping.loaded
     with pytest.raises(RuntimeError, match="inside"):
